@@ -1,0 +1,164 @@
+"""``fusec.jit``: ``jax.jit``'s calling conventions, with fusec compiling the traced program.
+
+The function is wrapped in a real ``jax.jit``, so argument checking, static arguments, donation,
+pytrees and the compile cache behave exactly as JAX users know them. While ``jax.jit`` traces,
+fusec traces the user's function to a jaxpr, runs its pipeline, and evaluates the generated code on
+the tracers; XLA compiles the result.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+
+from fusec.codegen import check_backend
+from fusec.passes import Pass
+from fusec.pipeline import resolve_pipeline
+from fusec.runtime import Fallback, Program, build_program
+
+PassSpec = str | Sequence[str | Pass] | None
+
+
+class Lowered:
+    """What ``FusecFunction.lower`` returns: the program fusec built for one set of arguments."""
+
+    def __init__(self, program: Program, jax_traced: Any) -> None:
+        self.program = program
+        self._jax_traced = jax_traced
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """Stage names: ``input`` (the frontend's IR), then one per pass."""
+        return self.program.stage_names
+
+    def as_text(self, stage: str = "final") -> str:
+        """The IR text after ``stage`` (a pass name, ``input`` or ``final``)."""
+        return self.program.as_text(stage)
+
+    @property
+    def jaxpr(self) -> Any:
+        return self.program.jaxpr
+
+    @property
+    def fallbacks(self) -> tuple[Fallback, ...]:
+        return self.program.fallbacks
+
+    def compile(self) -> Any:
+        """The XLA-compiled executable of the whole program (``jax.stages.Compiled``)."""
+        return self._jax_traced.lower().compile()
+
+
+def _abstract_key(leaf: Any) -> Any:
+    aval = jax.typeof(leaf)
+    return (tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False)))
+
+
+class FusecFunction:
+    """A function compiled by fusec; call it like the original."""
+
+    def __init__(self, fun: Callable[..., Any], *, static_argnums: int | Iterable[int] | None = None,
+                 static_argnames: str | Iterable[str] | None = None,
+                 donate_argnums: int | Iterable[int] | None = None,
+                 donate_argnames: str | Iterable[str] | None = None,
+                 backend: str = "auto", passes: PassSpec = None, verify: bool = True) -> None:
+        if not callable(fun):
+            raise TypeError(f"fusec.jit expected a callable, got {fun!r}")
+        self._fun = fun
+        self._backend = check_backend(backend)
+        self._passes = resolve_pipeline(passes)
+        self._verify = verify
+        self._programs: dict[Any, tuple[Program, Any]] = {}  # signature -> (program, output treedef)
+        self._lock = threading.Lock()
+        self._capture = threading.local()
+        impl = functools.wraps(fun)(lambda *a, **k: self._traced(*a, **k))
+        self._jax_options = dict(static_argnums=static_argnums, static_argnames=static_argnames,
+                                 donate_argnums=donate_argnums, donate_argnames=donate_argnames)
+        self._jitted = jax.jit(impl, **self._jax_options)
+        functools.update_wrapper(self, fun)
+
+    # -- calling ---------------------------------------------------------------------------------
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._jitted(*args, **kwargs)
+
+    def _traced(self, *args: Any, **kwargs: Any) -> Any:
+        # Runs while jax.jit traces: dynamic leaves are tracers, static ones plain Python values.
+        leaves, treedef = jax.tree.flatten((args, kwargs))
+        dynamic = [i for i, x in enumerate(leaves) if isinstance(x, jax.core.Tracer)]
+        program, out_tree = self._program_for(leaves, treedef, dynamic)
+        dyn = [leaves[i] for i in dynamic]
+        outs = program(program.jaxpr.consts, dyn)
+        result = jax.tree.unflatten(out_tree, outs)
+        if getattr(self._capture, "programs", None) is not None:
+            self._capture.programs.append(program)
+        return result
+
+    def _program_for(self, leaves: list[Any], treedef: Any, dynamic: list[int]) -> tuple[Program, Any]:
+        dynamic_set = set(dynamic)
+        marks = [("dyn", _abstract_key(x)) if i in dynamic_set else ("static", x) for i, x in enumerate(leaves)]
+        key: Any = (treedef, tuple(marks))
+        try:
+            hash(key)
+        except TypeError:
+            key = None  # a static leaf that cannot be hashed: compile without caching
+        if key is not None:
+            with self._lock:
+                hit = self._programs.get(key)
+            if hit is not None:
+                return hit
+        entry = self._build(leaves, treedef, dynamic)
+        if key is not None:
+            with self._lock:
+                self._programs[key] = entry
+        return entry
+
+    def _build(self, leaves: list[Any], treedef: Any, dynamic: list[int]) -> tuple[Program, Any]:
+        def flat_fun(*dyn: Any) -> Any:
+            full = list(leaves)
+            for i, x in zip(dynamic, dyn):
+                full[i] = x
+            args, kwargs = jax.tree.unflatten(treedef, full)
+            return self._fun(*args, **kwargs)
+
+        structs = []
+        for i in dynamic:
+            aval = jax.typeof(leaves[i])
+            structs.append(jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type))
+        closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*structs)
+        name = getattr(self._fun, "__name__", "main")
+        program = build_program(closed, name, self._passes, self._backend, self._verify)
+        return program, jax.tree.structure(out_shape)
+
+    # -- looking inside --------------------------------------------------------------------------
+    def lower(self, *args: Any, **kwargs: Any) -> Lowered:
+        """Traces for these arguments (arrays or ``jax.ShapeDtypeStruct``) and returns the program."""
+        # A fresh jax.jit wrapper so JAX's own trace cache cannot skip fusec's tracing step.
+        fresh = jax.jit(functools.wraps(self._fun)(lambda *a, **k: self._traced(*a, **k)), **self._jax_options)
+        self._capture.programs = []
+        try:
+            traced = fresh.trace(*args, **kwargs)
+            programs = self._capture.programs
+        finally:
+            self._capture.programs = None
+        return Lowered(programs[-1], traced)
+
+    def cache_size(self) -> int:
+        """How many distinct signatures fusec has compiled for."""
+        return len(self._programs)
+
+    def __repr__(self) -> str:
+        return f"<fusec.jit of {getattr(self._fun, '__qualname__', self._fun)!r}>"
+
+
+def jit(fun: Callable[..., Any] | None = None, **options: Any) -> Any:
+    """Compiles ``fun`` with fusec; works as ``fusec.jit(f, ...)``, ``@fusec.jit`` and
+    ``@fusec.jit(backend=...)``. Options: ``static_argnums``, ``static_argnames``,
+    ``donate_argnums``, ``donate_argnames`` (as in ``jax.jit``); ``backend`` ("auto", "xla";
+    "pallas" and "triton" are not built yet); ``passes`` (a pipeline string or list; default
+    :data:`fusec.pipeline.DEFAULT_PIPELINE`); ``verify`` (check the IR after every pass)."""
+    if fun is None:
+        return lambda f: FusecFunction(f, **options)
+    return FusecFunction(fun, **options)

@@ -1,0 +1,200 @@
+"""The reference backend: an IR module back into plain ``lax`` calls, one rule per opcode.
+
+It is the oracle every other backend is checked against, and what runs where no GPU is.
+Opaque ops re-bind their original JAX equation, so anything fusec does not understand still runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from jax import lax
+
+from fusec.errors import FusecError
+from fusec.ir import DType, Function, Module, Op
+
+Emit = Callable[[Op, list[Any], "Evaluator"], Sequence[Any]]
+EMITTERS: dict[str, Emit] = {}
+
+
+def emits(*opcodes: str) -> Callable[[Emit], Emit]:
+    def wrap(fn: Emit) -> Emit:
+        for opcode in opcodes:
+            EMITTERS[opcode] = fn
+        return fn
+    return wrap
+
+
+def numpy_dtype(elem: Any) -> np.dtype:
+    if not isinstance(elem, DType):
+        raise FusecError(f"the XLA backend cannot materialise element type {elem}")
+    return np.dtype(elem.numpy_name)
+
+
+def _unary(fn: Callable[[Any], Any]) -> Emit:
+    return lambda op, args, ev: [fn(args[0])]
+
+
+def _binary(fn: Callable[[Any, Any], Any]) -> Emit:
+    return lambda op, args, ev: [fn(args[0], args[1])]
+
+
+_UNARY = {
+    "neg": lax.neg, "exp": lax.exp, "exp2": lax.exp2, "log": lax.log, "log1p": lax.log1p, "expm1": lax.expm1,
+    "tanh": lax.tanh, "logistic": lax.logistic, "sin": lax.sin, "cos": lax.cos, "tan": lax.tan,
+    "asin": lax.asin, "acos": lax.acos, "atan": lax.atan, "sinh": lax.sinh, "cosh": lax.cosh,
+    "asinh": lax.asinh, "acosh": lax.acosh, "atanh": lax.atanh, "sqrt": lax.sqrt, "rsqrt": lax.rsqrt,
+    "cbrt": lax.cbrt, "erf": lax.erf, "erfc": lax.erfc, "erf_inv": lax.erf_inv, "lgamma": lax.lgamma,
+    "digamma": lax.digamma, "floor": lax.floor, "ceil": lax.ceil, "abs": lax.abs, "sign": lax.sign,
+    "not": lax.bitwise_not, "square": lax.square, "stop_gradient": lax.stop_gradient,
+    "population_count": lax.population_count, "clz": lax.clz, "is_finite": lax.is_finite,
+}
+_BINARY = {
+    "add": lax.add, "sub": lax.sub, "mul": lax.mul, "div": lax.div, "rem": lax.rem, "pow": lax.pow,
+    "max": lax.max, "min": lax.min, "atan2": lax.atan2, "and": lax.bitwise_and, "or": lax.bitwise_or,
+    "xor": lax.bitwise_xor, "shift_left": lax.shift_left, "shift_right_logical": lax.shift_right_logical,
+    "shift_right_arithmetic": lax.shift_right_arithmetic, "nextafter": lax.nextafter,
+    "eq": lax.eq, "ne": lax.ne, "lt": lax.lt, "le": lax.le, "gt": lax.gt, "ge": lax.ge,
+}
+_REDUCE = {"sum": lax.reduce_sum, "prod": lax.reduce_prod, "max": lax.reduce_max, "min": lax.reduce_min,
+           "and": lax.reduce_and, "or": lax.reduce_or, "xor": lax.reduce_xor}
+
+for _name, _fn in _UNARY.items():
+    EMITTERS[_name] = _unary(_fn)
+for _name, _fn in _BINARY.items():
+    EMITTERS[_name] = _binary(_fn)
+
+
+@emits("round")
+def _round(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    return [lax.round(args[0], lax.RoundingMethod(op.attr("method", 0)))]
+
+
+@emits("integer_pow")
+def _integer_pow(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    return [lax.integer_pow(args[0], op.attr("y"))]
+
+
+@emits("select")
+def _select(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    return [lax.select_n(*args)]
+
+
+@emits("clamp")
+def _clamp(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    return [lax.clamp(*args)]
+
+
+@emits("convert")
+def _convert(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    return [lax.convert_element_type(args[0], numpy_dtype(op.result.type.elem))]
+
+
+@emits("broadcast")
+def _broadcast(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    return [lax.broadcast_in_dim(args[0], op.attr("shape"), op.attr("dims"))]
+
+
+@emits("reshape")
+def _reshape(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    return [lax.reshape(args[0], op.attr("shape"))]
+
+
+@emits("transpose")
+def _transpose(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    return [lax.transpose(args[0], op.attr("perm"))]
+
+
+@emits("reduce")
+def _reduce(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    return [_REDUCE[op.attr("kind")](args[0], op.attr("axes"))]
+
+
+@emits("argmax", "argmin")
+def _arg_reduce(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    fn = lax.argmax if op.opcode == "argmax" else lax.argmin
+    return [fn(args[0], op.attr("axes")[0], numpy_dtype(op.result.type.elem))]
+
+
+@emits("dot")
+def _dot(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    lhs, rhs = args
+    rank = len(op.operands[0].type.shape)
+    batch = tuple(range(rank - 2))
+    lhs_k = rank - 2 if op.attr("lhs_t") else rank - 1
+    rhs_k = rank - 1 if op.attr("rhs_t") else rank - 2
+    out = lax.dot_general(lhs, rhs, (((lhs_k,), (rhs_k,)), (batch, batch)),
+                          precision=None if op.attr("precision") is None else lax.Precision[op.attr("precision")],
+                          preferred_element_type=numpy_dtype(op.result.type.elem))
+    # dot_general orders its output (batch, lhs free, rhs free), which is [B..., M, N] either way.
+    return [out]
+
+
+@emits("iota")
+def _iota(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    out = op.result.type
+    return [lax.broadcasted_iota(numpy_dtype(out.elem), out.shape, op.attr("dimension"))]
+
+
+@emits("constant")
+def _constant(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    out = op.result.type
+    dt = numpy_dtype(out.elem)
+    value = op.attr("value")
+    if isinstance(value, tuple):
+        return [np.asarray(value, dtype=np.float64 if dt.kind == "V" else None).astype(dt).reshape(out.shape)]
+    # A splat becomes a broadcast of one scalar, never a materialised array.
+    return [lax.full(out.shape, np.asarray(value).astype(dt), dt)]
+
+
+@emits("call")
+def _call(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    return ev.run(ev.module.function(str(op.attr("callee"))), args)
+
+
+@emits("opaque")
+def _opaque(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    ref = str(op.attr("ref"))
+    eqn = ev.module.externals.get(ref)
+    if eqn is None:
+        raise FusecError(f"opaque op {ref!r} ({op.attr('primitive')}) has no JAX equation attached; "
+                         "IR read back from text cannot run opaque ops")
+    return bind_equation(eqn, args)
+
+
+def bind_equation(eqn: Any, args: Sequence[Any]) -> list[Any]:
+    """Runs one jaxpr equation on ``args``, as ``jax.core.eval_jaxpr`` would."""
+    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns: Sequence[Any] = ()
+    if isinstance(bind_params, tuple):  # older JAX returns (subfuns, params)
+        subfuns, bind_params = bind_params
+    with eqn.ctx.manager:
+        outs = eqn.primitive.bind(*subfuns, *args, **bind_params)
+    return list(outs) if eqn.primitive.multiple_results else [outs]
+
+
+class Evaluator:
+    """Evaluates IR functions on JAX values (tracers under ``jax.jit``)."""
+
+    def __init__(self, module: Module) -> None:
+        self.module = module
+
+    def run(self, func: Function, args: Sequence[Any]) -> list[Any]:
+        if len(args) != len(func.params):
+            raise FusecError(f"@{func.name} takes {len(func.params)} arguments, got {len(args)}")
+        env: dict[str, Any] = {p.name: a for p, a in zip(func.params, args)}
+        for op in func.ops:
+            emit = EMITTERS.get(op.opcode)
+            if emit is None:
+                raise FusecError(f"the XLA backend has no rule for op {op.opcode!r}")
+            outs = emit(op, [env[v.name] for v in op.operands], self)
+            env.update({r.name: o for r, o in zip(op.results, outs)})
+        return [env[v.name] for v in func.returns]
+
+
+def module_to_callable(module: Module) -> Callable[..., list[Any]]:
+    """A function of the entry's parameters (flat) returning its results as a list."""
+    evaluator = Evaluator(module)
+    return lambda *args: evaluator.run(module.entry, args)

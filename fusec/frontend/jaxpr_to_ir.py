@@ -1,0 +1,207 @@
+"""Turns a ClosedJaxpr into an IR module.
+
+Nested ``jit`` calls without captured constants become ``call`` ops to functions of the module (the
+same jaxpr called twice becomes one function); custom-derivative bodies, remat bodies and nested
+jits with constants are inlined. Equations without a rule become ``opaque`` ops, kept in
+``Module.externals`` by reference, which XLA runs unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax.extend.core as jcore
+
+from fusec.frontend.rules import RULES, NoRule, literal_value
+from fusec.frontend.types import aval_to_type
+from fusec.ir import Builder, Function, Module, TensorType, Value
+
+
+@dataclass(frozen=True)
+class ParamSource:
+    """Where an entry parameter comes from: flat argument ``index``, or a captured constant
+    (``index`` is its position in the top-level ClosedJaxpr's consts, or -1 for one captured by a
+    nested jaxpr)."""
+
+    kind: str  # "arg" | "const"
+    index: int
+    value: Any = None
+
+
+@dataclass(frozen=True)
+class FrontendResult:
+    module: Module
+    param_sources: tuple[ParamSource, ...]
+
+
+def _sanitize(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.$]", "_", name) or "f"
+
+
+def _has_consts(closed: Any) -> bool:
+    """Whether this closed jaxpr, or one nested in it, captures constants."""
+    if getattr(closed, "consts", ()):
+        return True
+    jaxpr = getattr(closed, "jaxpr", closed)
+    return any(_has_consts(sub) for eqn in jaxpr.eqns for sub in jcore.jaxprs_in_params(eqn.params))
+
+
+class Lowerer:
+    """State of one conversion: the module's functions, externals, and the function being built."""
+
+    def __init__(self, module_state: _ModuleState, builder: Builder, hoist_consts: bool) -> None:
+        self.state = module_state
+        self.builder = builder
+        self.hoist_consts = hoist_consts
+        self.env: dict[Any, Value] = {}
+        self.const_sources: list[ParamSource] = []
+
+    # -- helpers used by rules -------------------------------------------------------------------
+    def reshape(self, v: Value, shape: tuple[int, ...]) -> Value:
+        return v if v.type.shape == shape else self.builder.op("reshape", [v], shape=shape)
+
+    def broadcast_to(self, v: Value, shape: tuple[int, ...]) -> Value:
+        """``v`` broadcast to ``shape``: a scalar, or a tensor of the same rank with size-1 dimensions."""
+        if v.type.shape == shape:
+            return v
+        dims = () if v.type.rank == 0 else tuple(range(len(shape)))
+        return self.builder.op("broadcast", [v], shape=shape, dims=dims)
+
+    def constant(self, value: Any, type_: TensorType) -> Value:
+        return self.builder.op("constant", (), value=value, dtype=str(type_.elem), shape=type_.shape)
+
+    def read(self, atom: Any) -> Value:
+        if isinstance(atom, jcore.Literal):
+            type_ = aval_to_type(atom.aval)
+            value = literal_value(atom.val)
+            if value is None:
+                return self.hoisted_const(atom.val, type_)
+            return self.constant(value, type_)
+        return self.env[atom]
+
+    def hoisted_const(self, value: Any, type_: TensorType, top_index: int = -1) -> Value:
+        scalar = literal_value(value)
+        if scalar is not None and type_.size == 1:
+            return self.constant(scalar, type_)
+        if not self.hoist_consts:
+            raise NoRule("captured array constants inside a called function")
+        param = self.builder.param(type_, f"const{len(self.const_sources)}")
+        self.const_sources.append(ParamSource("const", top_index, value))
+        return param
+
+    def inline(self, closed: Any, ins: Sequence[Value], top: bool = False) -> list[Value]:
+        """Converts ``closed`` (a ClosedJaxpr or Jaxpr) in place, with ``ins`` as its inputs;
+        ``top`` marks the program's own jaxpr, whose constants are tracked by index."""
+        jaxpr = getattr(closed, "jaxpr", closed)
+        consts = getattr(closed, "consts", ())
+        saved = self.env
+        self.env = {}
+        try:
+            for j, (var, c) in enumerate(zip(jaxpr.constvars, consts)):
+                self.env[var] = self.hoisted_const(c, aval_to_type(var.aval), j if top else -1)
+            for var, v in zip(jaxpr.invars, ins):
+                self.env[var] = v
+            for eqn in jaxpr.eqns:
+                self.lower_eqn(eqn)
+            return [self.read(v) for v in jaxpr.outvars]
+        finally:
+            self.env = saved
+
+    def call_or_inline(self, closed: Any, ins: Sequence[Value], name: str) -> list[Value]:
+        if _has_consts(closed):
+            return self.inline(closed, ins)
+        callee = self.state.function_for(closed, name)
+        return self.builder.op_multi("call", ins, result_types=callee.result_types, callee=callee.name)
+
+    # -- the walk --------------------------------------------------------------------------------
+    def lower_eqn(self, eqn: Any) -> None:
+        ins = [self.read(v) for v in eqn.invars]
+        expected = [aval_to_type(v.aval) for v in eqn.outvars]
+        rule = RULES.get(eqn.primitive.name)
+        mark = len(self.builder.ops), len(self.builder.params), len(self.const_sources)
+        reason = f"no fusec rule for primitive '{eqn.primitive.name}'"
+        if rule is not None:
+            try:
+                outs = list(rule(self, eqn, ins))
+                got = [v.type for v in outs]
+                if got == expected:
+                    self._bind(eqn, outs)
+                    return
+                reason = (f"rule for '{eqn.primitive.name}' gave ({', '.join(map(str, got))}), "
+                          f"expected ({', '.join(map(str, expected))})")
+            except NoRule as e:
+                reason = f"'{eqn.primitive.name}': {e}"
+            except (ValueError, TypeError, KeyError) as e:
+                reason = f"'{eqn.primitive.name}': rule failed: {e}"
+            # Roll back whatever the rule emitted, then fall back to XLA.
+            del self.builder.ops[mark[0]:]
+            del self.builder.params[mark[1]:]
+            del self.const_sources[mark[2]:]
+        self._bind(eqn, self._opaque(eqn, ins, expected, reason))
+
+    def _opaque(self, eqn: Any, ins: list[Value], types: list[TensorType], reason: str) -> list[Value]:
+        ref = self.state.add_external(eqn)
+        attrs: dict[str, Any] = {"primitive": eqn.primitive.name, "ref": ref, "reason": reason}
+        if eqn.effects:
+            attrs["effects"] = True
+        return self.builder.op_multi("opaque", ins, result_types=types, **attrs)
+
+    def _bind(self, eqn: Any, outs: list[Value]) -> None:
+        for var, v in zip(eqn.outvars, outs):
+            if not isinstance(var, jcore.DropVar):
+                self.env[var] = v
+
+
+class _ModuleState:
+    def __init__(self) -> None:
+        self.functions: list[Function] = []
+        self.by_jaxpr: dict[int, tuple[Any, Function]] = {}
+        self.externals: dict[str, Any] = {}
+        self.names: set[str] = set()
+
+    def unique_name(self, name: str) -> str:
+        base, n = _sanitize(name), 0
+        candidate = base
+        while candidate in self.names:
+            n += 1
+            candidate = f"{base}_{n}"
+        self.names.add(candidate)
+        return candidate
+
+    def add_external(self, eqn: Any) -> str:
+        ref = f"{_sanitize(eqn.primitive.name)}_{len(self.externals)}"
+        self.externals[ref] = eqn
+        return ref
+
+    def function_for(self, closed: Any, name: str) -> Function:
+        jaxpr = getattr(closed, "jaxpr", closed)
+        hit = self.by_jaxpr.get(id(jaxpr))
+        if hit is not None:
+            return hit[1]
+        builder = Builder(self.unique_name(name))
+        lowerer = Lowerer(self, builder, hoist_consts=False)
+        params = [builder.param(aval_to_type(v.aval), f"a{i}") for i, v in enumerate(jaxpr.invars)]
+        func = builder.finish(lowerer.inline(closed, params))
+        self.functions.append(func)
+        self.by_jaxpr[id(jaxpr)] = (jaxpr, func)  # keep jaxpr alive so its id stays unique
+        return func
+
+
+def jaxpr_to_module(closed: Any, name: str = "main") -> FrontendResult:
+    """Converts a ClosedJaxpr; the entry function takes captured constants, then the jaxpr's inputs."""
+    state = _ModuleState()
+    builder = Builder(state.unique_name(name))
+    lowerer = Lowerer(state, builder, hoist_consts=True)
+    args = [aval_to_type(v.aval) for v in closed.jaxpr.invars]
+    # Parameters for the arguments are made first so they are named arg0..; constants follow as found.
+    arg_params = [builder.param(t, f"arg{i}") for i, t in enumerate(args)]
+    outs = lowerer.inline(closed, arg_params, top=True)
+    entry = builder.finish(outs)
+    # Order parameters: captured constants first, then the arguments.
+    const_params = [p for p in entry.params if p not in arg_params]
+    entry = Function(entry.name, tuple(const_params + arg_params), entry.ops, entry.returns)
+    sources = tuple(lowerer.const_sources) + tuple(ParamSource("arg", i) for i in range(len(args)))
+    return FrontendResult(Module((entry, *state.functions), state.externals), sources)

@@ -1,0 +1,238 @@
+"""One rule per JAX primitive, filled into ``RULES`` by ``@register``.
+
+A rule gets the lowering context, the equation and its IR inputs, and returns the IR values of the
+equation's outputs. It raises :class:`NoRule` when it cannot express the equation; the frontend
+then emits an ``opaque`` op that XLA runs unchanged, so the program stays correct.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fusec.ir import Value
+from fusec.ir.types import NUMPY_TO_FUSEC
+from fusec.frontend.types import elem_type_of
+from fusec.ir.opdefs import COMPARISONS, ELEMENTWISE_ANY, ELEMENTWISE_BINARY, ELEMENTWISE_FLOAT
+
+if TYPE_CHECKING:
+    from fusec.frontend.jaxpr_to_ir import Lowerer
+
+Rule = Callable[["Lowerer", Any, list[Value]], Sequence[Value]]
+RULES: dict[str, Rule] = {}
+
+
+class NoRule(Exception):
+    """The rule cannot express this equation; the message says why."""
+
+
+def register(*primitives: str) -> Callable[[Rule], Rule]:
+    def wrap(rule: Rule) -> Rule:
+        for name in primitives:
+            RULES[name] = rule
+        return rule
+    return wrap
+
+
+def require_defaults(eqn: Any, **defaults: Any) -> None:
+    """Raises NoRule if a parameter other than the handled ones has a non-default value."""
+    for key, value in eqn.params.items():
+        if key in defaults and value is not defaults[key] and value != defaults[key]:
+            raise NoRule(f"parameter {key}={value!r} is not supported")
+
+
+def type_name(dtype: Any) -> str:
+    return str(elem_type_of(dtype))
+
+
+# Primitives whose IR opcode has the same name and whose params are all handled as defaults.
+_SAME_NAME = (ELEMENTWISE_FLOAT.replace("round", "") + " " + ELEMENTWISE_ANY + " " + ELEMENTWISE_BINARY + " "
+              + COMPARISONS + " population_count clz is_finite").split()
+
+
+def _out_shape(eqn: Any) -> tuple[int, ...]:
+    return tuple(eqn.outvars[0].aval.shape)
+
+
+def _elementwise(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    require_defaults(eqn, accuracy=None, out_dtype=None)
+    # jaxprs let scalars and size-1 dimensions broadcast implicitly; the IR spells it out.
+    return [ctx.builder.op(eqn.primitive.name, [ctx.broadcast_to(v, _out_shape(eqn)) for v in ins])]
+
+
+register(*_SAME_NAME)(_elementwise)
+
+
+@register("round")
+def _round(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    return [ctx.builder.op("round", ins, method=int(eqn.params["rounding_method"]))]
+
+
+@register("copy", "copy_p", "optimization_barrier_free")
+def _identity(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    return ins
+
+
+@register("integer_pow")
+def _integer_pow(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    return [ctx.builder.op("integer_pow", ins, y=int(eqn.params["y"]))]
+
+
+@register("convert_element_type")
+def _convert(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    require_defaults(eqn, sharding=None)
+    return [ctx.builder.op("convert", ins, dtype=type_name(eqn.params["new_dtype"]))]
+
+
+@register("select_n")
+def _select(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    return [ctx.builder.op("select", [ctx.broadcast_to(v, _out_shape(eqn)) for v in ins])]
+
+
+@register("clamp")
+def _clamp(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    return [ctx.builder.op("clamp", [ctx.broadcast_to(v, _out_shape(eqn)) for v in ins])]
+
+
+@register("broadcast_in_dim")
+def _broadcast(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    require_defaults(eqn, sharding=None)
+    if len(ins) != 1:
+        raise NoRule("dynamic shapes are not supported")
+    return [ctx.builder.op("broadcast", ins, shape=tuple(eqn.params["shape"]),
+                           dims=tuple(eqn.params["broadcast_dimensions"]))]
+
+
+@register("reshape")
+def _reshape(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    require_defaults(eqn, sharding=None, dimensions=None)
+    if len(ins) != 1:
+        raise NoRule("dynamic shapes are not supported")
+    return [ctx.builder.op("reshape", ins, shape=tuple(eqn.params["new_sizes"]))]
+
+
+@register("squeeze", "expand_dims")
+def _squeeze(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    return [ctx.builder.op("reshape", ins, shape=tuple(eqn.outvars[0].aval.shape))]
+
+
+@register("transpose")
+def _transpose(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    return [ctx.builder.op("transpose", ins, perm=tuple(eqn.params["permutation"]))]
+
+
+def _reduce(kind: str) -> Rule:
+    def rule(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+        require_defaults(eqn, out_sharding=None)
+        return [ctx.builder.op("reduce", ins, kind=kind, axes=tuple(eqn.params["axes"]))]
+    return rule
+
+
+for _kind in ("sum", "prod", "max", "min", "and", "or", "xor"):
+    register(f"reduce_{_kind}")(_reduce(_kind))
+
+
+@register("argmax", "argmin")
+def _arg_reduce(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    return [ctx.builder.op(eqn.primitive.name, ins, axes=tuple(eqn.params["axes"]),
+                           index_dtype=type_name(eqn.params["index_dtype"]))]
+
+
+@register("iota")
+def _iota(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    require_defaults(eqn, sharding=None)
+    if ins:
+        raise NoRule("dynamic shapes are not supported")
+    return [ctx.builder.op("iota", (), dtype=type_name(eqn.params["dtype"]), shape=tuple(eqn.params["shape"]),
+                           dimension=int(eqn.params["dimension"]))]
+
+
+def _precision_name(precision: Any) -> str | None:
+    if precision is None:
+        return None
+    values = precision if isinstance(precision, tuple) else (precision, precision)
+    names = {getattr(p, "name", None) for p in values}
+    if len(names) != 1 or None in names:
+        raise NoRule(f"precision={precision!r} is not supported")
+    return names.pop()
+
+
+@register("dot_general")
+def _dot_general(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    """Normalises any dot_general to ``dot`` on [B..., M, K] x [B..., K, N] plus transposes/reshapes."""
+    require_defaults(eqn, out_sharding=None)
+    lhs, rhs = ins
+    if lhs.type.elem != rhs.type.elem:
+        raise NoRule(f"operands of different dtypes ({lhs.type.elem}, {rhs.type.elem})")
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lc, rc, lb, rb = (tuple(int(d) for d in x) for x in (lc, rc, lb, rb))
+    lf = tuple(d for d in range(lhs.type.rank) if d not in lc and d not in lb)
+    rf = tuple(d for d in range(rhs.type.rank) if d not in rc and d not in rb)
+    batch = tuple(lhs.type.shape[d] for d in lb)
+
+    def size(v: Value, dims: tuple[int, ...]) -> int:
+        return math.prod(v.type.shape[d] for d in dims)
+
+    def canonical(v: Value, b: tuple[int, ...], outer: tuple[int, ...], inner: tuple[int, ...]) -> tuple[Value, bool]:
+        # [b, outer, inner] order gives the operand untransposed; [b, inner, outer] transposed.
+        straight, swapped = b + outer + inner, b + inner + outer
+        identity = tuple(range(v.type.rank))
+        if straight != identity and swapped == identity:
+            return ctx.reshape(v, batch + (size(v, inner), size(v, outer))), True
+        if straight != identity:
+            v = ctx.builder.op("transpose", [v], perm=straight)
+        return ctx.reshape(v, batch + (size(v, tuple(range(len(b), len(b) + len(outer)))),
+                                       size(v, tuple(range(len(b) + len(outer), v.type.rank))))), False
+
+    lhs_c, lhs_t = canonical(lhs, lb, lf, lc)
+    rhs_c, rhs_t = canonical(rhs, rb, rc, rf)
+    # canonical() puts rhs as [B, K, N] when "straight"; rhs_t means it is stored [B, N, K].
+    attrs: dict[str, Any] = {"lhs_t": lhs_t, "rhs_t": rhs_t, "out_dtype": type_name(eqn.outvars[0].aval.dtype)}
+    precision = _precision_name(eqn.params.get("precision"))
+    if precision is not None:
+        attrs["precision"] = precision
+    out = ctx.builder.op("dot", [lhs_c, rhs_c], **attrs)
+    return [ctx.reshape(out, tuple(eqn.outvars[0].aval.shape))]
+
+
+@register("pjit", "jit")
+def _jit(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    shardings = tuple(eqn.params.get("in_shardings", ())) + tuple(eqn.params.get("out_shardings", ()))
+    if any(type(s).__name__ != "UnspecifiedValue" for s in shardings):
+        raise NoRule("explicit shardings are not supported")
+    return ctx.call_or_inline(eqn.params["jaxpr"], ins, str(eqn.params.get("name", "jit")))
+
+
+@register("closed_call", "core_call")
+def _closed_call(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    return ctx.inline(eqn.params["call_jaxpr"], ins)
+
+
+@register("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+def _custom_derivative(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    # The forward computation is the body; derivatives come from JAX itself (see runtime).
+    body = eqn.params.get("call_jaxpr", eqn.params.get("fun_jaxpr"))
+    if body is None:
+        raise NoRule("no body jaxpr found in its parameters")
+    return ctx.inline(body, ins)
+
+
+@register("remat", "remat2", "checkpoint")
+def _remat(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    return ctx.inline(eqn.params["jaxpr"], ins)
+
+
+def literal_value(value: Any) -> int | float | bool | None:
+    """A Python scalar for a concrete size-1 array, or None when it is not one IR can hold."""
+    try:
+        arr = np.asarray(value)
+    except Exception:  # a tracer: not a concrete value
+        return None
+    if arr.size != 1 or arr.dtype.name not in NUMPY_TO_FUSEC or arr.dtype.kind == "c":
+        return None
+    if arr.dtype.kind in "biu":
+        return arr.reshape(()).item()
+    return float(arr.reshape(()).astype(np.float64))

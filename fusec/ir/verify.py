@@ -1,0 +1,90 @@
+"""The verifier: SSA well-formedness and every op's type rule. Errors name the op and the operand."""
+
+from __future__ import annotations
+
+from fusec.errors import VerifyError
+from fusec.ir.function import Function, Module, Op
+from fusec.ir.opdefs import OPDEFS, TypeRuleError, infer_result_types
+from fusec.ir.printer import format_op
+
+
+def _fail(func: Function, op: Op | None, message: str) -> VerifyError:
+    where = f"in @{func.name}"
+    if op is not None:
+        where += f", op '{op.opcode}' ({format_op(op)})"
+    return VerifyError(f"{where}: {message}")
+
+
+def _verify_call(module: Module, func: Function, op: Op) -> None:
+    callee_name = op.attr("callee")
+    try:
+        callee = module.function(str(callee_name))
+    except KeyError:
+        raise _fail(func, op, f"calls unknown function @{callee_name}") from None
+    if callee.name == func.name:
+        raise _fail(func, op, "calls its own function; recursion is not supported")
+    if len(op.operands) != len(callee.params):
+        raise _fail(func, op, f"passes {len(op.operands)} operands to @{callee.name}, which takes {len(callee.params)}")
+    for i, (v, p) in enumerate(zip(op.operands, callee.params)):
+        if v.type != p.type:
+            raise _fail(func, op, f"operand #{i} {v} has type {v.type}, but @{callee.name} takes {p.type}")
+    declared = [r.type for r in op.results]
+    if declared != list(callee.result_types):
+        raise _fail(func, op, f"declares results ({', '.join(map(str, declared))}) but @{callee.name} returns "
+                              f"({', '.join(map(str, callee.result_types))})")
+
+
+def verify_function(func: Function, module: Module | None = None) -> None:
+    """Raises :class:`VerifyError` on the first problem in ``func``."""
+    defined: dict[str, object] = {}
+    for p in func.params:
+        if p.name in defined:
+            raise _fail(func, None, f"parameter %{p.name} is declared twice")
+        defined[p.name] = p
+    for op in func.ops:
+        opdef = OPDEFS.get(op.opcode)
+        if opdef is None:
+            raise _fail(func, op, f"unknown opcode {op.opcode!r}")
+        for i, v in enumerate(op.operands):
+            if v.name not in defined:
+                raise _fail(func, op, f"operand #{i} {v} is not defined before this op")
+            if defined[v.name] != v:
+                raise _fail(func, op, f"operand #{i} {v} has type {v.type}, but it was defined as "
+                                      f"{defined[v.name].type}")  # type: ignore[attr-defined]
+        if opdef.kind == "call":
+            if module is None:
+                raise _fail(func, op, "a call can only be verified within its module")
+            _verify_call(module, func, op)
+        elif opdef.rule is not None:
+            try:
+                expected = infer_result_types(op.opcode, [v.type for v in op.operands], op.attr_dict)
+            except TypeRuleError as e:
+                prefix = "" if e.operand is None else f"operand #{e.operand} {op.operands[e.operand]} "
+                raise _fail(func, op, prefix + str(e)) from None
+            declared = [r.type for r in op.results]
+            if declared != expected:
+                raise _fail(func, op, f"declares result type(s) ({', '.join(map(str, declared))}) but its operands "
+                                      f"and attributes give ({', '.join(map(str, expected))})")
+        else:
+            missing = [a for a in opdef.required_attrs if a not in op.attr_dict]
+            if missing:
+                raise _fail(func, op, f"is missing attribute(s) {', '.join(missing)}")
+        for r in op.results:
+            if r.name in defined:
+                raise _fail(func, op, f"result {r} redefines a value; SSA values are defined once")
+            defined[r.name] = r
+    for i, v in enumerate(func.returns):
+        if v.name not in defined or defined[v.name] != v:
+            raise _fail(func, None, f"returned value #{i} {v} is not defined in the function")
+
+
+def verify_module(module: Module) -> None:
+    """Verifies every function of ``module`` and that function names are unique."""
+    if not module.functions:
+        raise VerifyError("module has no functions")
+    seen: set[str] = set()
+    for func in module.functions:
+        if func.name in seen:
+            raise VerifyError(f"function @{func.name} is defined twice")
+        seen.add(func.name)
+        verify_function(func, module)

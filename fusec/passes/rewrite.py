@@ -1,0 +1,34 @@
+"""Small helpers shared by passes: substituting values and dropping unreferenced functions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fusec.ir import Function, Module, Op, Value
+
+
+def substitute(op: Op, subst: Mapping[str, Value]) -> Op:
+    """``op`` with each operand replaced by ``subst[name]`` where present."""
+    if not any(v.name in subst for v in op.operands):
+        return op
+    return op.with_operands(tuple(subst.get(v.name, v) for v in op.operands))
+
+
+def substitute_returns(returns: tuple[Value, ...], subst: Mapping[str, Value]) -> tuple[Value, ...]:
+    return tuple(subst.get(v.name, v) for v in returns)
+
+
+def called_functions(func: Function) -> set[str]:
+    return {str(op.attr("callee")) for op in func.ops if op.opcode == "call"}
+
+
+def drop_unreferenced_functions(module: Module) -> Module:
+    """Keeps the entry and every function reachable from it by calls."""
+    keep = {module.entry.name}
+    work = [module.entry]
+    while work:
+        for name in called_functions(work.pop()):
+            if name not in keep:
+                keep.add(name)
+                work.append(module.function(name))
+    return module.replace_functions([f for f in module.functions if f.name in keep])

@@ -1,0 +1,5 @@
+"""Runtime: compiled programs and how they run inside JAX."""
+
+from fusec.runtime.program import Fallback, Program, build_program
+
+__all__ = ["Fallback", "Program", "build_program"]

@@ -1,0 +1,118 @@
+"""A compiled fusec program: the jaxpr, the IR after every pass, and the runnable result.
+
+Derivatives: the program runs fusec's code forward; its JVP (and so, by JAX's transposition, its
+VJP) comes from JAX differentiating the original jaxpr. Custom-derivative rules in the user's code
+are therefore honoured exactly as ``jax.jit`` honours them, though fusec inlines their bodies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.extend.core as jcore
+
+from fusec.codegen import compile_module
+from fusec.frontend import ParamSource, jaxpr_to_module
+from fusec.ir import Module, print_module
+from fusec.passes import Pass, PassManager
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A primitive fusec left to XLA unchanged, and why."""
+
+    primitive: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Program:
+    """Everything fusec made of one function at one abstract signature."""
+
+    jaxpr: Any  # ClosedJaxpr
+    stages: tuple[tuple[str, Module], ...]
+    stage_seconds: tuple[tuple[str, float], ...]
+    param_sources: tuple[ParamSource, ...]
+    backend: str
+    run_flat: Callable[..., list[Any]]
+
+    @property
+    def module(self) -> Module:
+        return self.stages[-1][1]
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.stages)
+
+    def module_at(self, stage: str) -> Module:
+        for name, module in reversed(self.stages):
+            if name == stage:
+                return module
+        raise ValueError(f"no stage {stage!r}; stages are {', '.join(self.stage_names)} (or 'final')")
+
+    def as_text(self, stage: str = "final") -> str:
+        return print_module(self.module if stage == "final" else self.module_at(stage))
+
+    @property
+    def fallbacks(self) -> tuple[Fallback, ...]:
+        return tuple(Fallback(str(op.attr("primitive")), str(op.attr("reason")))
+                     for op in self.module.all_ops() if op.opcode == "opaque")
+
+    def __call__(self, top_consts: Sequence[Any], dyn: Sequence[Any]) -> list[Any]:
+        """Runs on the jaxpr's top-level constants and the flat dynamic arguments."""
+        return list(_differentiable(self)(*top_consts, *dyn))
+
+
+def _params(program: Program, top_consts: Sequence[Any], dyn: Sequence[Any]) -> list[Any]:
+    out = []
+    for src in program.param_sources:
+        if src.kind == "arg":
+            out.append(dyn[src.index])
+        else:
+            out.append(top_consts[src.index] if src.index >= 0 else src.value)
+    return out
+
+
+def _differentiable(program: Program) -> Callable[..., tuple[Any, ...]]:
+    n_consts = len(program.jaxpr.consts)
+
+    @jax.custom_jvp
+    def run(*xs: Any) -> tuple[Any, ...]:
+        return tuple(program.run_flat(*_params(program, xs[:n_consts], xs[n_consts:])))
+
+    def original(*xs: Any) -> Any:
+        closed = jcore.ClosedJaxpr(program.jaxpr.jaxpr, list(xs[:n_consts]))
+        return tuple(jcore.jaxpr_as_fun(closed)(*xs[n_consts:]))
+
+    @run.defjvp
+    def run_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
+        _, tangents_out = jax.jvp(original, primals, tangents)
+        return run(*primals), tangents_out
+
+    return run
+
+
+def build_program(closed: Any, name: str, passes: list[Pass], backend: str, verify: bool = True) -> Program:
+    """Frontend, passes and codegen for one ClosedJaxpr."""
+    timings: list[tuple[str, float]] = []
+    t0 = time.perf_counter()
+    front = jaxpr_to_module(closed, name)
+    timings.append(("frontend", time.perf_counter() - t0))
+    last = [time.perf_counter()]
+
+    def on_stage(stage: str, module: Module) -> None:
+        now = time.perf_counter()
+        if stage != "input":
+            timings.append((stage, now - last[0]))
+        last[0] = now
+
+    manager = PassManager(passes, verify=verify, on_stage=on_stage)
+    manager.run(front.module)
+    t0 = time.perf_counter()
+    run_flat = compile_module(manager.stages[-1][1], backend)
+    timings.append(("codegen", time.perf_counter() - t0))
+    return Program(closed, tuple(manager.stages), tuple(timings), front.param_sources, backend, run_flat)
