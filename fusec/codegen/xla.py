@@ -107,6 +107,16 @@ def _transpose(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
     return [lax.transpose(args[0], op.attr("perm"))]
 
 
+@emits("slice")
+def _slice(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    return [lax.slice(args[0], op.attr("start"), op.attr("limit"), op.attr("strides"))]
+
+
+@emits("concatenate")
+def _concatenate(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    return [lax.concatenate(args, op.attr("axis"))]
+
+
 @emits("reduce")
 def _reduce(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
     return [_REDUCE[op.attr("kind")](args[0], op.attr("axes"))]

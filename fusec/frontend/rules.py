@@ -124,6 +124,30 @@ def _transpose(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
     return [ctx.builder.op("transpose", ins, perm=tuple(eqn.params["permutation"]))]
 
 
+@register("slice")
+def _slice(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    start, limit = tuple(eqn.params["start_indices"]), tuple(eqn.params["limit_indices"])
+    strides = eqn.params["strides"] or (1,) * len(start)
+    return [ctx.builder.op("slice", ins, start=start, limit=limit, strides=tuple(strides))]
+
+
+@register("split")
+def _split(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    (x,) = ins
+    axis, outs, offset = int(eqn.params["axis"]), [], 0
+    for size in eqn.params["sizes"]:
+        start = tuple(offset if d == axis else 0 for d in range(x.type.rank))
+        limit = tuple(offset + size if d == axis else n for d, n in enumerate(x.type.shape))
+        outs.append(ctx.builder.op("slice", [x], start=start, limit=limit, strides=(1,) * x.type.rank))
+        offset += size
+    return outs
+
+
+@register("concatenate")
+def _concatenate(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    return [ctx.builder.op("concatenate", ins, axis=int(eqn.params["dimension"]))]
+
+
 def _reduce(kind: str) -> Rule:
     def rule(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
         require_defaults(eqn, out_sharding=None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -34,6 +35,13 @@ def _freeze_attr(value: Any) -> Attr:
         return NAN
     if isinstance(value, (bool, int, float, str)):
         return value
+    # NumPy scalars (np.int64 from a shape computation, np.bool_) become plain Python values.
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return _freeze_attr(float(value))
+    if type(value).__name__ == "bool_":
+        return bool(value)
     raise TypeError(f"IR attribute values are int, float, bool, str or tuples of them; got {value!r}")
 
 

@@ -168,6 +168,34 @@ def _transpose(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     return [x.with_shape(tuple(x.shape[p] for p in perm))]
 
 
+def _slice(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    (x,) = types
+    start, limit, strides = attrs["start"], attrs["limit"], attrs["strides"]
+    for key, val in (("start", start), ("limit", limit), ("strides", strides)):
+        if not isinstance(val, tuple) or len(val) != x.rank or not all(isinstance(v, int) for v in val):
+            raise TypeRuleError(f"attribute {key}={val!r} must list {x.rank} ints, one per operand axis")
+    shape = []
+    for axis, (lo, hi, step, size) in enumerate(zip(start, limit, strides, x.shape)):
+        if not (0 <= lo <= hi <= size) or step < 1:
+            raise TypeRuleError(f"axis {axis}: slice {lo}:{hi}:{step} does not fit size {size}", 0)
+        shape.append((hi - lo + step - 1) // step)
+    return [x.with_shape(tuple(shape))]
+
+
+def _concatenate(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    first = types[0]
+    axis = attrs["axis"]
+    if not isinstance(axis, int) or not 0 <= axis < first.rank:
+        raise TypeRuleError(f"axis={axis!r} is not an axis of rank {first.rank}")
+    for i, t in enumerate(types[1:], 1):
+        if t.elem != first.elem or t.rank != first.rank or any(
+                a != b for d, (a, b) in enumerate(zip(t.shape, first.shape)) if d != axis):
+            raise TypeRuleError(f"has type {t}, which does not concatenate with {first} along axis {axis}", i)
+    shape = list(first.shape)
+    shape[axis] = sum(t.shape[axis] for t in types)
+    return [first.with_shape(tuple(shape))]
+
+
 REDUCE_KINDS = ("sum", "prod", "max", "min", "and", "or", "xor")
 
 
@@ -249,6 +277,8 @@ _define("convert", 1, 1, ("dtype",), _convert, "elementwise")
 _define("broadcast", 1, 1, ("shape", "dims"), _broadcast, "shape")
 _define("reshape", 1, 1, ("shape",), _reshape, "shape")
 _define("transpose", 1, 1, ("perm",), _transpose, "shape")
+_define("slice", 1, 1, ("start", "limit", "strides"), _slice, "shape")
+_define("concatenate", 1, None, ("axis",), _concatenate, "shape")
 _define("reduce", 1, 1, ("kind", "axes"), _reduce, "reduce")
 _define("argmax argmin", 1, 1, ("axes", "index_dtype"), _arg_reduce, "reduce")
 _define("dot", 2, 2, ("lhs_t", "rhs_t", "out_dtype"), _dot, "contract")

@@ -1,0 +1,130 @@
+"""The ``fusec`` command.
+
+    fusec check FILE.fir                      parse and verify a textual IR file
+    fusec dump FILE.py:FUNCTION [--stage S]   print the IR of a Python function after a pass
+
+Inputs for FUNCTION come from ``--args "x=f32[8,1024] w=bf16[1024,4096]"`` or, failing that, from an
+``example_inputs()`` function in the same file returning the positional arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fusec.errors import FusecError, FusecSyntaxError
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def parse_args_spec(text: str) -> list[Any]:
+    """``"x=f32[8,16] w=bf16[16]"`` -> ShapeDtypeStructs, in order (names are for the reader)."""
+    import jax
+
+    from fusec.ir import DType, parse_type
+
+    out = []
+    for item in text.split():
+        _, _, type_text = item.rpartition("=")
+        try:
+            t = parse_type(type_text, "--args")
+        except FusecSyntaxError as e:
+            raise CliError(f"--args: {e.bare_message}") from None
+        if not isinstance(t.elem, DType):
+            raise CliError(f"--args: {type_text!r} is not a standard JAX dtype")
+        out.append(jax.ShapeDtypeStruct(t.shape, t.elem.numpy_name))
+    return out
+
+
+def load_function(target: str) -> tuple[Any, Any]:
+    """``FILE.py:FUNCTION`` -> (function, module)."""
+    file_name, sep, func_name = target.rpartition(":")
+    if not sep or not file_name or not func_name:
+        raise CliError(f"expected FILE.py:FUNCTION, got {target!r}")
+    path = Path(file_name)
+    if not path.is_file():
+        raise CliError(f"no such file: {file_name}")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    fn = getattr(module, func_name, None)
+    if fn is None:
+        raise CliError(f"{file_name} has no function {func_name!r}")
+    return fn, module
+
+
+def _cmd_check(ns: argparse.Namespace) -> int:
+    from fusec.ir import parse_module, verify_module
+
+    path = Path(ns.file)
+    if not path.is_file():
+        raise CliError(f"no such file: {ns.file}")
+    module = parse_module(path.read_text(), str(path))
+    verify_module(module)
+    n_ops = sum(len(f.ops) for f in module.functions)
+    print(f"{path}: ok ({len(module.functions)} function(s), {n_ops} op(s))")
+    return 0
+
+
+def _cmd_dump(ns: argparse.Namespace) -> int:
+    import fusec
+
+    fn, module = load_function(ns.target)
+    if ns.args is not None:
+        args = parse_args_spec(ns.args)
+    elif hasattr(module, "example_inputs"):
+        args = list(module.example_inputs())
+    else:
+        raise CliError(f"give --args, or define example_inputs() in {ns.target.rpartition(':')[0]}")
+    jitted = fn if isinstance(fn, fusec.FusecFunction) else fusec.jit(fn)
+    lowered = jitted.lower(*args)
+    stages = lowered.stages if ns.stage == "all" else (ns.stage,)
+    for stage in stages:
+        try:
+            text = lowered.as_text(stage)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        if ns.stage == "all":
+            print(f"// ----- after {stage}")
+        print(text, end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusec", description="fusec: a kernel-fusion compiler for JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="parse and verify a textual IR file",
+                           epilog="example: fusec check tests/golden/dce.fir")
+    check.add_argument("file")
+    check.set_defaults(run=_cmd_check)
+    dump = sub.add_parser("dump", help="print a function's IR after a pass",
+                          epilog='example: fusec dump examples/quickstart.py:mlp --stage all')
+    dump.add_argument("target", help="FILE.py:FUNCTION")
+    dump.add_argument("--stage", default="final", help="input, a pass name, final (default) or all")
+    dump.add_argument("--args", default=None, help='argument types, e.g. "x=f32[8,1024] w=bf16[1024,4096]"')
+    dump.set_defaults(run=_cmd_dump)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return int(ns.run(ns))
+    except (CliError, FusecError) as e:
+        print(f"fusec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
