@@ -1,0 +1,31 @@
+"""Shared test helpers: comparing fusec.jit against jax.jit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Documented tolerances for fusec vs jax.jit (the reference backend emits the same lax ops, so
+# float32 results normally agree to the last bit; bfloat16 has 8 significant bits).
+TOLERANCES = {
+    "float32": dict(rtol=1e-5, atol=1e-6),
+    "bfloat16": dict(rtol=2e-2, atol=2e-2),
+    "float16": dict(rtol=2e-3, atol=2e-3),
+    "float64": dict(rtol=1e-12, atol=1e-12),
+}
+
+
+def assert_trees_close(got: Any, want: Any) -> None:
+    """Same tree structure, same shapes and dtypes, values within the dtype's tolerance."""
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        g, w = jnp.asarray(g), jnp.asarray(w)
+        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, g.dtype, w.shape, w.dtype)
+        if w.dtype.kind in "biu" or jnp.issubdtype(w.dtype, jax.dtypes.prng_key):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        else:
+            tol = TOLERANCES.get(w.dtype.name, dict(rtol=1e-5, atol=1e-6))
+            np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64), **tol)
