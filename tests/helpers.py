@@ -29,3 +29,13 @@ def assert_trees_close(got: Any, want: Any) -> None:
         else:
             tol = TOLERANCES.get(w.dtype.name, dict(rtol=1e-5, atol=1e-6))
             np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64), **tol)
+
+
+def golden_cases(path: Any) -> list[tuple[str, str, str]]:
+    """A golden file's cases: (pipeline, input text, expected text), separated by ``// -----``."""
+    cases = []
+    for chunk in path.read_text().split("// -----"):
+        run = next(line for line in chunk.splitlines() if line.startswith("// RUN:"))
+        given_text, expected_text = chunk.split("// EXPECT:")
+        cases.append((run.removeprefix("// RUN:").strip(), given_text, expected_text))
+    return cases

@@ -121,8 +121,9 @@ def parse_module(text: str, source_name: str = "<ir>") -> Module:
     functions = [_FunctionReader(source_name).function(f) for f in tree.children]
     if not functions:
         raise FusecSyntaxError("no function in module", 1, 1, source_name)
-    names = [f.name for f in functions]
+    seen: set[str] = set()
     for f, tree_f in zip(functions, tree.children):
-        if names.count(f.name) > 1:
+        if f.name in seen:
             raise _error(f"function @{f.name} is defined twice", tree_f.children[0], source_name)
+        seen.add(f.name)
     return Module(tuple(functions))

@@ -98,6 +98,9 @@ class LowBitType:
                 raise ValueError(f"unsupported small-float layout: {self.bits} bits, exponent {self.exp_bits}")
         elif self.exp_bits is not None:
             raise ValueError("exp_bits applies to the float family only")
+        if self.family in ("int", "uint") and self.group is None and not self.zero_point \
+                and self.base_name in STANDARD_DTYPES:
+            raise ValueError(f"an unscaled {self.base_name} is the standard dtype DType({self.base_name!r})")
         if self.group is not None and self.group < 0:
             raise ValueError(f"group size must be positive (or PER_CHANNEL), got {self.group}")
 
