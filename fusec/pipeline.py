@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from fusec.passes import Pass, parse_pipeline
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("inline", "fold-constants", "cse", "dce")
+DEFAULT_PIPELINE: tuple[str, ...] = ("inline", "canonicalize", "fold-constants", "cse", "dce")
 
 
 def resolve_pipeline(passes: str | Sequence[str | Pass] | None) -> list[Pass]:

@@ -1,0 +1,122 @@
+"""Canonicalisation: small local rewrites to a normal form, applied forward until nothing changes.
+
+Each rule takes an op and the ops producing its operands and returns a replacement op, an existing
+value that replaces the op's result, or None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fusec.ir import Function, Module, Op, Value
+from fusec.passes.base import Pass, register_pass
+from fusec.passes.rewrite import substitute, substitute_returns
+
+Producers = dict[str, Op]
+Rule = Callable[[Op, Producers], "Op | Value | None"]
+RULES: dict[str, list[Rule]] = {}
+
+
+def rule(*opcodes: str) -> Callable[[Rule], Rule]:
+    def wrap(fn: Rule) -> Rule:
+        for opcode in opcodes:
+            RULES.setdefault(opcode, []).append(fn)
+        return fn
+    return wrap
+
+
+def _producer(op: Op, i: int, producers: Producers, opcode: str) -> Op | None:
+    p = producers.get(op.operands[i].name)
+    return p if p is not None and p.opcode == opcode else None
+
+
+@rule("reshape", "broadcast", "convert")
+def _identity(op: Op, producers: Producers) -> Value | None:
+    # reshape/broadcast/convert to the operand's own type -> operand
+    return op.operands[0] if op.operands[0].type == op.result.type else None
+
+
+@rule("transpose")
+def _transpose(op: Op, producers: Producers) -> Op | Value | None:
+    perm = op.attr("perm")
+    if list(perm) == list(range(len(perm))):
+        return op.operands[0]  # transpose by the identity -> operand
+    inner = _producer(op, 0, producers, "transpose")
+    if inner is None:
+        return None
+    # transpose(transpose(x, p), q) -> transpose(x, p[q])
+    inner_perm = inner.attr("perm")
+    return Op.make("transpose", inner.operands, op.results, perm=tuple(inner_perm[q] for q in perm))
+
+
+@rule("reshape")
+def _reshape_of_reshape(op: Op, producers: Producers) -> Op | None:
+    inner = _producer(op, 0, producers, "reshape")
+    # reshape(reshape(x)) -> reshape(x)
+    return None if inner is None else Op.make("reshape", inner.operands, op.results, shape=op.attr("shape"))
+
+
+@rule("broadcast")
+def _broadcast_of_broadcast(op: Op, producers: Producers) -> Op | None:
+    inner = _producer(op, 0, producers, "broadcast")
+    if inner is None:
+        return None
+    # broadcast(broadcast(x, d1), d2) -> broadcast(x, d2[d1])
+    outer_dims = op.attr("dims")
+    return Op.make("broadcast", inner.operands, op.results, shape=op.attr("shape"),
+                   dims=tuple(outer_dims[d] for d in inner.attr("dims")))
+
+
+def _swaps_last_two(perm: tuple[int, ...]) -> bool:
+    n = len(perm)
+    return n >= 2 and tuple(perm) == tuple(range(n - 2)) + (n - 1, n - 2)
+
+
+@rule("dot")
+def _dot_of_transpose(op: Op, producers: Producers) -> Op | None:
+    for i, flag in ((0, "lhs_t"), (1, "rhs_t")):
+        inner = _producer(op, i, producers, "transpose")
+        if inner is not None and _swaps_last_two(inner.attr("perm")):
+            # dot(transpose(a), b) -> dot(a, b) with the operand's layout flag flipped
+            operands = list(op.operands)
+            operands[i] = inner.operands[0]
+            attrs = op.attr_dict | {flag: not op.attr(flag)}
+            return Op.make("dot", operands, op.results, **attrs)
+    return None
+
+
+def canonicalize_function(func: Function, max_sweeps: int = 8) -> Function:
+    for _ in range(max_sweeps):
+        changed = False
+        producers: Producers = {}
+        subst: dict[str, Value] = {}
+        ops: list[Op] = []
+        for op in func.ops:
+            op = substitute(op, subst)
+            for fn in RULES.get(op.opcode, ()):
+                result = fn(op, producers)
+                if result is None:
+                    continue
+                changed = True
+                if isinstance(result, Value):
+                    subst[op.result.name] = result
+                    op = None  # type: ignore[assignment]
+                    break
+                op = result
+            if op is not None:
+                ops.append(op)
+                producers.update({r.name: op for r in op.results})
+        func = Function(func.name, func.params, tuple(ops), substitute_returns(func.returns, subst))
+        if not changed:
+            break
+    return func
+
+
+@register_pass
+@dataclass(frozen=True)
+class Canonicalize(Pass):
+    name = "canonicalize"
+
+    def run(self, module: Module) -> Module:
+        return module.replace_functions([canonicalize_function(f) for f in module.functions])
