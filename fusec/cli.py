@@ -88,7 +88,10 @@ def _cmd_dump(ns: argparse.Namespace) -> int:
     else:
         raise CliError(f"give --args, or define example_inputs() in {ns.target.rpartition(':')[0]}")
     jitted = fn if isinstance(fn, fusec.FusecFunction) else fusec.jit(fn)
-    lowered = jitted.lower(*args)
+    try:
+        lowered = jitted.lower(*args)
+    except (TypeError, ValueError) as e:  # the user's function rejected these inputs
+        raise CliError(f"tracing {ns.target} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     stages = lowered.stages if ns.stage == "all" else (ns.stage,)
     for stage in stages:
         try:

@@ -106,7 +106,8 @@ def modules(draw: st.DrawFn, executable: bool = False, max_ops: int = 14) -> Mod
             values.append(b.op("slice", [x], start=start, limit=limit, strides=strides))
         elif kind == "concat" and x.type.rank >= 1:
             same = [v for v in std if v.type == x.type]
-            values.append(b.op("concatenate", [x, draw(st.sampled_from(same))], axis=draw(st.integers(0, x.type.rank - 1))))
+            axis = draw(st.integers(0, x.type.rank - 1))
+            values.append(b.op("concatenate", [x, draw(st.sampled_from(same))], axis=axis))
         elif kind == "dot" and _is_float(x) and x.type.rank == 2:
             m, k = x.type.shape
             n = draw(st.integers(1, 3))

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fusec.ir import Value
-from fusec.ir.types import NUMPY_TO_FUSEC
 from fusec.frontend.types import elem_type_of
+from fusec.ir import Value
 from fusec.ir.opdefs import COMPARISONS, ELEMENTWISE_ANY, ELEMENTWISE_BINARY, ELEMENTWISE_FLOAT
+from fusec.ir.types import NUMPY_TO_FUSEC
 
 if TYPE_CHECKING:
     from fusec.frontend.jaxpr_to_ir import Lowerer

@@ -6,7 +6,15 @@ from fusec.ir.opdefs import OPDEFS, infer_result_types
 from fusec.ir.parser import parse_module, parse_type
 from fusec.ir.printer import format_op, print_function, print_module
 from fusec.ir.types import (
-    PER_CHANNEL, DType, ElemType, ExtType, LowBitType, TensorType, dtype, parse_elem_type, tensor,
+    PER_CHANNEL,
+    DType,
+    ElemType,
+    ExtType,
+    LowBitType,
+    TensorType,
+    dtype,
+    parse_elem_type,
+    tensor,
 )
 from fusec.ir.verify import verify_function, verify_module
 

@@ -9,7 +9,7 @@ from typing import Any, Union
 
 from fusec.ir.types import TensorType
 
-Attr = Union[int, float, bool, str, tuple["Attr", ...]]
+Attr = Union[int, float, bool, str, tuple["Attr", ...]]  # noqa: UP007  (a recursive alias needs Union)
 
 
 @dataclass(frozen=True)

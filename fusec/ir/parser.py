@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from importlib import resources
 from typing import Any
 
@@ -31,6 +32,8 @@ def parse_type(token: lark.Token | str, source_name: str = "<ir>") -> TensorType
     text = str(token)
     elem_text, _, dims = text[:-1].rpartition("[")
     try:
+        if not text.endswith("]") or not elem_text or not re.fullmatch(r"\s*(\d+\s*(,\s*\d+\s*)*)?", dims):
+            raise ValueError("expected ELEMENT[DIM,...], e.g. f32[8,16]")
         shape = tuple(int(d) for d in dims.replace(" ", "").split(",") if d)
         return TensorType(parse_elem_type(elem_text), shape)
     except ValueError as e:
