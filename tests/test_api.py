@@ -117,7 +117,10 @@ def test_python_scalars_keep_weak_typing() -> None:
             got, want = fusec.jit(f)(x, s), jax.jit(f)(x, s)
             assert got.dtype == want.dtype
             assert_trees_close(got, want)
-    assert fusec.jit(lambda s: s * 2)(1.5).dtype == jax.jit(lambda s: s * 2)(1.5).dtype
+    for g in (lambda s: s * 2, lambda x, s: (x * s, s + 1)):
+        args = (1.5,) if g.__code__.co_argcount == 1 else (jnp.ones(2, jnp.bfloat16), 2.0)
+        got, want = fusec.jit(g)(*args), jax.jit(g)(*args)
+        assert jax.tree.map(jax.typeof, got) == jax.tree.map(jax.typeof, want)  # weak types included
 
 
 def test_donation_behaves_like_jax_jit() -> None:

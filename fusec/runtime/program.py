@@ -19,6 +19,7 @@ from fusec.codegen import compile_module
 from fusec.frontend import ParamSource, jaxpr_to_module
 from fusec.ir import Module, print_module
 from fusec.passes import Pass, PassManager
+from fusec.runtime.jax_internals import make_weak
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,11 @@ class Program:
 
     def __call__(self, top_consts: Sequence[Any], dyn: Sequence[Any]) -> list[Any]:
         """Runs on the jaxpr's top-level constants and the flat dynamic arguments."""
-        return list(_differentiable(self)(*top_consts, *dyn))
+        outs = list(_differentiable(self)(*top_consts, *dyn))
+        for i, aval in enumerate(self.jaxpr.out_avals):
+            if getattr(aval, "weak_type", False) and not getattr(jax.typeof(outs[i]), "weak_type", False):
+                outs[i] = make_weak(outs[i])
+        return outs
 
 
 def _params(program: Program, top_consts: Sequence[Any], dyn: Sequence[Any]) -> list[Any]:
