@@ -6,14 +6,14 @@ value that replaces the op's result, or None.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from fusec.ir import Function, Module, Op, Value
 from fusec.passes.base import Pass, register_pass
-from fusec.passes.rewrite import substitute, substitute_returns
+from fusec.passes.rewrite import rewrite_forward
 
-Producers = dict[str, Op]
+Producers = Mapping[str, Op]
 Rule = Callable[[Op, Producers], "Op | Value | None"]
 RULES: dict[str, list[Rule]] = {}
 
@@ -86,31 +86,23 @@ def _dot_of_transpose(op: Op, producers: Producers) -> Op | None:
     return None
 
 
-def canonicalize_function(func: Function, max_sweeps: int = 8) -> Function:
-    for _ in range(max_sweeps):
+def _apply_rules(op: Op, producers: Producers) -> Op | tuple[Value, ...]:
+    changed = True
+    while changed:
         changed = False
-        producers: Producers = {}
-        subst: dict[str, Value] = {}
-        ops: list[Op] = []
-        for op in func.ops:
-            op = substitute(op, subst)
-            for fn in RULES.get(op.opcode, ()):
-                result = fn(op, producers)
-                if result is None:
-                    continue
-                changed = True
-                if isinstance(result, Value):
-                    subst[op.result.name] = result
-                    op = None  # type: ignore[assignment]
-                    break
-                op = result
-            if op is not None:
-                ops.append(op)
-                producers.update({r.name: op for r in op.results})
-        func = Function(func.name, func.params, tuple(ops), substitute_returns(func.returns, subst))
-        if not changed:
-            break
-    return func
+        for fn in RULES.get(op.opcode, ()):
+            result = fn(op, producers)
+            if isinstance(result, Value):
+                return (result,)
+            if result is not None:
+                op, changed = result, True
+                break
+    return op
+
+
+def canonicalize_function(func: Function) -> Function:
+    # Producers are rewritten before their users, so one forward walk reaches the fixed point.
+    return rewrite_forward(func, _apply_rules)
 
 
 @register_pass

@@ -3,31 +3,26 @@ attributes, result types) is replaced by it. Opaque ops are distinct by referenc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from fusec.ir import Function, Module, Op, Value
 from fusec.passes.base import Pass, register_pass
-from fusec.passes.rewrite import substitute, substitute_returns
+from fusec.passes.rewrite import rewrite_forward
 
 
 def cse_function(func: Function) -> Function:
     seen: dict[Any, Op] = {}
-    subst: dict[str, Value] = {}
-    ops: list[Op] = []
-    for op in func.ops:
-        op = substitute(op, subst)
+
+    def visit(op: Op, producers: Mapping[str, Op]) -> Op | tuple[Value, ...]:
         if op.opcode == "opaque":
-            ops.append(op)
-            continue
+            return op
         key = (op.opcode, tuple(v.name for v in op.operands), op.attrs, tuple(r.type for r in op.results))
-        prior = seen.get(key)
-        if prior is None:
-            seen[key] = op
-            ops.append(op)
-        else:
-            subst.update({r.name: p for r, p in zip(op.results, prior.results)})
-    return Function(func.name, func.params, tuple(ops), substitute_returns(func.returns, subst))
+        prior = seen.setdefault(key, op)
+        return op if prior is op else prior.results
+
+    return rewrite_forward(func, visit)
 
 
 @register_pass

@@ -9,7 +9,7 @@ and XLA may round them differently.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from fusec.ir import DType, Function, Module, Op, Value
 from fusec.passes.base import Pass, register_pass
-from fusec.passes.rewrite import substitute, substitute_returns
+from fusec.passes.rewrite import rewrite_forward
 
 _EXACT_FLOAT = {"f32": np.float32, "f64": np.float64}
 _INT = {"i8": np.int8, "i16": np.int16, "i32": np.int32, "i64": np.int64,
@@ -74,28 +74,26 @@ def _fold_elementwise(op: Op, values: list[Any]) -> Any:
     return _to_attr(result)
 
 
+def _fold(op: Op, producers: Mapping[str, Op]) -> Op | tuple[Value, ...]:
+    values = [_splat(producers.get(v.name)) for v in op.operands]
+    if op.opcode == "select" and values[0] is not None:
+        return (op.operands[1 + int(values[0])],)  # a constant predicate picks its case
+    if not op.operands or any(v is None for v in values) or len(op.results) != 1:
+        return op
+    if op.opcode in ("broadcast", "reshape"):
+        folded = values[0]
+    elif op.opcode in ("opaque", "call", "dot", "reduce", "argmax", "argmin", "transpose"):
+        return op
+    else:
+        folded = _fold_elementwise(op, values)
+    if folded is None:
+        return op
+    out = op.result
+    return Op.make("constant", (), (out,), value=folded, dtype=str(out.type.elem), shape=out.type.shape)
+
+
 def fold_function(func: Function) -> Function:
-    producers: dict[str, Op] = {}
-    subst: dict[str, Value] = {}
-    ops: list[Op] = []
-    for op in func.ops:
-        op = substitute(op, subst)
-        values = [_splat(producers.get(v.name)) for v in op.operands]
-        folded: Any = None
-        if op.opcode == "select" and values[0] is not None:
-            subst[op.result.name] = op.operands[1 + int(values[0])]
-            continue
-        if op.operands and all(v is not None for v in values) and len(op.results) == 1:
-            if op.opcode in ("broadcast", "reshape"):
-                folded = values[0]
-            elif op.opcode not in ("opaque", "call", "dot", "reduce", "argmax", "argmin", "transpose"):
-                folded = _fold_elementwise(op, values)
-        if folded is not None:
-            out = op.result
-            op = Op.make("constant", (), (out,), value=folded, dtype=str(out.type.elem), shape=out.type.shape)
-        ops.append(op)
-        producers.update({r.name: op for r in op.results})
-    return Function(func.name, func.params, tuple(ops), substitute_returns(func.returns, subst))
+    return rewrite_forward(func, _fold)
 
 
 @register_pass

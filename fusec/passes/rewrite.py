@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from fusec.ir import Function, Module, Op, Value
 
@@ -32,3 +32,26 @@ def drop_unreferenced_functions(module: Module) -> Module:
                 keep.add(name)
                 work.append(module.function(name))
     return module.replace_functions([f for f in module.functions if f.name in keep])
+
+
+Visit = Callable[[Op, Mapping[str, Op]], "Op | tuple[Value, ...]"]
+
+
+def rewrite_forward(func: Function, visit: Visit) -> Function:
+    """Walks ``func``'s ops in order with earlier replacements already applied to their operands.
+
+    ``visit(op, producers)`` returns the op to keep (itself or a rewrite with the same results), or a
+    tuple of existing values that replace the op's results (the op is dropped). ``producers`` maps
+    each kept value name to the op defining it.
+    """
+    producers: dict[str, Op] = {}
+    subst: dict[str, Value] = {}
+    ops: list[Op] = []
+    for op in func.ops:
+        result = visit(substitute(op, subst), producers)
+        if isinstance(result, Op):
+            ops.append(result)
+            producers.update({r.name: result for r in result.results})
+        else:
+            subst.update({r.name: v for r, v in zip(op.results, result)})
+    return Function(func.name, func.params, tuple(ops), substitute_returns(func.returns, subst))
