@@ -111,3 +111,11 @@ def test_required_primitives_have_rules() -> None:
     broadcast_in_dim reshape transpose squeeze reduce_sum reduce_max reduce_min reduce_prod argmax
     argmin dot_general iota stop_gradient jit custom_jvp_call custom_vjp_call""".split()
     assert not [p for p in required if p not in RULES]
+
+
+def test_sub_byte_integer_dtypes() -> None:
+    f = lambda x: (x.astype(jnp.int4) + jnp.int4(1)).astype(jnp.float32) * 2  # noqa: E731
+    x = jnp.arange(-4.0, 4.0)
+    lowered = fusec.jit(f).lower(x)
+    assert 'dtype = "i4", shape = [8], value = 1}' in lowered.as_text()
+    assert_trees_close(fusec.jit(f)(x), jax.jit(f)(x))

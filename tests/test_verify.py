@@ -45,6 +45,9 @@ MALFORMED = [
      "op 'slice'", "axis 1: slice 0:9:1 does not fit size 8"),
     ("constant value count", _func("  %0 = constant {dtype = \"f32\", shape = [3], value = [1.0, 2.0]} : f32[3]"),
      "op 'constant'", "holds 2 values for a tensor of 3 elements"),
+    ("integer constant with a float value",
+     _func("  %0 = constant {dtype = \"i32\", shape = [], value = 1.5} : i32[]"),
+     "op 'constant'", "value 1.5 is not an integer, as a i32 constant needs"),
     ("call to unknown function", _func("  %0 = call %a {callee = \"g\"} : f32[4,8]"),
      "op 'call'", "calls unknown function @g"),
     ("call with wrong types", _func("  %0 = call %b {callee = \"g\"} : f32[4,8]")

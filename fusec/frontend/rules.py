@@ -16,7 +16,7 @@ import numpy as np
 from fusec.frontend.types import elem_type_of
 from fusec.ir import Value
 from fusec.ir.opdefs import COMPARISONS, ELEMENTWISE_ANY, ELEMENTWISE_BINARY, ELEMENTWISE_FLOAT
-from fusec.ir.types import NUMPY_TO_FUSEC
+from fusec.ir.types import NUMPY_TO_FUSEC, DType
 
 if TYPE_CHECKING:
     from fusec.frontend.jaxpr_to_ir import Lowerer
@@ -84,6 +84,8 @@ def _integer_pow(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
 @register("convert_element_type")
 def _convert(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
     require_defaults(eqn, sharding=None)
+    if not isinstance(elem_type_of(eqn.params["new_dtype"]), DType):
+        raise NoRule(f"conversion to {eqn.params['new_dtype']}")
     return [ctx.builder.op("convert", ins, dtype=type_name(eqn.params["new_dtype"]))]
 
 
@@ -257,6 +259,10 @@ def literal_value(value: Any) -> int | float | bool | None:
         return None
     if arr.size != 1 or arr.dtype.name not in NUMPY_TO_FUSEC or arr.dtype.kind == "c":
         return None
-    if arr.dtype.kind in "biu":
-        return arr.reshape(()).item()
-    return float(arr.reshape(()).astype(np.float64))
+    elem = DType(NUMPY_TO_FUSEC[arr.dtype.name])
+    scalar = arr.reshape(())
+    if elem.is_bool:
+        return bool(scalar)
+    if elem.is_int:  # includes int4/uint2 and friends, which NumPy sees as opaque 'V' kinds
+        return int(scalar.astype(np.int64))
+    return float(scalar.astype(np.float64))

@@ -250,6 +250,12 @@ def _constant(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
         raise TypeRuleError(f"holds {len(value)} values for a tensor of {out.size} elements")
     if isinstance(value, str):
         raise TypeRuleError(f"value must be a number, a bool or a list of them, got {value!r}")
+    elem = out.elem
+    for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(elem, DType) and elem.is_bool and not isinstance(v, bool):
+            raise TypeRuleError(f"value {v!r} is not a bool, as a {elem} constant needs")
+        if isinstance(elem, DType) and elem.is_int and (isinstance(v, float) or isinstance(v, tuple)):
+            raise TypeRuleError(f"value {v!r} is not an integer, as a {elem} constant needs")
     return [out]
 
 
