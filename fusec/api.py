@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from fusec.codegen import check_backend
+from fusec.codegen import check_backend, has_gpu
 from fusec.passes import Pass
 from fusec.pipeline import resolve_pipeline
 from fusec.runtime import Fallback, Program, build_program
@@ -64,12 +64,15 @@ class FusecFunction:
                  static_argnames: str | Iterable[str] | None = None,
                  donate_argnums: int | Iterable[int] | None = None,
                  donate_argnames: str | Iterable[str] | None = None,
-                 backend: str = "auto", passes: PassSpec = None, verify: bool = True) -> None:
+                 backend: str = "auto", passes: PassSpec = None, verify: bool = True,
+                 interpret: bool | None = None) -> None:
         if not callable(fun):
             raise TypeError(f"fusec.jit expected a callable, got {fun!r}")
         self._fun = fun
         self._backend = check_backend(backend)
-        self._passes = resolve_pipeline(passes)
+        # Pallas kernels run in interpret mode when asked, or where there is no GPU to run them on.
+        self._interpret = bool(interpret) if interpret is not None else not has_gpu()
+        self._passes = resolve_pipeline(passes, self._backend, self._interpret)
         self._verify = verify
         self._programs: dict[Any, tuple[Program, Any]] = {}  # signature -> (program, output treedef)
         self._lock = threading.Lock()
@@ -129,7 +132,7 @@ class FusecFunction:
             structs.append(jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type))
         closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*structs)
         name = getattr(self._fun, "__name__", "main")
-        program = build_program(closed, name, self._passes, self._backend, self._verify)
+        program = build_program(closed, name, self._passes, self._backend, self._verify, self._interpret)
         return program, jax.tree.structure(out_shape)
 
     # -- looking inside --------------------------------------------------------------------------
@@ -156,9 +159,11 @@ class FusecFunction:
 def jit(fun: Callable[..., Any] | None = None, **options: Any) -> Any:
     """Compiles ``fun`` with fusec; works as ``fusec.jit(f, ...)``, ``@fusec.jit`` and
     ``@fusec.jit(backend=...)``. Options: ``static_argnums``, ``static_argnames``,
-    ``donate_argnums``, ``donate_argnames`` (as in ``jax.jit``); ``backend`` ("auto", "xla";
-    "pallas" and "triton" are not built yet); ``passes`` (a pipeline string or list; default
-    :data:`fusec.pipeline.DEFAULT_PIPELINE`); ``verify`` (check the IR after every pass)."""
+    ``donate_argnums``, ``donate_argnames`` (as in ``jax.jit``); ``backend`` ("auto": Pallas kernels
+    with a GPU, else the reference; "xla"; "pallas"; "triton" is not built yet); ``interpret``
+    (run Pallas kernels in interpret mode; the default where no GPU is present); ``passes`` (a
+    pipeline string or list; default :func:`fusec.pipeline.resolve_pipeline`); ``verify`` (check the
+    IR after every pass)."""
     if fun is None:
         return lambda f: FusecFunction(f, **options)
     return FusecFunction(fun, **options)

@@ -1,4 +1,4 @@
-"""The default pass pipeline, as one explicit ordered list."""
+"""The default pass pipeline, as one explicit ordered list per backend."""
 
 from __future__ import annotations
 
@@ -7,8 +7,16 @@ from collections.abc import Sequence
 from fusec.passes import Pass, parse_pipeline
 
 DEFAULT_PIPELINE: tuple[str, ...] = ("inline", "canonicalize", "fold-constants", "cse", "dce")
+# Kernel backends add fusion and tiling (with the tile target chosen by where kernels run).
+KERNEL_PASSES: tuple[str, ...] = ("fuse", "dce")
 
 
-def resolve_pipeline(passes: str | Sequence[str | Pass] | None) -> list[Pass]:
-    """``None`` gives the default pipeline; otherwise a pipeline string or list (see parse_pipeline)."""
-    return parse_pipeline(list(DEFAULT_PIPELINE) if passes is None else passes)
+def resolve_pipeline(passes: str | Sequence[str | Pass] | None, backend: str = "xla",
+                     interpret: bool = True) -> list[Pass]:
+    """``None`` gives the default pipeline for ``backend``; otherwise a pipeline string or list."""
+    if passes is not None:
+        return parse_pipeline(passes)
+    names = list(DEFAULT_PIPELINE)
+    if backend == "pallas":
+        names += [*KERNEL_PASSES, "tile{target=%s}" % ("interpret" if interpret else "gpu")]
+    return parse_pipeline(names)

@@ -159,7 +159,7 @@ def _constant(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
     return [lax.full(out.shape, np.asarray(value).astype(dt), dt)]
 
 
-@emits("call")
+@emits("call", "kernel")
 def _call(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
     return ev.run(ev.module.function(str(op.attr("callee"))), args)
 
@@ -188,15 +188,16 @@ def bind_equation(eqn: Any, args: Sequence[Any]) -> list[Any]:
 class Evaluator:
     """Evaluates IR functions on JAX values (tracers under ``jax.jit``)."""
 
-    def __init__(self, module: Module) -> None:
+    def __init__(self, module: Module, overrides: dict[str, Emit] | None = None) -> None:
         self.module = module
+        self.emitters = EMITTERS | (overrides or {})
 
     def run(self, func: Function, args: Sequence[Any]) -> list[Any]:
         if len(args) != len(func.params):
             raise FusecError(f"@{func.name} takes {len(func.params)} arguments, got {len(args)}")
         env: dict[str, Any] = {p.name: a for p, a in zip(func.params, args)}
         for op in func.ops:
-            emit = EMITTERS.get(op.opcode)
+            emit = self.emitters.get(op.opcode)
             if emit is None:
                 raise FusecError(f"the XLA backend has no rule for op {op.opcode!r}")
             outs = emit(op, [env[v.name] for v in op.operands], self)

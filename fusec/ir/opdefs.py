@@ -291,6 +291,7 @@ _define("dot", 2, 2, ("lhs_t", "rhs_t", "out_dtype"), _dot, "contract")
 _define("iota", 0, 0, ("dtype", "shape", "dimension"), _iota, "source")
 _define("constant", 0, 0, ("value", "dtype", "shape"), _constant, "source")
 _define("call", 0, None, ("callee",), None, "call")
+_define("kernel", 0, None, ("callee", "kind", "space"), None, "call")
 _define("opaque", 0, None, ("primitive", "ref"), None, "opaque")
 
 

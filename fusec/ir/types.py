@@ -50,6 +50,14 @@ class DType:
         return STANDARD_DTYPES[self.name]
 
     @property
+    def bits(self) -> int:
+        """Storage bits per element."""
+        if self.name == "bool":
+            return 8
+        digits = "".join(ch for ch in self.name.split("e")[0] if ch.isdigit())
+        return int(digits)
+
+    @property
     def is_float(self) -> bool:
         return self.name.startswith(("f", "bf"))
 

@@ -16,6 +16,9 @@ def _fail(func: Function, op: Op | None, message: str) -> VerifyError:
 
 
 def _verify_call(module: Module, func: Function, op: Op) -> None:
+    missing = [a for a in OPDEFS[op.opcode].required_attrs if a not in op.attr_dict]
+    if missing:
+        raise _fail(func, op, f"is missing attribute(s) {', '.join(missing)}")
     callee_name = op.attr("callee")
     try:
         callee = module.function(str(callee_name))

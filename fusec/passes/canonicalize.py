@@ -31,6 +31,12 @@ def _producer(op: Op, i: int, producers: Producers, opcode: str) -> Op | None:
     return p if p is not None and p.opcode == opcode else None
 
 
+@rule("stop_gradient")
+def _stop_gradient(op: Op, producers: Producers) -> Value:
+    # stop_gradient(x) -> x: the IR is forward-only; derivatives come from the original jaxpr
+    return op.operands[0]
+
+
 @rule("reshape", "broadcast", "convert")
 def _identity(op: Op, producers: Producers) -> Value | None:
     # reshape/broadcast/convert to the operand's own type -> operand

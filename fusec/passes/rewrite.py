@@ -19,7 +19,7 @@ def substitute_returns(returns: tuple[Value, ...], subst: Mapping[str, Value]) -
 
 
 def called_functions(func: Function) -> set[str]:
-    return {str(op.attr("callee")) for op in func.ops if op.opcode == "call"}
+    return {str(op.attr("callee")) for op in func.ops if op.opcode in ("call", "kernel")}
 
 
 def drop_unreferenced_functions(module: Module) -> Module:

@@ -20,6 +20,7 @@ from fusec.frontend import ParamSource, jaxpr_to_module
 from fusec.ir import Module, print_module
 from fusec.passes import Pass, PassManager
 from fusec.runtime.jax_internals import make_weak
+from fusec.runtime.primitive import call_kernel
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Program:
     param_sources: tuple[ParamSource, ...]
     backend: str
     run_flat: Callable[..., list[Any]]
+    kernels: dict[str, Any]  # kernel name -> KernelSpec (generated source included)
 
     @property
     def module(self) -> Module:
@@ -101,7 +103,8 @@ def _differentiable(program: Program) -> Callable[..., tuple[Any, ...]]:
     return run
 
 
-def build_program(closed: Any, name: str, passes: list[Pass], backend: str, verify: bool = True) -> Program:
+def build_program(closed: Any, name: str, passes: list[Pass], backend: str, verify: bool = True,
+                  interpret: bool = True) -> Program:
     """Frontend, passes and codegen for one ClosedJaxpr."""
     timings: list[tuple[str, float]] = []
     t0 = time.perf_counter()
@@ -118,6 +121,7 @@ def build_program(closed: Any, name: str, passes: list[Pass], backend: str, veri
     manager = PassManager(passes, verify=verify, on_stage=on_stage)
     manager.run(front.module)
     t0 = time.perf_counter()
-    run_flat = compile_module(manager.stages[-1][1], backend)
+    compiled = compile_module(manager.stages[-1][1], backend, interpret, call_kernel)
     timings.append(("codegen", time.perf_counter() - t0))
-    return Program(closed, tuple(manager.stages), tuple(timings), front.param_sources, backend, run_flat)
+    return Program(closed, tuple(manager.stages), tuple(timings), front.param_sources, backend, compiled.run,
+                   compiled.kernels)

@@ -1,0 +1,198 @@
+"""The Pallas backend: each kernel op becomes a ``pallas_call`` whose Python source is generated,
+kept for users to read, and exec'd. On NVIDIA GPUs it lowers through Pallas's Triton backend; on a
+CPU it runs in Pallas's interpret mode."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fusec.codegen.pallas_body import BodyWriter, KernelLayout, jnp_dtype, write_body
+from fusec.codegen.xla import Evaluator
+from fusec.errors import FusecError
+from fusec.ir import Function, Module, Op, Value
+
+_PRELUDE = """import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+"""
+
+
+@dataclass(frozen=True, eq=False)
+class KernelSpec:
+    """One generated kernel. Hashable by identity: it is the parameter of fusec's kernel primitive."""
+
+    name: str
+    source: str
+    in_types: tuple[Any, ...]
+    out_types: tuple[Any, ...]
+    pallas: Callable[..., list[Any]]  # pallas(*args, interpret=bool)
+    reference: Callable[..., list[Any]]  # the kernel's ops through XLA
+    interpret: bool  # run in interpret mode wherever it is lowered
+
+    def __repr__(self) -> str:
+        return f"KernelSpec({self.name})"
+
+
+def _idx(names: list[str]) -> str:
+    return "(" + "".join(f"{n}, " for n in names) + ")"
+
+
+def _block(dims: list[Any]) -> str:
+    return "(" + "".join(f"{d}, " for d in dims) + ")"
+
+
+def _param_roles(func: Function) -> dict[str, str]:
+    roles: dict[str, str] = {}
+    dot = next((op for op in func.ops if op.opcode == "dot"), None)
+    if dot is not None:
+        roles[dot.operands[0].name] = "lhs"
+        roles[dot.operands[1].name] = "rhs"
+    return roles
+
+
+def generate_source(op: Op, func: Function, ident: str) -> str:
+    """The Python source of the kernel body and its ``pallas_call`` wrapper."""
+    space, block = tuple(op.attr("space")), tuple(op.attr("block"))
+    squeeze, bk = tuple(op.attr("squeeze")), op.attr("bk")
+    layout = KernelLayout(space, block, squeeze, bk)
+    r = len(space)
+    g = [f"g{d}" for d in range(r)]
+    w = BodyWriter(layout)
+    roles = _param_roles(func)
+    dot = next((o for o in func.ops if o.opcode == "dot"), None)
+    in_specs: list[str] = []
+    loads: list[str] = []
+    for i, p in enumerate(func.params):
+        role = roles.get(p.name)
+        if role is not None:
+            assert dot is not None and bk is not None
+            transposed = bool(dot.attr("lhs_t" if role == "lhs" else "rhs_t"))
+            k = p.type.shape[-2] if (role == "lhs") == transposed else p.type.shape[-1]
+            kp = -(-k // bk) * bk
+            other, other_g = (block[-2], g[-2]) if role == "lhs" else (block[-1], g[-1])
+            inner = [other, kp] if (role == "lhs") != transposed else [kp, other]
+            inner_idx = [other_g, "0"] if (role == "lhs") != transposed else ["0", other_g]
+            in_specs.append(f"pl.BlockSpec({_block([None] * (r - 2) + inner)}, "
+                            f"lambda {', '.join(g)}: {_idx(g[: r - 2] + inner_idx)})")
+            continue
+        _check_fits(p, layout, func.name)
+        in_specs.append(f"pl.BlockSpec({_block(layout.block_dims(p.type.shape))}, "
+                        f"lambda {', '.join(g)}: {_idx(layout.index_map(p.type.shape, g))})")
+        loads.append(f"{w.name(p)} = in{i}[...]")
+    out_specs, out_shapes, stores = [], [], []
+    for j, v in enumerate(func.returns):
+        _check_fits(v, layout, func.name)
+        out_specs.append(f"pl.BlockSpec({_block(layout.block_dims(v.type.shape))}, "
+                         f"lambda {', '.join(g)}: {_idx(layout.index_map(v.type.shape, g))})")
+        out_shapes.append(f"jax.ShapeDtypeStruct({v.type.shape}, {jnp_dtype(v)})")
+        stores.append((j, v))
+    body: list[str] = []
+    if any(o.opcode == "reduce" for o in func.ops) and space[-1] != block[-1]:
+        body.append(f"_cols = lax.broadcasted_iota(jnp.int32, {layout.full_shape}, {len(layout.full_shape) - 1})")
+    body += loads
+    pending: list[Op] = []
+    for o in func.ops:
+        if o.opcode != "dot":
+            pending.append(o)
+            continue
+        write_body(w, pending)
+        pending = []
+        body += w.lines
+        w.lines = []
+        body += _dot_loop(w, o, func, layout)
+    write_body(w, pending)
+    body += w.lines
+    for j, v in stores:
+        body.append(f"out{j}[...] = {w.name(v)}")
+    refs = [f"in{i}" for i in range(len(func.params))] + [f"out{j}" for j in range(len(func.returns))]
+    lines = [f"def {ident}_body({', '.join(refs)}):"] + ["    " + line for line in body]
+    lines += [
+        "",
+        "",
+        f"def {ident}(*args, interpret=False):",
+        f"    # kernel {func.name}: {op.attr('kind')} over {list(space)}, block {list(block)}, "
+        f"grid {list(op.attr('grid'))}",
+        "    return pl.pallas_call(",
+        f"        {ident}_body,",
+        f"        grid={tuple(op.attr('grid'))},",
+        "        in_specs=[" + ", ".join(in_specs) + "],",
+        "        out_specs=[" + ", ".join(out_specs) + "],",
+        "        out_shape=[" + ", ".join(out_shapes) + "],",
+        "        interpret=interpret,",
+        f"        compiler_params=plgpu.CompilerParams(num_warps={op.attr('num_warps')}, "
+        f"num_stages={op.attr('num_stages')}),",
+        f"        name={func.name!r},",
+        "    )(*args)",
+    ]
+    return _PRELUDE + "\n\n" + "\n".join(lines) + "\n"
+
+
+def _check_fits(v: Value, layout: KernelLayout, name: str) -> None:
+    shape, space = v.type.shape, layout.space
+    if not ((len(shape) == len(space) and all(a in (1, b) for a, b in zip(shape, space)))
+            or shape == space[:-1]):
+        raise FusecError(f"kernel {name}: {v}: {v.type} has no block in the space {list(space)}")
+
+
+def _dot_loop(w: BodyWriter, dot: Op, func: Function, layout: KernelLayout) -> list[str]:
+    """The K loop of a matmul: masked loads of K slices, f32 accumulation, cast to the dot's dtype."""
+    lhs_i = func.params.index(dot.operands[0])
+    rhs_i = func.params.index(dot.operands[1])
+    lhs_t, rhs_t = bool(dot.attr("lhs_t")), bool(dot.attr("rhs_t"))
+    lhs = dot.operands[0].type
+    k = lhs.shape[-2] if lhs_t else lhs.shape[-1]
+    bk = int(layout.bk or k)
+    steps = -(-k // bk)
+    bm, bn = layout.block[-2], layout.block[-1]
+    a_slice = f"in{lhs_i}[pl.ds(kk * {bk}, {bk}), :]" if lhs_t else f"in{lhs_i}[:, pl.ds(kk * {bk}, {bk})]"
+    b_slice = f"in{rhs_i}[:, pl.ds(kk * {bk}, {bk})]" if rhs_t else f"in{rhs_i}[pl.ds(kk * {bk}, {bk}), :]"
+    a_k, b_k = (0 if lhs_t else 1), (1 if rhs_t else 0)
+    lines = ["def _k_step(kk, acc):", f"    a = {a_slice}", f"    b = {b_slice}"]
+    if k % bk:
+        for name, axis in (("a", a_k), ("b", b_k)):
+            lines.append(f"    {name} = jnp.where(lax.broadcasted_iota(jnp.int32, {name}.shape, {axis}) + kk * {bk} "
+                         f"< {k}, {name}, jnp.zeros_like({name}))")
+    precision = dot.attr("precision")
+    prec = f", precision=lax.Precision.{precision}" if precision else ""
+    lines.append(f"    return acc + lax.dot_general(a, b, ((({a_k},), ({b_k},)), ((), ())), "
+                 f"preferred_element_type=jnp.float32{prec})")
+    lines.append(f"{w.name(dot.result)} = lax.fori_loop(0, {steps}, _k_step, jnp.zeros(({bm}, {bn}), jnp.float32))"
+                 f".astype({jnp_dtype(dot.result)})  # {dot.result.name}: {dot.result.type}")
+    return lines
+
+
+def build_kernel(op: Op, module: Module, interpret: bool) -> KernelSpec:
+    """Generates, compiles (exec) and wraps the kernel called by ``op``."""
+    func = module.function(str(op.attr("callee")))
+    ident = "k_" + "".join(ch if ch.isalnum() else "_" for ch in func.name)
+    source = generate_source(op, func, ident)
+    namespace: dict[str, Any] = {}
+    exec(compile(source, f"<fusec kernel {func.name}>", "exec"), namespace)
+    evaluator = Evaluator(module)
+    return KernelSpec(func.name, source, tuple(p.type for p in func.params), func.result_types,
+                      namespace[ident], lambda *args: evaluator.run(func, args), interpret)
+
+
+def kernel_ops(module: Module) -> list[Op]:
+    return [op for op in module.entry.ops if op.opcode == "kernel"] + [
+        op for f in module.functions[1:] for op in f.ops if op.opcode == "kernel"]
+
+
+KernelCaller = Callable[[KernelSpec, list[Any]], list[Any]]
+
+
+def module_to_callable(module: Module, interpret: bool, call_kernel: KernelCaller | None = None
+                       ) -> tuple[Callable[..., list[Any]], dict[str, KernelSpec]]:
+    """The entry function as a callable whose kernel ops run as Pallas kernels, and the kernels."""
+    specs = {str(op.attr("callee")): build_kernel(op, module, interpret) for op in kernel_ops(module)}
+    caller = call_kernel or (lambda spec, args: spec.pallas(*args, interpret=spec.interpret))
+
+    def emit_kernel(op: Op, args: list[Any], ev: Evaluator) -> list[Any]:
+        return list(caller(specs[str(op.attr("callee"))], args))
+
+    evaluator = Evaluator(module, overrides={"kernel": emit_kernel})
+    return (lambda *args: evaluator.run(module.entry, args)), specs

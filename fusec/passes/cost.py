@@ -1,0 +1,63 @@
+"""The cost model: bytes moved to and from global memory, and FLOPs.
+
+An op run on its own (the op-by-op program) reads every operand and writes every result once;
+a fused kernel reads its inputs and writes its outputs once, whatever happens inside. Reshapes are
+free (a bitcast) and splat constants and iotas are computed where they are used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fusec.ir import DType, Function, LowBitType, Op, TensorType
+
+FREE_OPS = frozenset({"reshape", "constant", "iota", "stop_gradient"})
+
+
+@dataclass(frozen=True)
+class Cost:
+    bytes_read: int = 0
+    bytes_written: int = 0
+    flops: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.bytes_read + other.bytes_read, self.bytes_written + other.bytes_written,
+                    self.flops + other.flops)
+
+
+def nbytes(t: TensorType) -> int:
+    """Bytes of a tensor (low-bit formats at their bit width, scales aside)."""
+    bits = t.elem.bits if isinstance(t.elem, (DType, LowBitType)) else 32
+    return math.ceil(t.size * bits / 8)
+
+
+def op_flops(op: Op) -> int:
+    if op.opcode == "dot":
+        lhs = op.operands[0].type
+        k = lhs.shape[-2] if op.attr("lhs_t") else lhs.shape[-1]
+        return 2 * op.result.type.size * k
+    if op.opcode in ("reduce", "argmax", "argmin"):
+        return op.operands[0].type.size
+    if op.opcode in FREE_OPS or op.opcode in ("broadcast", "transpose", "slice", "concatenate", "convert"):
+        return 0
+    return sum(r.type.size for r in op.results)
+
+
+def op_cost(op: Op) -> Cost:
+    """The cost of ``op`` run as its own kernel."""
+    if op.opcode in FREE_OPS:
+        return Cost()
+    return Cost(sum(nbytes(v.type) for v in op.operands), sum(nbytes(r.type) for r in op.results), op_flops(op))
+
+
+def function_cost(func: Function) -> Cost:
+    """Op-by-op cost of a function (kernel ops count as one kernel each)."""
+    total = Cost()
+    for op in func.ops:
+        total = total + op_cost(op)
+    return total

@@ -1,0 +1,295 @@
+"""Fusion: groups ops into kernels, each a ``kernel`` op calling a function of its ops.
+
+Three kinds of group, each over an iteration space S (a shape):
+- ``elementwise``: elementwise ops of shape S, with broadcasts of their inputs folded into loads;
+- ``reduction``: adds reductions over S's last axis, elementwise work on the reduced rows
+  ("row space", shape S[:-1]) and broadcasts of rows back to S: softmax, layernorm, rmsnorm;
+- ``matmul``: a ``dot`` of shape S with its elementwise epilogue (bias, activation, residual, cast).
+
+Ops join the group of one of their operands when that is legal; a join that would make a path
+leave the group and come back (a cycle through an op outside it) is refused. Splat constants and
+iotas are cloned into every kernel that uses them. Ops a kernel cannot hold (see
+``KERNEL_ELEMENTWISE``) stay outside and run through XLA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fusec.ir import DType, Function, Module, Op, TensorType, Value
+from fusec.ir.graph import op_graph, stable_toposort
+from fusec.ir.opdefs import OPDEFS
+from fusec.passes.base import Pass, register_pass
+from fusec.passes.cost import Cost, nbytes, op_flops
+
+# Elementwise opcodes Pallas's Triton lowering handles (checked by lowering each for cuda); erf,
+# erfc, lgamma, digamma and round have no Triton lowering and stay with XLA.
+KERNEL_ELEMENTWISE = frozenset(
+    name for name, d in OPDEFS.items() if d.kind == "elementwise"
+) - {"erf", "erfc", "lgamma", "digamma", "round", "population_count", "clz"}
+BOOL_OK = frozenset({"and", "or", "xor", "not", "eq", "ne", "select", "convert", "broadcast"})
+KERNEL_DTYPES = frozenset({"f32", "bf16", "f16", "i8", "i16", "i32", "u8", "u16", "u32", "bool"})
+DOT_DTYPES = frozenset({"f32", "bf16", "f16"})
+REDUCE_KINDS = frozenset({"sum", "max", "min", "prod"})
+KIND_PRIORITY = {"matmul": 0, "reduction": 1, "elementwise": 2}
+
+
+def _types_ok(op: Op) -> bool:
+    for v in (*op.operands, *op.results):
+        if not (isinstance(v.type.elem, DType) and v.type.elem.name in KERNEL_DTYPES):
+            return False
+        if v.type.elem.name == "bool" and op.opcode not in BOOL_OK and v in op.operands:
+            return False
+    return True
+
+
+def _space_ok(shape: tuple[int, ...]) -> bool:
+    return 1 <= len(shape) <= 4 and all(d > 0 for d in shape)
+
+
+def _clonable(op: Op | None) -> bool:
+    """Splat constants and iotas: cheaper to recompute in each kernel than to load."""
+    if op is None:
+        return False
+    return op.opcode == "iota" or (op.opcode == "constant" and not isinstance(op.attr("value"), tuple))
+
+
+def fits(shape: tuple[int, ...], space: tuple[int, ...], rows: bool) -> bool:
+    """Whether a value of ``shape`` has a block in ``space``: same rank with each dimension 1 or the
+    space's, or (``rows``) the space less its last dimension."""
+    if len(shape) == len(space):
+        return all(a in (1, b) for a, b in zip(shape, space))
+    return rows and shape == space[:-1]
+
+
+@dataclass
+class _Group:
+    id: int
+    kind: str
+    space: tuple[int, ...]
+    members: list[int] = field(default_factory=list)
+    values: set[str] = field(default_factory=set)
+
+
+class _Fuser:
+    def __init__(self, func: Function, max_ops: int) -> None:
+        self.func = func
+        self.max_ops = max_ops
+        self.producer = {r.name: op for op in func.ops for r in op.results}
+        self.groups: dict[int, _Group] = {}
+        self.group_of: dict[str, int] = {}  # value name -> group id
+        self.deps: dict[str, frozenset[int]] = {}  # value name -> groups it depends on
+        # Broadcasts left outside every group: a consumer's kernel loads their source expanded.
+        self.absorbable: set[str] = set()
+
+    # -- legality --------------------------------------------------------------------------------
+    def _loadable(self, v: Value, g: _Group) -> bool:
+        """Whether ``v``, defined outside ``g``, can be an input of g's kernel."""
+        if _clonable(self.producer.get(v.name)):
+            return True
+        if v.name in self.absorbable:
+            return v.type.rank == len(g.space) and fits(v.type.shape, g.space, False)
+        return fits(v.type.shape, g.space, g.kind != "matmul")
+
+    def _joins(self, op: Op, g: _Group) -> bool:
+        s, out = g.space, op.results[0].type.shape
+        inside = [v for v in op.operands if v.name in g.values]
+        outside = [v for v in op.operands if v.name not in g.values]
+        rows = g.kind != "matmul"
+        if op.opcode == "dot":
+            return False
+        if op.opcode == "broadcast":
+            src = op.operands[0]
+            if not inside or not fits(out, s, False):
+                return False
+            same_rank = src.type.rank == len(out) and op.attr("dims") == tuple(range(len(out)))
+            row_to_full = rows and src.type.shape == s[:-1] and op.attr("dims") == tuple(range(len(s) - 1))
+            return same_rank or row_to_full
+        if op.opcode == "reduce":
+            v = op.operands[0]
+            return (rows and bool(inside) and v.type.shape == s and op.attr("axes") == (len(s) - 1,)
+                    and op.attr("kind") in REDUCE_KINDS)
+        return fits(out, s, rows) and all(self._loadable(v, g) for v in outside)
+
+    def _start(self, op: Op) -> _Group | None:
+        out = op.results[0].type.shape
+        gid = len(self.groups)
+        if op.opcode == "dot":
+            lhs = op.operands[0].type
+            ok = (op.result.type.rank in (2, 3) and _space_ok(out) and lhs.elem.name in DOT_DTYPES  # type: ignore[union-attr]
+                  and lhs.shape[-1] > 0 and lhs.shape[-2] > 0)
+            return _Group(gid, "matmul", out) if ok else None
+        if op.opcode == "reduce":
+            s = op.operands[0].type.shape
+            ok = _space_ok(s) and op.attr("axes") == (len(s) - 1,) and op.attr("kind") in REDUCE_KINDS
+            return _Group(gid, "reduction", s) if ok else None
+        if op.opcode == "broadcast" or not _space_ok(out):
+            return None
+        g = _Group(gid, "elementwise", out)
+        return g if all(self._loadable(v, g) for v in op.operands) else None
+
+    def _fusible(self, op: Op) -> bool:
+        if len(op.results) != 1 or not _types_ok(op):
+            return False
+        if op.opcode == "select" and (len(op.operands) != 3 or op.operands[0].type.elem != DType("bool")):
+            return False
+        return op.opcode in KERNEL_ELEMENTWISE or op.opcode in ("broadcast", "reduce", "dot")
+
+    # -- grouping --------------------------------------------------------------------------------
+    def group(self) -> None:
+        for i, op in enumerate(self.func.ops):
+            deps = frozenset().union(*(self.deps.get(v.name, frozenset()) for v in op.operands))
+            chosen: _Group | None = None
+            if self._fusible(op):
+                candidates = sorted({self.group_of[v.name] for v in op.operands if v.name in self.group_of},
+                                    key=lambda g: (KIND_PRIORITY[self.groups[g].kind], g))
+                for gid in candidates:
+                    g = self.groups[gid]
+                    if len(g.members) >= self.max_ops:
+                        continue
+                    # Joining must not close a cycle: no operand from outside may depend on the group.
+                    if any(gid in self.deps.get(v.name, ()) for v in op.operands if v.name not in g.values):
+                        continue
+                    if self._joins(op, g):
+                        chosen = g
+                        break
+                if chosen is None:
+                    chosen = self._start(op)
+                    if chosen is not None:
+                        self.groups[chosen.id] = chosen
+                if chosen is None and op.opcode == "broadcast":
+                    self.absorbable.add(op.result.name)
+            if chosen is None:
+                for r in op.results:
+                    self.deps[r.name] = deps
+                continue
+            chosen.members.append(i)
+            result = op.results[0]
+            chosen.values.add(result.name)
+            if op.opcode == "reduce":
+                chosen.kind = "reduction"
+            self.group_of[result.name] = chosen.id
+            self.deps[result.name] = deps | {chosen.id}
+
+
+def _expanded_shape(op: Op) -> tuple[int, ...]:
+    """The broadcast operand's shape, padded with 1s to the result's rank."""
+    shape = [1] * op.result.type.rank
+    for src, dst in enumerate(op.attr("dims")):
+        shape[dst] = op.operands[0].type.shape[src]
+    return tuple(shape)
+
+
+def _extract(fuser: _Fuser, g: _Group, name: str, uses_outside: set[str]) -> tuple[list[Op], Op, Function]:
+    """The reshapes feeding the kernel, the kernel op, and the kernel's function."""
+    ops = fuser.func.ops
+    params: list[Value] = []
+    inputs: list[Value] = []
+    pre: list[Op] = []
+    body: list[Op] = []
+    keyed: dict[tuple, Value] = {}
+    local: set[str] = set()
+    taken = {r.name for i in g.members for r in ops[i].results}
+
+    def fresh(base: str) -> str:
+        n, cand = 0, base
+        while cand in taken:
+            n += 1
+            cand = f"{base}.{n}"
+        taken.add(cand)
+        return cand
+
+    def param(key: tuple, outer: Value, type_: TensorType) -> Value:
+        if key not in keyed:
+            p = Value(fresh(outer.name), type_)
+            keyed[key] = p
+            params.append(p)
+            if type_ != outer.type:
+                reshaped = Value(fresh(f"{outer.name}.r"), type_)
+                pre.append(Op.make("reshape", [outer], [reshaped], shape=type_.shape))
+                outer = reshaped
+            inputs.append(outer)
+        return keyed[key]
+
+    def operand(v: Value, role: str) -> Value:
+        if v.name in g.values or v.name in local:
+            return v
+        producer = fuser.producer.get(v.name)
+        if _clonable(producer):
+            local.add(v.name)
+            body.append(producer)  # type: ignore[arg-type]
+            return v
+        if v.name in fuser.absorbable and role == "load":
+            # Load the broadcast's source with size-1 dimensions; broadcast it in the kernel.
+            assert producer is not None
+            src = producer.operands[0]
+            p = param(("expand", src.name, producer.attr("dims")), src,
+                      TensorType(src.type.elem, _expanded_shape(producer)))
+            local.add(v.name)
+            body.append(Op.make("broadcast", [p], [v], dims=tuple(range(v.type.rank)), shape=v.type.shape))
+            return v
+        return param((role, v.name), v, v.type)
+
+    flops = 0
+    for i in g.members:
+        op = ops[i]
+        flops += op_flops(op)
+        role = "dot" if op.opcode == "dot" else "load"
+        body.append(op.with_operands(tuple(operand(v, role) for v in op.operands)))
+    outputs = [ops[i].results[0] for i in g.members if ops[i].results[0].name in uses_outside]
+    func = Function(name, tuple(params), tuple(body), tuple(outputs))
+    cost = Cost(sum(nbytes(v.type) for v in inputs), sum(nbytes(v.type) for v in outputs), flops)
+    kernel = Op.make("kernel", inputs, outputs, callee=name, kind=g.kind, space=g.space,
+                     bytes_read=cost.bytes_read, bytes_written=cost.bytes_written, flops=cost.flops)
+    return pre, kernel, func
+
+
+def fuse_function(func: Function, max_ops: int, names: set[str]) -> tuple[Function, list[Function]]:
+    """``func`` with its fusible ops replaced by kernel ops, and the kernels' functions."""
+    fuser = _Fuser(func, max_ops)
+    fuser.group()
+    groups = [g for g in fuser.groups.values() if g.members]
+    in_group = {i: g.id for g in groups for i in g.members}
+    used_outside: set[str] = {v.name for v in func.returns}
+    for i, op in enumerate(func.ops):
+        for v in op.operands:
+            if fuser.group_of.get(v.name) is not None and in_group.get(i) != fuser.group_of[v.name]:
+                used_outside.add(v.name)
+    units: list[tuple[float, Op]] = [(float(i), op) for i, op in enumerate(func.ops) if i not in in_group]
+    kernels: list[Function] = []
+    for g in groups:
+        n, name = 0, f"{func.name}.k{g.id}"
+        while name in names:
+            n += 1
+            name = f"{func.name}.k{g.id}.{n}"
+        names.add(name)
+        pre, kernel, kfunc = _extract(fuser, g, name, used_outside)
+        last = float(max(g.members))
+        units += [(last - 0.5, p) for p in pre] + [(last, kernel)]
+        kernels.append(kfunc)
+    units.sort(key=lambda u: u[0])
+    draft = Function(func.name, func.params, tuple(op for _, op in units), func.returns)
+    order = stable_toposort(op_graph(draft), {i: i for i in range(len(units))})
+    return Function(func.name, func.params, tuple(draft.ops[i] for i in order), func.returns), kernels
+
+
+@register_pass
+@dataclass(frozen=True)
+class Fuse(Pass):
+    """Groups ops into ``kernel`` ops (see the module docstring); ``max_ops`` caps a kernel's size."""
+
+    name = "fuse"
+    max_ops: int = 64
+
+    def run(self, module: Module) -> Module:
+        names = {f.name for f in module.functions}
+        out: list[Function] = []
+        kernels: list[Function] = []
+        for f in module.functions:
+            if any(op.opcode == "kernel" for op in f.ops) or f.name in {k.name for k in kernels}:
+                out.append(f)
+                continue
+            fused, ks = fuse_function(f, self.max_ops, names)
+            out.append(fused)
+            kernels += ks
+        return module.replace_functions(out + kernels)

@@ -1,0 +1,87 @@
+"""Layout and tiling: for each kernel op, the block of its iteration space each program instance
+computes, the grid, which dimensions are squeezed out of the block, and launch parameters.
+
+Blocks are powers of two, as the Triton lowering requires of every array value; a dimension that
+the block does not divide is covered by a partial last block, masked in the kernel where it
+matters (reductions, the matmul's K loop). ``target="interpret"`` picks one big block (Pallas's
+interpreter costs about grid steps x whole array on a CPU); ``target="gpu"`` picks GPU-sized tiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fusec.ir import Function, Module, Op
+from fusec.passes.base import Pass, register_pass
+
+
+def pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _dot_k(kernel_func: Function) -> int:
+    dot = next(op for op in kernel_func.ops if op.opcode == "dot")
+    lhs = dot.operands[0].type
+    return lhs.shape[-2] if dot.attr("lhs_t") else lhs.shape[-1]
+
+
+def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str) -> dict:
+    """Block, grid, squeezed dims, K step and launch parameters for one kernel."""
+    r = len(space)
+    if target == "interpret":
+        block = [pow2_at_least(d) for d in space]
+        bk = pow2_at_least(k) if k else None
+    elif kind == "matmul":
+        block = [1] * (r - 2) + [min(64, max(16, pow2_at_least(space[-2]))), min(64, max(16, pow2_at_least(space[-1])))]
+        bk = min(32, max(16, pow2_at_least(k or 1)))
+    elif kind == "reduction":
+        last = pow2_at_least(space[-1])
+        block = [1] * r
+        block[-1] = last
+        if r >= 2:
+            block[-2] = min(pow2_at_least(space[-2]), max(1, 4096 // last))
+        bk = None
+    else:
+        block = [1] * r
+        block[-1] = min(pow2_at_least(space[-1]), 1024)
+        if r >= 2:
+            block[-2] = min(pow2_at_least(space[-2]), max(1, 2048 // block[-1]))
+        bk = None
+    if kind == "matmul":
+        block[: r - 2] = [1] * (r - 2)
+    squeeze = [d for d in range(max(0, r - 2)) if block[d] == 1]
+    attrs = {"block": tuple(block), "grid": tuple(cdiv(s, b) for s, b in zip(space, block)),
+             "squeeze": tuple(squeeze), "num_warps": 4, "num_stages": 2}
+    if bk is not None:
+        attrs["bk"] = bk
+    return attrs
+
+
+@register_pass
+@dataclass(frozen=True)
+class Tile(Pass):
+    """Adds block, grid, squeeze, bk, num_warps and num_stages attributes to every kernel op."""
+
+    name = "tile"
+    target: str = "gpu"
+
+    def run(self, module: Module) -> Module:
+        if self.target not in ("gpu", "interpret"):
+            raise ValueError(f"tile: target must be 'gpu' or 'interpret', got {self.target!r}")
+        functions = {f.name: f for f in module.functions}
+        out = []
+        for f in module.functions:
+            ops = []
+            for op in f.ops:
+                if op.opcode == "kernel":
+                    kind, space = str(op.attr("kind")), tuple(op.attr("space"))
+                    k = _dot_k(functions[str(op.attr("callee"))]) if kind == "matmul" else None
+                    op = Op.make("kernel", op.operands, op.results,
+                                 **(op.attr_dict | choose_tiling(kind, space, k, self.target)))
+                ops.append(op)
+            out.append(Function(f.name, f.params, tuple(ops), f.returns))
+        return module.replace_functions(out)

@@ -1,0 +1,62 @@
+"""``fusec_kernel``: the JAX primitive every generated kernel is bound through.
+
+Abstract evaluation comes from the kernel's signature; lowering is the Pallas kernel (through
+Triton on ``cuda``, interpret mode on ``cpu`` or when asked); batching runs the kernel under
+``vmap`` (Pallas adds a grid axis); the JVP differentiates the kernel's reference (its ops run by
+XLA), so ``jax.jvp``/``jax.grad`` of a bare kernel work too.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.extend.core as jcore
+from jax.interpreters import ad, batching, mlir
+
+from fusec.codegen.pallas import KernelSpec
+from fusec.codegen.xla import numpy_dtype
+
+fusec_kernel_p = jcore.Primitive("fusec_kernel")
+fusec_kernel_p.multiple_results = True
+
+
+def call_kernel(spec: KernelSpec, args: list[Any]) -> list[Any]:
+    """Binds the kernel primitive (what the Pallas backend calls for every kernel op)."""
+    return fusec_kernel_p.bind(*args, spec=spec)
+
+
+def _abstract_eval(*avals: Any, spec: KernelSpec) -> list[Any]:
+    return [jax.core.ShapedArray(t.shape, numpy_dtype(t.elem)) for t in spec.out_types]
+
+
+def _impl(*args: Any, spec: KernelSpec) -> list[Any]:
+    return jax.jit(functools.partial(call_kernel, spec))(list(args))
+
+
+def _lowering(ctx: Any, *args: Any, spec: KernelSpec, platform: str) -> Any:
+    interpret = spec.interpret or platform != "cuda"
+    fn = functools.partial(spec.pallas, interpret=interpret)
+    return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+
+
+def _batch(args: list[Any], dims: list[Any], *, spec: KernelSpec) -> tuple[list[Any], list[int]]:
+    in_axes = [d if isinstance(d, int) else None for d in dims]
+    outs = jax.vmap(functools.partial(spec.pallas, interpret=spec.interpret), in_axes=in_axes)(*args)
+    return list(outs), [0] * len(outs)
+
+
+def _jvp(primals: list[Any], tangents: list[Any], *, spec: KernelSpec) -> tuple[list[Any], list[Any]]:
+    outs = fusec_kernel_p.bind(*primals, spec=spec)
+    tangents = [ad.instantiate_zeros(t) for t in tangents]
+    _, tangents_out = jax.jvp(lambda *a: tuple(spec.reference(*a)), tuple(primals), tuple(tangents))
+    return outs, list(tangents_out)
+
+
+fusec_kernel_p.def_impl(_impl)
+fusec_kernel_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(fusec_kernel_p, functools.partial(_lowering, platform="cpu"), platform="cpu")
+mlir.register_lowering(fusec_kernel_p, functools.partial(_lowering, platform="cuda"), platform="cuda")
+batching.primitive_batchers[fusec_kernel_p] = _batch
+ad.primitive_jvps[fusec_kernel_p] = _jvp
