@@ -79,3 +79,12 @@ def test_vmap_matches(name: str) -> None:
     got = jax.vmap(fusec.jit(case.fn), in_axes=in_axes)(batched, *args[1:])
     want = jax.vmap(jax.jit(case.fn), in_axes=in_axes)(batched, *args[1:])
     assert_trees_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("case", CORPUS, ids=lambda c: c.name)
+def test_pallas_matches_jax_jit(case: Case, dtype: str) -> None:
+    args = _args(case, dtype)
+    fn = fusec.jit(case.fn, static_argnums=case.static_argnums, backend="pallas", interpret=True)
+    want = jax.jit(case.fn, static_argnums=case.static_argnums)(*args)
+    assert_trees_close(fn(*args), want, loose=True)

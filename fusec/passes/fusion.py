@@ -30,7 +30,7 @@ KERNEL_ELEMENTWISE = frozenset(
 BOOL_OK = frozenset({"and", "or", "xor", "not", "eq", "ne", "select", "convert", "broadcast"})
 KERNEL_DTYPES = frozenset({"f32", "bf16", "f16", "i8", "i16", "i32", "u8", "u16", "u32", "bool"})
 DOT_DTYPES = frozenset({"f32", "bf16", "f16"})
-REDUCE_KINDS = frozenset({"sum", "max", "min", "prod"})
+REDUCE_KINDS = frozenset({"sum", "max", "min"})  # Pallas's Triton lowering has no reduce_prod
 KIND_PRIORITY = {"matmul": 0, "reduction": 1, "elementwise": 2}
 
 
@@ -81,6 +81,49 @@ class _Fuser:
         self.deps: dict[str, frozenset[int]] = {}  # value name -> groups it depends on
         # Broadcasts left outside every group: a consumer's kernel loads their source expanded.
         self.absorbable: set[str] = set()
+        self.merged_into: dict[int, int] = {}
+        self.next_id = 0
+
+    def find(self, gid: int) -> int:
+        while gid in self.merged_into:
+            gid = self.merged_into[gid]
+        return gid
+
+    def _depends_on(self, v: Value, gid: int) -> bool:
+        return any(self.find(x) == gid for x in self.deps.get(v.name, ()))
+
+    def _try_merge(self, a: _Group, b: _Group) -> bool:
+        """Merges ``b`` into ``a`` (siblings over one space) unless that is illegal."""
+        kinds = {a.kind, b.kind}
+        if a.space != b.space or kinds == {"matmul"} or kinds == {"matmul", "reduction"}:
+            return False
+        if len(a.members) + len(b.members) > self.max_ops:
+            return False
+        both = a.values | b.values
+        for g, other in ((a, b), (b, a)):
+            for i in g.members:
+                for v in self.func.ops[i].operands:
+                    # A path from one group to the other through an outside op would become a cycle.
+                    if v.name not in both and self._depends_on(v, other.id):
+                        return False
+        kind = "matmul" if "matmul" in kinds else ("reduction" if "reduction" in kinds else "elementwise")
+        if kind == "matmul":
+            probe = _Group(a.id, kind, a.space, values=both)
+            for g in (a, b):
+                for i in g.members:
+                    op = self.func.ops[i]
+                    if any(v.type.rank != len(a.space) for v in (*op.operands, *op.results)
+                           if v.name in both or not _clonable(self.producer.get(v.name))) or \
+                            not all(self._loadable(v, probe) for v in op.operands if v.name not in both):
+                        return False
+        a.kind = kind
+        a.members = sorted(a.members + b.members)
+        a.values = both
+        for name in b.values:
+            self.group_of[name] = a.id
+        self.merged_into[b.id] = a.id
+        del self.groups[b.id]
+        return True
 
     # -- legality --------------------------------------------------------------------------------
     def _loadable(self, v: Value, g: _Group) -> bool:
@@ -113,7 +156,8 @@ class _Fuser:
 
     def _start(self, op: Op) -> _Group | None:
         out = op.results[0].type.shape
-        gid = len(self.groups)
+        gid = self.next_id
+        self.next_id += 1
         if op.opcode == "dot":
             lhs = op.operands[0].type
             ok = (op.result.type.rank in (2, 3) and _space_ok(out) and lhs.elem.name in DOT_DTYPES  # type: ignore[union-attr]
@@ -141,14 +185,18 @@ class _Fuser:
             deps = frozenset().union(*(self.deps.get(v.name, frozenset()) for v in op.operands))
             chosen: _Group | None = None
             if self._fusible(op):
-                candidates = sorted({self.group_of[v.name] for v in op.operands if v.name in self.group_of},
+                candidates = sorted({self.find(self.group_of[v.name]) for v in op.operands if v.name in self.group_of},
                                     key=lambda g: (KIND_PRIORITY[self.groups[g].kind], g))
+                # Sibling groups over the same space that meet at this op become one kernel.
+                for other in candidates[1:]:
+                    if self._try_merge(self.groups[candidates[0]], self.groups[other]):
+                        candidates.remove(other)
                 for gid in candidates:
                     g = self.groups[gid]
                     if len(g.members) >= self.max_ops:
                         continue
                     # Joining must not close a cycle: no operand from outside may depend on the group.
-                    if any(gid in self.deps.get(v.name, ()) for v in op.operands if v.name not in g.values):
+                    if any(self._depends_on(v, gid) for v in op.operands if v.name not in g.values):
                         continue
                     if self._joins(op, g):
                         chosen = g
@@ -169,7 +217,7 @@ class _Fuser:
             if op.opcode == "reduce":
                 chosen.kind = "reduction"
             self.group_of[result.name] = chosen.id
-            self.deps[result.name] = deps | {chosen.id}
+            self.deps[result.name] = frozenset(self.find(x) for x in deps) | {chosen.id}
 
 
 def _expanded_shape(op: Op) -> tuple[int, ...]:
@@ -257,11 +305,11 @@ def fuse_function(func: Function, max_ops: int, names: set[str]) -> tuple[Functi
                 used_outside.add(v.name)
     units: list[tuple[float, Op]] = [(float(i), op) for i, op in enumerate(func.ops) if i not in in_group]
     kernels: list[Function] = []
-    for g in groups:
-        n, name = 0, f"{func.name}.k{g.id}"
+    for number, g in enumerate(groups):
+        n, name = 0, f"{func.name}.k{number}"
         while name in names:
             n += 1
-            name = f"{func.name}.k{g.id}.{n}"
+            name = f"{func.name}.k{number}.{n}"
         names.add(name)
         pre, kernel, kfunc = _extract(fuser, g, name, used_outside)
         last = float(max(g.members))
