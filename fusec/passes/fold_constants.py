@@ -1,7 +1,7 @@
 """Constant folding of scalar literals.
 
 Folds an op whose operands are all splat constants (one value for the whole tensor) when NumPy
-computes exactly what XLA does: IEEE add/sub/mul/div/neg/abs and comparisons in f32/f64,
+computes exactly what XLA does: IEEE add/sub/mul/div/sqrt/neg/abs and comparisons in f32/f64,
 wrapping integer add/sub/mul, bool logic, exact conversions. Broadcasts and reshapes of splats,
 and selects with a constant predicate, fold in any dtype. Transcendentals are left alone: NumPy
 and XLA may round them differently.
@@ -25,7 +25,7 @@ _INT = {"i8": np.int8, "i16": np.int16, "i32": np.int32, "i64": np.int64,
 
 _FLOAT_OPS: dict[str, Callable[..., Any]] = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "neg": np.negative,
-    "abs": np.abs, "eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
+    "abs": np.abs, "sqrt": np.sqrt, "eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
     "gt": np.greater, "ge": np.greater_equal,
 }
 _INT_OPS: dict[str, Callable[..., Any]] = {

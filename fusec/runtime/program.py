@@ -51,6 +51,13 @@ class Program:
     def stage_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.stages)
 
+    def module_before(self, stage: str) -> Module:
+        """The module as it was before the first run of pass ``stage`` (the last module if none)."""
+        for (name, _), (_, previous) in zip(self.stages[1:], self.stages):
+            if name == stage:
+                return previous
+        return self.module
+
     def module_at(self, stage: str) -> Module:
         for name, module in reversed(self.stages):
             if name == stage:
