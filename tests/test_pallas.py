@@ -68,8 +68,10 @@ def test_mixed_dtypes_match() -> None:
         return jnp.where(n > 2, h, -h).astype(jnp.float16), (n * 3 + (n >> 1)).astype(jnp.int8)
 
     rng = np.random.default_rng(2)
-    args = (jnp.asarray(rng.standard_normal((6, 8)), jnp.float32), jnp.asarray(rng.standard_normal((8, 5)), jnp.bfloat16),
-            jnp.asarray(rng.standard_normal(5), jnp.float32), jnp.asarray(rng.integers(0, 5, (6, 5)), jnp.int32))
+    args = (jnp.asarray(rng.standard_normal((6, 8)), jnp.float32),
+            jnp.asarray(rng.standard_normal((8, 5)), jnp.bfloat16),
+            jnp.asarray(rng.standard_normal(5), jnp.float32),
+            jnp.asarray(rng.integers(0, 5, (6, 5)), jnp.int32))
     (got_h, got_n), (want_h, want_n) = pallas(fn)(*args), jax.jit(fn)(*args)
     assert got_h.dtype == want_h.dtype == jnp.float16 and got_n.dtype == want_n.dtype == jnp.int8
     # h went through a bfloat16 matmul: bfloat16's tolerance applies, whatever the final dtype.
