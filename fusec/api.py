@@ -47,6 +47,22 @@ class Lowered:
     def fallbacks(self) -> tuple[Fallback, ...]:
         return self.program.fallbacks
 
+    @property
+    def kernel_sources(self) -> dict[str, str]:
+        """The generated Python source of each kernel, by kernel name."""
+        return {name: spec.source for name, spec in self.program.kernels.items()}
+
+    def lower_for(self, platform: str = "cuda") -> Any:
+        """The whole program lowered for ``platform`` (works on a CPU machine for ``cuda``)."""
+        return self._jax_traced.lower(lowering_platforms=(platform,))
+
+    def gpu_resources(self, arch: int = 90) -> list[Any]:
+        """Compiles every kernel to a cubin for ``sm_{arch}`` and returns registers and spills
+        (:class:`fusec.runtime.gpu_compile.KernelResources`). Needs kernels built for a GPU
+        (``interpret=False``) and the ``triton`` package, not a GPU."""
+        from fusec.runtime.gpu_compile import compile_kernels
+        return compile_kernels(self.lower_for("cuda"), arch)
+
     def compile(self) -> Any:
         """The XLA-compiled executable of the whole program (``jax.stages.Compiled``)."""
         return self._jax_traced.lower().compile()

@@ -137,3 +137,25 @@ def test_gpt2_block_fuses_and_matches() -> None:
     assert after / before < 0.40
     assert kernels <= 10
     assert_trees_close(fn(*args), jax.jit(gpt2_block)(*args), loose=True)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_gpt2_block_kernels_compile_to_cubin_without_spills(arch: int) -> None:
+    fn, args, kernels, *_ = _gpt2_counts(False)
+    resources = fn.lower(*args).gpu_resources(arch)
+    assert len(resources) == kernels
+    for r in resources:
+        print(f"sm_{arch} {r.name}: {r.registers} registers, {r.spills} bytes spilled, {r.cubin_bytes} byte cubin")
+        assert r.registers > 0 and r.cubin_bytes > 0
+        assert r.spills == 0, r
+
+
+@pytest.mark.parametrize("case", [c for c in CORPUS if not c.falls_back or c.name == "scatter_fallback"],
+                         ids=lambda c: c.name)
+def test_corpus_kernels_compile_to_cubin(case: Case) -> None:
+    args = _args(case, "f32")
+    fn = fusec.jit(case.fn, static_argnums=case.static_argnums, backend="pallas", interpret=False)
+    lowered = fn.lower(*args)
+    resources = lowered.gpu_resources(90)
+    assert len(resources) == len(lowered.program.kernels)
+    assert all(r.cubin_bytes > 0 for r in resources)

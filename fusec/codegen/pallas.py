@@ -125,7 +125,7 @@ def generate_source(op: Op, func: Function, ident: str) -> str:
         "        interpret=interpret,",
         f"        compiler_params=plgpu.CompilerParams(num_warps={op.attr('num_warps')}, "
         f"num_stages={op.attr('num_stages')}),",
-        f"        name={func.name!r},",
+        f"        name={ident!r},  # PTX names allow no dots",
         "    )(*args)",
     ]
     return _PRELUDE + "\n\n" + "\n".join(lines) + "\n"

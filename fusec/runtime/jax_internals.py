@@ -19,3 +19,32 @@ def make_weak(x: Any) -> Any:
     if _convert_with_weak_type is None:
         return x
     return _convert_with_weak_type(x, weak_type=True)
+
+
+def triton_kernels_in(lowered: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The Triton IR text (TTIR) and launch parameters of every Pallas-Triton kernel in a program
+    lowered for ``cuda``: [(ttir_text, {"num_warps": .., "num_stages": ..})]."""
+    from jax._src.lib import triton as jax_triton_dialect
+    from jax._src.lib.mlir import ir
+
+    calls: list[Any] = []
+
+    def walk(op: Any) -> None:
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    if inner.operation.name == "stablehlo.custom_call" and \
+                            "__gpu$xla.gpu.triton" in str(inner.attributes["call_target_name"]):
+                        calls.append(inner)
+                    walk(inner)
+
+    walk(lowered.compiler_ir("stablehlo").operation)
+    out = []
+    for call in calls:
+        config = call.attributes["mhlo.backend_config"]
+        with ir.Context() as ctx:
+            jax_triton_dialect.dialect.register_dialect(ctx)
+            ctx.allow_unregistered_dialects = True
+            ttir = ir.Module.parse(config["ir"].value_bytes).operation.get_asm(enable_debug_info=False)
+        out.append((ttir, {"num_warps": int(config["num_warps"].value), "num_stages": int(config["num_stages"].value)}))
+    return out
