@@ -159,3 +159,53 @@ def test_corpus_kernels_compile_to_cubin(case: Case) -> None:
     resources = lowered.gpu_resources(90)
     assert len(resources) == len(lowered.program.kernels)
     assert all(r.cubin_bytes > 0 for r in resources)
+
+
+def _scan_model():
+    def layer(x, p):
+        h = jax.nn.gelu(x @ p["w1"] + p["b1"])
+        y = h @ p["w2"] + x
+        m = y.mean(-1, keepdims=True)
+        v = ((y - m) ** 2).mean(-1, keepdims=True)
+        return (y - m) * jax.lax.rsqrt(v + 1e-5) * p["g"]
+
+    def model(x, stacked):
+        return jax.lax.scan(lambda c, p: (layer(c, p), None), x, stacked)[0]
+
+    rng = np.random.default_rng(3)
+    n_layers, d, f = 4, 32, 64
+    stacked = {"w1": jnp.asarray(rng.standard_normal((n_layers, d, f)) * 0.1, jnp.float32),
+               "b1": jnp.asarray(rng.standard_normal((n_layers, f)) * 0.1, jnp.float32),
+               "w2": jnp.asarray(rng.standard_normal((n_layers, f, d)) * 0.1, jnp.float32),
+               "g": jnp.ones((n_layers, d), jnp.float32)}
+    return model, (jnp.asarray(rng.standard_normal((8, d)), jnp.float32), stacked)
+
+
+def test_scan_over_layers_is_fused_inside_the_body() -> None:
+    model, args = _scan_model()
+    fused = pallas(model)
+    lowered = fused.lower(*args)
+    module = lowered.program.module
+    (scan,) = [op for op in module.entry.ops if op.opcode == "opaque"]
+    body = module.function(scan.attr("bodies")[0])
+    body_kernels = [op for op in body.ops if op.opcode == "kernel"]
+    print(f"scan body: {len(body_kernels)} kernels: {[op.attr('kind') for op in body_kernels]}")
+    assert [op.attr("kind") for op in body_kernels] == ["matmul", "matmul", "reduction"]
+    assert "fusec_kernel" in str(jax.make_jaxpr(fused)(*args))
+    assert_trees_close(fused(*args), jax.jit(model)(*args), loose=True)
+    assert_trees_close(jax.grad(lambda *a: fused(*a).sum())(*args), jax.grad(lambda *a: model(*a).sum())(*args),
+                       loose=True)
+
+
+def test_while_and_cond_bodies_are_compiled() -> None:
+    def fn(x, n):
+        x = jax.lax.while_loop(lambda c: c[1] < n, lambda c: (jnp.tanh(c[0] * 1.5) + 0.1, c[1] + 1), (x, 0))[0]
+        return jax.lax.cond(x.sum() > 0, lambda y: jax.nn.softmax(y, -1), lambda y: y * 2, x)
+
+    x = jnp.linspace(-1, 1, 24).reshape(4, 6)
+    fused = pallas(fn)
+    module = fused.lower(x, 3).program.module
+    bodies = [b for op in module.all_ops() if op.opcode == "opaque" for b in op.attr("bodies", ())]
+    assert len(bodies) == 4  # while: cond and body; cond: two branches
+    assert any(op.opcode == "kernel" for b in bodies for op in module.function(b).ops)
+    assert_trees_close(fused(x, 3), jax.jit(fn)(x, 3), loose=True)

@@ -43,13 +43,15 @@ class CompiledModule:
 
 
 def compile_module(module: Module, backend: str, interpret: bool = True,
-                   call_kernel: Callable[[Any, list[Any]], list[Any]] | None = None) -> CompiledModule:
-    """Compiles the module's entry function for the (resolved) backend."""
+                   call_kernel: Callable[[Any, list[Any]], list[Any]] | None = None,
+                   make_weak: Callable[[Any], Any] | None = None) -> CompiledModule:
+    """Compiles the module's entry function for the (resolved) backend. ``call_kernel`` binds a
+    kernel (the runtime's primitive); ``make_weak`` marks a value weakly typed."""
     if backend == "xla":
         from fusec.codegen.xla import module_to_callable
-        return CompiledModule(module_to_callable(module))
+        return CompiledModule(module_to_callable(module, make_weak))
     if backend == "pallas":
         from fusec.codegen import pallas
-        run, kernels = pallas.module_to_callable(module, interpret, call_kernel)
+        run, kernels = pallas.module_to_callable(module, interpret, call_kernel, make_weak)
         return CompiledModule(run, kernels)
     raise Unsupported(f"fusec backend {backend!r} is not built yet")

@@ -185,7 +185,8 @@ def kernel_ops(module: Module) -> list[Op]:
 KernelCaller = Callable[[KernelSpec, list[Any]], list[Any]]
 
 
-def module_to_callable(module: Module, interpret: bool, call_kernel: KernelCaller | None = None
+def module_to_callable(module: Module, interpret: bool, call_kernel: KernelCaller | None = None,
+                       make_weak: Callable[[Any], Any] | None = None
                        ) -> tuple[Callable[..., list[Any]], dict[str, KernelSpec]]:
     """The entry function as a callable whose kernel ops run as Pallas kernels, and the kernels."""
     specs = {str(op.attr("callee")): build_kernel(op, module, interpret) for op in kernel_ops(module)}
@@ -194,5 +195,5 @@ def module_to_callable(module: Module, interpret: bool, call_kernel: KernelCalle
     def emit_kernel(op: Op, args: list[Any], ev: Evaluator) -> list[Any]:
         return list(caller(specs[str(op.attr("callee"))], args))
 
-    evaluator = Evaluator(module, overrides={"kernel": emit_kernel})
+    evaluator = Evaluator(module, overrides={"kernel": emit_kernel}, make_weak=make_weak)
     return (lambda *args: evaluator.run(module.entry, args)), specs

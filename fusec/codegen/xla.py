@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from jax import lax
 
@@ -171,12 +172,44 @@ def _opaque(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
     if eqn is None:
         raise FusecError(f"opaque op {ref!r} ({op.attr('primitive')}) has no JAX equation attached; "
                          "IR read back from text cannot run opaque ops")
-    return bind_equation(eqn, args)
+    params = dict(eqn.params)
+    bodies = list(op.attr("bodies", ()))
+    if bodies:
+        params = _with_compiled_bodies(eqn, params, bodies, ev)
+    return bind_equation(eqn, args, params)
 
 
-def bind_equation(eqn: Any, args: Sequence[Any]) -> list[Any]:
+def _with_compiled_bodies(eqn: Any, params: dict[str, Any], bodies: list[str], ev: Evaluator) -> dict[str, Any]:
+    """The equation's params with each body jaxpr replaced by a trace of fusec's function for it.
+    A body whose retraced types differ (weak types, say) keeps JAX's own body."""
+    from jax.extend.core import ClosedJaxpr
+
+    from fusec.frontend.jaxpr_to_ir import CONTROL_FLOW_BODIES
+
+    names = iter(bodies)
+
+    def compiled(closed: Any) -> Any:
+        func = ev.module.function(next(names))
+        avals = [jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type) for a in closed.in_avals]
+        def run(*a: Any) -> tuple[Any, ...]:
+            outs = ev.run(func, a)
+            # Loop carries must keep their exact types, weak typing included.
+            return tuple(ev.make_weak(o) if getattr(want, "weak_type", False) else o
+                         for o, want in zip(outs, closed.out_avals))
+
+        new = jax.make_jaxpr(run)(*avals)
+        same = list(new.out_avals) == list(closed.out_avals) and list(new.in_avals) == list(closed.in_avals)
+        return ClosedJaxpr(new.jaxpr, new.consts) if same else closed
+
+    for key in CONTROL_FLOW_BODIES[eqn.primitive.name]:
+        value = params[key]
+        params[key] = tuple(compiled(c) for c in value) if isinstance(value, tuple) else compiled(value)
+    return params
+
+
+def bind_equation(eqn: Any, args: Sequence[Any], params: dict[str, Any] | None = None) -> list[Any]:
     """Runs one jaxpr equation on ``args``, as ``jax.core.eval_jaxpr`` would."""
-    bind_params = eqn.primitive.get_bind_params(eqn.params)
+    bind_params = eqn.primitive.get_bind_params(eqn.params if params is None else params)
     subfuns: Sequence[Any] = ()
     if isinstance(bind_params, tuple):  # older JAX returns (subfuns, params)
         subfuns, bind_params = bind_params
@@ -188,9 +221,12 @@ def bind_equation(eqn: Any, args: Sequence[Any]) -> list[Any]:
 class Evaluator:
     """Evaluates IR functions on JAX values (tracers under ``jax.jit``)."""
 
-    def __init__(self, module: Module, overrides: dict[str, Emit] | None = None) -> None:
+    def __init__(self, module: Module, overrides: dict[str, Emit] | None = None,
+                 make_weak: Callable[[Any], Any] | None = None) -> None:
         self.module = module
         self.emitters = EMITTERS | (overrides or {})
+        # Marks a value weakly typed; the runtime provides it (it needs JAX internals).
+        self.make_weak = make_weak or (lambda x: x)
 
     def run(self, func: Function, args: Sequence[Any]) -> list[Any]:
         if len(args) != len(func.params):
@@ -205,7 +241,7 @@ class Evaluator:
         return [env[v.name] for v in func.returns]
 
 
-def module_to_callable(module: Module) -> Callable[..., list[Any]]:
+def module_to_callable(module: Module, make_weak: Callable[[Any], Any] | None = None) -> Callable[..., list[Any]]:
     """A function of the entry's parameters (flat) returning its results as a list."""
-    evaluator = Evaluator(module)
+    evaluator = Evaluator(module, make_weak=make_weak)
     return lambda *args: evaluator.run(module.entry, args)

@@ -37,6 +37,12 @@ class FrontendResult:
     param_sources: tuple[ParamSource, ...]
 
 
+# Control-flow primitives and the parameters holding their bodies (a ClosedJaxpr or a tuple of them).
+CONTROL_FLOW_BODIES: dict[str, tuple[str, ...]] = {
+    "scan": ("jaxpr",), "while": ("cond_jaxpr", "body_jaxpr"), "cond": ("branches",),
+}
+
+
 def _sanitize(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.$]", "_", name) or "f"
 
@@ -147,7 +153,23 @@ class Lowerer:
         attrs: dict[str, Any] = {"primitive": eqn.primitive.name, "ref": ref, "reason": reason}
         if eqn.effects:
             attrs["effects"] = True
+        bodies = self._bodies(eqn)
+        if bodies:
+            attrs["bodies"] = bodies
+            attrs["reason"] = f"{reason}; its body runs fusec's code"
         return self.builder.op_multi("opaque", ins, result_types=types, **attrs)
+
+    def _bodies(self, eqn: Any) -> list[str]:
+        """IR functions for the bodies of a loop or conditional (the loop itself stays JAX's), so
+        the passes and backends compile them; [] where a body captures constants."""
+        params = CONTROL_FLOW_BODIES.get(eqn.primitive.name, ())
+        closed = [c for p in params for c in (eqn.params[p] if isinstance(eqn.params[p], tuple) else (eqn.params[p],))]
+        if not closed or any(_has_consts(c) for c in closed):
+            return []
+        names = []
+        for c in closed:
+            names.append(self.state.function_for(c, f"{eqn.primitive.name}_body", fresh=True).name)
+        return names
 
     def _bind(self, eqn: Any, outs: list[Value]) -> None:
         for var, v in zip(eqn.outvars, outs):
@@ -176,17 +198,21 @@ class _ModuleState:
         self.externals[ref] = eqn
         return ref
 
-    def function_for(self, closed: Any, name: str) -> Function:
+    def function_for(self, closed: Any, name: str, fresh: bool = False) -> Function:
+        """The IR function for a (const-free) jaxpr; one per distinct jaxpr unless ``fresh``."""
         jaxpr = getattr(closed, "jaxpr", closed)
         hit = self.by_jaxpr.get(id(jaxpr))
-        if hit is not None:
+        if hit is not None and not fresh:
             return hit[1]
         builder = Builder(self.unique_name(name))
         lowerer = Lowerer(self, builder, hoist_consts=False)
         params = [builder.param(aval_to_type(v.aval), f"a{i}") for i, v in enumerate(jaxpr.invars)]
         func = builder.finish(lowerer.inline(closed, params))
         self.functions.append(func)
-        self.by_jaxpr[id(jaxpr)] = (jaxpr, func)  # keep jaxpr alive so its id stays unique
+        if not fresh:
+            self.by_jaxpr[id(jaxpr)] = (jaxpr, func)  # keep jaxpr alive so its id stays unique
+        else:
+            self.externals[f"jaxpr:{func.name}"] = closed
         return func
 
 

@@ -19,7 +19,8 @@ def substitute_returns(returns: tuple[Value, ...], subst: Mapping[str, Value]) -
 
 
 def called_functions(func: Function) -> set[str]:
-    return {str(op.attr("callee")) for op in func.ops if op.opcode in ("call", "kernel")}
+    names = {str(op.attr("callee")) for op in func.ops if op.opcode in ("call", "kernel")}
+    return names | {str(b) for op in func.ops if op.opcode == "opaque" for b in op.attr("bodies", ())}
 
 
 def drop_unreferenced_functions(module: Module) -> Module:

@@ -128,7 +128,7 @@ def build_program(closed: Any, name: str, passes: list[Pass], backend: str, veri
     manager = PassManager(passes, verify=verify, on_stage=on_stage)
     manager.run(front.module)
     t0 = time.perf_counter()
-    compiled = compile_module(manager.stages[-1][1], backend, interpret, call_kernel)
+    compiled = compile_module(manager.stages[-1][1], backend, interpret, call_kernel, make_weak)
     timings.append(("codegen", time.perf_counter() - t0))
     return Program(closed, tuple(manager.stages), tuple(timings), front.param_sources, backend, compiled.run,
                    compiled.kernels)
