@@ -18,5 +18,5 @@ def resolve_pipeline(passes: str | Sequence[str | Pass] | None, backend: str = "
         return parse_pipeline(passes)
     names = list(DEFAULT_PIPELINE)
     if backend == "pallas":
-        names += [*KERNEL_PASSES, "tile{target=%s}" % ("interpret" if interpret else "gpu")]
+        names += [*KERNEL_PASSES, "tile{target=%s}" % ("interpret" if interpret else "gpu"), "fold-views", "dce"]
     return parse_pipeline(names)

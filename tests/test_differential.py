@@ -99,4 +99,13 @@ def test_random_programs_match_jax_jit(program, dtype) -> None:
     rng = np.random.default_rng(len(program[1]))
     args = [jnp.asarray(rng.standard_normal(s) * 0.5, dtype) for s in inputs]
     fn = lambda *a: _run(program, a)  # noqa: E731
-    assert_trees_close(fusec.jit(fn, backend="pallas", interpret=True)(*args), jax.jit(fn)(*args), loose=True)
+    got, want = fusec.jit(fn, backend="pallas", interpret=True)(*args), jax.jit(fn)(*args)
+    if dtype == jnp.bfloat16:
+        # x - sum(x) and friends cancel: an ulp of the bfloat16 intermediate (not of the small result)
+        # is the honest bound, so the absolute tolerance scales with the values' magnitude.
+        for g, w in zip(got, want):
+            w64 = np.asarray(w, np.float64)
+            scale = max(1.0, float(np.max(np.abs(w64), initial=0.0)))
+            np.testing.assert_allclose(np.asarray(g, np.float64), w64, rtol=2e-2, atol=2e-2 * scale)
+    else:
+        assert_trees_close(got, want, loose=True)

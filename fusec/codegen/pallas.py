@@ -8,10 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from fusec.codegen.pallas_body import BodyWriter, KernelLayout, jnp_dtype, write_body
 from fusec.codegen.xla import Evaluator
 from fusec.errors import FusecError
 from fusec.ir import Function, Module, Op, Value
+from fusec.passes.views import View, block_spec_through_view, value_block_dims
 
 _PRELUDE = """import jax
 import jax.numpy as jnp
@@ -63,32 +66,21 @@ def generate_source(op: Op, func: Function, ident: str) -> str:
     g = [f"g{d}" for d in range(r)]
     w = BodyWriter(layout)
     roles = _param_roles(func)
-    dot = next((o for o in func.ops if o.opcode == "dot"), None)
+    in_views = {int(i): View.decode(v) for i, v in op.attr("in_views", ())}
+    out_views = {int(j): View.decode(v) for j, v in op.attr("out_views", ())}
     in_specs: list[str] = []
     loads: list[str] = []
     for i, p in enumerate(func.params):
-        role = roles.get(p.name)
-        if role is not None:
-            assert dot is not None and bk is not None
-            transposed = bool(dot.attr("lhs_t" if role == "lhs" else "rhs_t"))
-            k = p.type.shape[-2] if (role == "lhs") == transposed else p.type.shape[-1]
-            kp = -(-k // bk) * bk
-            other, other_g = (block[-2], g[-2]) if role == "lhs" else (block[-1], g[-1])
-            inner = [other, kp] if (role == "lhs") != transposed else [kp, other]
-            inner_idx = [other_g, "0"] if (role == "lhs") != transposed else ["0", other_g]
-            in_specs.append(f"pl.BlockSpec({_block([None] * (r - 2) + inner)}, "
-                            f"lambda {', '.join(g)}: {_idx(g[: r - 2] + inner_idx)})")
-            continue
-        _check_fits(p, layout, func.name)
-        in_specs.append(f"pl.BlockSpec({_block(layout.block_dims(p.type.shape))}, "
-                        f"lambda {', '.join(g)}: {_idx(layout.index_map(p.type.shape, g))})")
-        loads.append(f"{w.name(p)} = in{i}[...]")
+        if p.name not in roles:
+            _check_fits(p, layout, func.name)
+            loads.append(f"{w.name(p)} = in{i}[...]")
+        in_specs.append(_block_spec(value_block_dims(op, func, p), p.type.shape, in_views.get(i), g, False))
     out_specs, out_shapes, stores = [], [], []
     for j, v in enumerate(func.returns):
         _check_fits(v, layout, func.name)
-        out_specs.append(f"pl.BlockSpec({_block(layout.block_dims(v.type.shape))}, "
-                         f"lambda {', '.join(g)}: {_idx(layout.index_map(v.type.shape, g))})")
-        out_shapes.append(f"jax.ShapeDtypeStruct({v.type.shape}, {jnp_dtype(v)})")
+        out_specs.append(_block_spec(value_block_dims(op, func, v), v.type.shape, out_views.get(j), g, True))
+        shape = out_views[j].base_shape if j in out_views else v.type.shape
+        out_shapes.append(f"jax.ShapeDtypeStruct({tuple(shape)}, {jnp_dtype(v)})")
         stores.append((j, v))
     body: list[str] = []
     if any(o.opcode == "reduce" for o in func.ops) and space[-1] != block[-1]:
@@ -131,6 +123,22 @@ def generate_source(op: Op, func: Function, ident: str) -> str:
     return _PRELUDE + "\n\n" + "\n".join(lines) + "\n"
 
 
+def _block_spec(dims: list[tuple[int | None, int | None]], shape: tuple[int, ...], view: View | None,
+                g: list[str], output: bool) -> str:
+    """A BlockSpec for a value read or written with ``dims``, directly or through ``view``."""
+    if view is None:
+        blocks: list[int | None] = [b for b, _ in dims]
+        index = [g[a] if a is not None else "0" for _, a in dims]
+    else:
+        through = block_spec_through_view(view, shape, dims, output)
+        if through is None:
+            raise FusecError(f"a folded view {view} cannot be addressed blockwise")
+        blocks = through[0]
+        index = [" + ".join([str(const)] * bool(const or not terms)
+                            + [f"{c} * {g[a]}" if c != 1 else g[a] for c, a in terms]) for const, terms in through[1]]
+    return f"pl.BlockSpec({_block(blocks)}, lambda {', '.join(g)}: {_idx(index)})"
+
+
 def _check_fits(v: Value, layout: KernelLayout, name: str) -> None:
     shape, space = v.type.shape, layout.space
     if not ((len(shape) == len(space) and all(a in (1, b) for a, b in zip(shape, space)))
@@ -165,6 +173,36 @@ def _dot_loop(w: BodyWriter, dot: Op, func: Function, layout: KernelLayout) -> l
     return lines
 
 
+@dataclass(frozen=True)
+class _ViewIndices:
+    """The flat base-array index of every element of a view (for the kernel's reference function)."""
+
+    flat: Any  # numpy int array, the view's shape
+    base_shape: tuple[int, ...]
+
+    def take_from(self, base: Any) -> Any:
+        return base.reshape(-1)[self.flat.reshape(-1)].reshape(self.flat.shape)
+
+    def scatter_into(self, value: Any) -> Any:
+        import jax.numpy as jnp
+
+        out = jnp.zeros(int(np.prod(self.base_shape)), value.dtype)
+        return out.at[self.flat.reshape(-1)].set(value.reshape(-1)).reshape(self.base_shape)
+
+
+def _view_indices(view: View, shape: tuple[int, ...]) -> _ViewIndices:
+    strides = np.cumprod((1,) + tuple(reversed(view.base_shape[1:])))[::-1]
+    flat = np.zeros(shape, np.int64)
+    for a in range(len(view.base_shape)):
+        index = np.full(shape, view.offset[a], np.int64)
+        for k in range(len(shape)):
+            if view.axis[k] == a and view.coef[k]:
+                along_k = [-1 if d == k else 1 for d in range(len(shape))]
+                index = index + view.coef[k] * np.arange(shape[k]).reshape(along_k)
+        flat = flat + index * int(strides[a])
+    return _ViewIndices(flat, view.base_shape)
+
+
 def build_kernel(op: Op, module: Module, interpret: bool) -> KernelSpec:
     """Generates, compiles (exec) and wraps the kernel called by ``op``."""
     func = module.function(str(op.attr("callee")))
@@ -173,8 +211,20 @@ def build_kernel(op: Op, module: Module, interpret: bool) -> KernelSpec:
     namespace: dict[str, Any] = {}
     exec(compile(source, f"<fusec kernel {func.name}>", "exec"), namespace)
     evaluator = Evaluator(module)
-    return KernelSpec(func.name, source, tuple(p.type for p in func.params), func.result_types,
-                      namespace[ident], lambda *args: evaluator.run(func, args), interpret)
+    # The kernel reads and writes the op's operands and results (folded views make them differ
+    # from its function's parameters and results).
+    in_views = {int(i): View.decode(v) for i, v in op.attr("in_views", ())}
+    out_views = {int(j): View.decode(v) for j, v in op.attr("out_views", ())}
+
+    def reference(*args: Any) -> list[Any]:
+        viewed = [_view_indices(in_views[i], func.params[i].type.shape).take_from(a) if i in in_views else a
+                  for i, a in enumerate(args)]
+        outs = evaluator.run(func, viewed)
+        return [_view_indices(out_views[j], func.returns[j].type.shape).scatter_into(o) if j in out_views else o
+                for j, o in enumerate(outs)]
+
+    return KernelSpec(func.name, source, tuple(v.type for v in op.operands), tuple(r.type for r in op.results),
+                      namespace[ident], reference, interpret)
 
 
 def kernel_ops(module: Module) -> list[Op]:

@@ -28,10 +28,16 @@ def _verify_call(module: Module, func: Function, op: Op) -> None:
         raise _fail(func, op, "calls its own function; recursion is not supported")
     if len(op.operands) != len(callee.params):
         raise _fail(func, op, f"passes {len(op.operands)} operands to @{callee.name}, which takes {len(callee.params)}")
+    # A kernel may read an operand (or write a result) through a folded view of another shape.
+    in_views = {int(i): tuple(v[0]) for i, v in op.attr("in_views", ())}
+    out_views = {int(j): tuple(v[0]) for j, v in op.attr("out_views", ())}
     for i, (v, p) in enumerate(zip(op.operands, callee.params)):
+        if i in in_views and v.type.shape == in_views[i] and v.type.elem == p.type.elem:
+            continue
         if v.type != p.type:
             raise _fail(func, op, f"operand #{i} {v} has type {v.type}, but @{callee.name} takes {p.type}")
-    declared = [r.type for r in op.results]
+    declared = [r.type if j not in out_views or r.type.shape != out_views[j] else callee.result_types[j]
+                for j, r in enumerate(op.results)]
     if declared != list(callee.result_types):
         raise _fail(func, op, f"declares results ({', '.join(map(str, declared))}) but @{callee.name} returns "
                               f"({', '.join(map(str, callee.result_types))})")
