@@ -228,7 +228,8 @@ def _expanded_shape(op: Op) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _extract(fuser: _Fuser, g: _Group, name: str, uses_outside: set[str]) -> tuple[list[Op], Op, Function]:
+def _extract(fuser: _Fuser, g: _Group, name: str, uses_outside: set[str], taken: set[str]
+             ) -> tuple[list[Op], Op, Function]:
     """The reshapes feeding the kernel, the kernel op, and the kernel's function."""
     ops = fuser.func.ops
     params: list[Value] = []
@@ -237,7 +238,6 @@ def _extract(fuser: _Fuser, g: _Group, name: str, uses_outside: set[str]) -> tup
     body: list[Op] = []
     keyed: dict[tuple, Value] = {}
     local: set[str] = set()
-    taken = {r.name for i in g.members for r in ops[i].results}
 
     def fresh(base: str) -> str:
         n, cand = 0, base
@@ -304,6 +304,8 @@ def fuse_function(func: Function, max_ops: int, names: set[str]) -> tuple[Functi
             if fuser.group_of.get(v.name) is not None and in_group.get(i) != fuser.group_of[v.name]:
                 used_outside.add(v.name)
     units: list[tuple[float, Op]] = [(float(i), op) for i, op in enumerate(func.ops) if i not in in_group]
+    # New value names (kernel parameters, reshaped inputs) must be fresh in the whole function.
+    taken = {p.name for p in func.params} | {r.name for op in func.ops for r in op.results}
     kernels: list[Function] = []
     for number, g in enumerate(groups):
         n, name = 0, f"{func.name}.k{number}"
@@ -311,7 +313,7 @@ def fuse_function(func: Function, max_ops: int, names: set[str]) -> tuple[Functi
             n += 1
             name = f"{func.name}.k{number}.{n}"
         names.add(name)
-        pre, kernel, kfunc = _extract(fuser, g, name, used_outside)
+        pre, kernel, kfunc = _extract(fuser, g, name, used_outside, taken)
         last = float(max(g.members))
         units += [(last - 0.5, p) for p in pre] + [(last, kernel)]
         kernels.append(kfunc)
