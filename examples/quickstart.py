@@ -1,8 +1,9 @@
-"""fusec quickstart: compile a GPT-2-style transformer block with fusec.jit, print the program
-fusec made of it, and check the result against jax.jit.
+"""fusec quickstart: compile a GPT-2-style transformer block with fusec.jit into fused Pallas
+kernels (Triton on an NVIDIA GPU, Pallas's interpreter on a CPU), print the program fusec made of
+it, and check the result against jax.jit.
 
     python examples/quickstart.py
-    fusec dump examples/quickstart.py:gpt2_block --stage all
+    fusec dump examples/quickstart.py:gpt2_block --backend pallas --stage all
 """
 
 from __future__ import annotations
@@ -62,16 +63,22 @@ def example_inputs() -> tuple[jax.Array, dict]:
 
 def main() -> None:
     x, params = example_inputs()
-    block = fusec.jit(gpt2_block)
+    block = fusec.jit(gpt2_block, backend="pallas")
     lowered = block.lower(x, params)
-    print(f"# fusec pipeline stages: {', '.join(lowered.stages)}")
-    print(lowered.as_text())
+    print(f"# fusec pipeline: {', '.join(lowered.stages)}")
+    module = lowered.program.module
+    print(lowered.as_text().split("\n\n")[0])  # the entry function: one kernel op per fused group
+    ops_before = len(lowered.program.module_before("fuse").entry.ops)
+    print(f"\n# {ops_before} ops became {len(lowered.program.kernels)} kernels:")
+    for op in module.entry.ops:
+        if op.opcode == "kernel":
+            body = module.function(str(op.attr("callee")))
+            print(f"#   {op.attr('callee'):16s} {op.attr('kind'):11s} {len(body.ops):3d} ops  "
+                  f"grid {list(op.attr('grid'))}  {op.attr('bytes_read') + op.attr('bytes_written'):7d} bytes")
     out, ref = block(x, params), jax.jit(gpt2_block)(x, params)
     err = float(np.max(np.abs(np.asarray(out) - np.asarray(ref))))
-    print(f"# ops in the final IR: {sum(len(f.ops) for f in lowered.program.module.functions)}; "
-          f"fallbacks to XLA: {len(lowered.fallbacks)}")
-    print(f"# max |fusec.jit - jax.jit| = {err:.3g}")
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    print(f"# fallbacks to XLA: {len(lowered.fallbacks)}; max |fusec.jit - jax.jit| = {err:.3g}")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
     print("# fusec.jit matches jax.jit")
 
 

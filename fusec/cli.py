@@ -87,7 +87,10 @@ def _cmd_dump(ns: argparse.Namespace) -> int:
         args = list(module.example_inputs())
     else:
         raise CliError(f"give --args, or define example_inputs() in {ns.target.rpartition(':')[0]}")
-    jitted = fn if isinstance(fn, fusec.FusecFunction) else fusec.jit(fn)
+    options = {"backend": ns.backend}
+    if ns.interpret:
+        options["interpret"] = True
+    jitted = fusec.jit(getattr(fn, "__wrapped__", fn), **options)
     try:
         lowered = jitted.lower(*args)
     except (TypeError, ValueError) as e:  # the user's function rejected these inputs
@@ -116,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("target", help="FILE.py:FUNCTION")
     dump.add_argument("--stage", default="final", help="input, a pass name, final (default) or all")
     dump.add_argument("--args", default=None, help='argument types, e.g. "x=f32[8,1024] w=bf16[1024,4096]"')
+    dump.add_argument("--backend", default="auto", choices=["auto", "xla", "pallas"],
+                      help="auto (Pallas kernels with a GPU, else the reference), xla or pallas")
+    dump.add_argument("--interpret", action="store_true", help="build Pallas kernels for interpret mode")
     dump.set_defaults(run=_cmd_dump)
     return parser
 
