@@ -50,8 +50,7 @@ def _block(dims: list[Any]) -> str:
 
 def _param_roles(func: Function) -> dict[str, str]:
     roles: dict[str, str] = {}
-    dot = next((op for op in func.ops if op.opcode == "dot"), None)
-    if dot is not None:
+    for dot in (op for op in func.ops if op.opcode == "dot"):
         roles[dot.operands[0].name] = "lhs"
         roles[dot.operands[1].name] = "rhs"
     return roles
@@ -87,15 +86,18 @@ def generate_source(op: Op, func: Function, ident: str) -> str:
         body.append(f"_cols = lax.broadcasted_iota(jnp.int32, {layout.full_shape}, {len(layout.full_shape) - 1})")
     body += loads
     pending: list[Op] = []
+    dots = [o for o in func.ops if o.opcode == "dot"]
     for o in func.ops:
         if o.opcode != "dot":
             pending.append(o)
             continue
+        if o is not dots[0]:
+            continue  # every dot is computed in the first one's K loop
         write_body(w, pending)
         pending = []
         body += w.lines
         w.lines = []
-        body += _dot_loop(w, o, func, layout)
+        body += _dot_loop(w, dots, func, layout)
     write_body(w, pending)
     body += w.lines
     for j, v in stores:
@@ -146,30 +148,43 @@ def _check_fits(v: Value, layout: KernelLayout, name: str) -> None:
         raise FusecError(f"kernel {name}: {v}: {v.type} has no block in the space {list(space)}")
 
 
-def _dot_loop(w: BodyWriter, dot: Op, func: Function, layout: KernelLayout) -> list[str]:
-    """The K loop of a matmul: masked loads of K slices, f32 accumulation, cast to the dot's dtype."""
-    lhs_i = func.params.index(dot.operands[0])
-    rhs_i = func.params.index(dot.operands[1])
-    lhs_t, rhs_t = bool(dot.attr("lhs_t")), bool(dot.attr("rhs_t"))
-    lhs = dot.operands[0].type
+def _dot_loop(w: BodyWriter, dots: list[Op], func: Function, layout: KernelLayout) -> list[str]:
+    """The K loop of a matmul: masked loads of K slices, f32 accumulation, cast to the dot's dtype.
+    Sibling dots share the lhs: it is loaded once per step for all of them."""
+    first = dots[0]
+    lhs_i = func.params.index(first.operands[0])
+    lhs_t = bool(first.attr("lhs_t"))
+    lhs = first.operands[0].type
     k = lhs.shape[-2] if lhs_t else lhs.shape[-1]
     bk = int(layout.bk or k)
     steps = -(-k // bk)
     bm, bn = layout.block[-2], layout.block[-1]
+    a_k = 0 if lhs_t else 1
     a_slice = f"in{lhs_i}[pl.ds(kk * {bk}, {bk}), :]" if lhs_t else f"in{lhs_i}[:, pl.ds(kk * {bk}, {bk})]"
-    b_slice = f"in{rhs_i}[:, pl.ds(kk * {bk}, {bk})]" if rhs_t else f"in{rhs_i}[pl.ds(kk * {bk}, {bk}), :]"
-    a_k, b_k = (0 if lhs_t else 1), (1 if rhs_t else 0)
-    lines = ["def _k_step(kk, acc):", f"    a = {a_slice}", f"    b = {b_slice}"]
+    lines = ["def _k_step(kk, accs):", f"    a = {a_slice}"]
     if k % bk:
-        for name, axis in (("a", a_k), ("b", b_k)):
-            lines.append(f"    {name} = jnp.where(lax.broadcasted_iota(jnp.int32, {name}.shape, {axis}) + kk * {bk} "
-                         f"< {k}, {name}, jnp.zeros_like({name}))")
-    precision = dot.attr("precision")
-    prec = f", precision=lax.Precision.{precision}" if precision else ""
-    lines.append(f"    return acc + lax.dot_general(a, b, ((({a_k},), ({b_k},)), ((), ())), "
-                 f"preferred_element_type=jnp.float32{prec})")
-    lines.append(f"{w.name(dot.result)} = lax.fori_loop(0, {steps}, _k_step, jnp.zeros(({bm}, {bn}), jnp.float32))"
-                 f".astype({jnp_dtype(dot.result)})  # {dot.result.name}: {dot.result.type}")
+        lines.append(f"    a = jnp.where(lax.broadcasted_iota(jnp.int32, a.shape, {a_k}) + kk * {bk} < {k}, a, "
+                     "jnp.zeros_like(a))")
+    updates = []
+    for n, dot in enumerate(dots):
+        rhs_i = func.params.index(dot.operands[1])
+        rhs_t = bool(dot.attr("rhs_t"))
+        b_k = 1 if rhs_t else 0
+        b_slice = f"in{rhs_i}[:, pl.ds(kk * {bk}, {bk})]" if rhs_t else f"in{rhs_i}[pl.ds(kk * {bk}, {bk}), :]"
+        lines.append(f"    b{n} = {b_slice}")
+        if k % bk:
+            lines.append(f"    b{n} = jnp.where(lax.broadcasted_iota(jnp.int32, b{n}.shape, {b_k}) + kk * {bk} < {k}, "
+                         f"b{n}, jnp.zeros_like(b{n}))")
+        precision = dot.attr("precision")
+        prec = f", precision=lax.Precision.{precision}" if precision else ""
+        updates.append(f"accs[{n}] + lax.dot_general(a, b{n}, ((({a_k},), ({b_k},)), ((), ())), "
+                       f"preferred_element_type=jnp.float32{prec})")
+    lines.append("    return (" + "".join(f"{u}, " for u in updates) + ")")
+    zeros = "".join(f"jnp.zeros(({bm}, {bn}), jnp.float32), " for _ in dots)
+    lines.append(f"_accs = lax.fori_loop(0, {steps}, _k_step, ({zeros}))")
+    for n, dot in enumerate(dots):
+        lines.append(f"{w.name(dot.result)} = _accs[{n}].astype({jnp_dtype(dot.result)})  "
+                     f"# {dot.result.name}: {dot.result.type}")
     return lines
 
 

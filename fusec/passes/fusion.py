@@ -92,10 +92,23 @@ class _Fuser:
     def _depends_on(self, v: Value, gid: int) -> bool:
         return any(self.find(x) == gid for x in self.deps.get(v.name, ()))
 
+    def _dots(self, g: _Group) -> list[Op]:
+        return [self.func.ops[i] for i in g.members if self.func.ops[i].opcode == "dot"]
+
+    def _share_lhs(self, a: _Group, b: _Group) -> bool:
+        """Sibling matmuls (Q/K/V, gate/up) that read the same lhs can share its loads."""
+        dots = self._dots(a) + self._dots(b)
+        lhs = {(d.operands[0].name, d.attr("lhs_t"), d.operands[0].type) for d in dots}
+        rhs_k = {(d.operands[1].type.shape[-1] if d.attr("rhs_t") else d.operands[1].type.shape[-2]) for d in dots}
+        outside = all(d.operands[0].name not in a.values | b.values for d in dots)
+        return len(lhs) == 1 and len(rhs_k) == 1 and outside and len(dots) <= 4
+
     def _try_merge(self, a: _Group, b: _Group) -> bool:
         """Merges ``b`` into ``a`` (siblings over one space) unless that is illegal."""
         kinds = {a.kind, b.kind}
-        if a.space != b.space or kinds == {"matmul"} or kinds == {"matmul", "reduction"}:
+        if a.space != b.space or kinds == {"matmul", "reduction"}:
+            return False
+        if kinds == {"matmul"} and not self._share_lhs(a, b):
             return False
         if len(a.members) + len(b.members) > self.max_ops:
             return False
@@ -112,6 +125,8 @@ class _Fuser:
             for g in (a, b):
                 for i in g.members:
                     op = self.func.ops[i]
+                    if op.opcode == "dot":
+                        continue  # its operands are read by the K loop
                     if any(v.type.rank != len(a.space) for v in (*op.operands, *op.results)
                            if v.name in both or not _clonable(self.producer.get(v.name))) or \
                             not all(self._loadable(v, probe) for v in op.operands if v.name not in both):
@@ -239,21 +254,24 @@ def _extract(fuser: _Fuser, g: _Group, name: str, uses_outside: set[str], taken:
     keyed: dict[tuple, Value] = {}
     local: set[str] = set()
 
-    def fresh(base: str) -> str:
+    # Kernel parameters need names unique in the kernel; reshapes added to the caller, in the caller.
+    inside = {r.name for i in g.members for r in ops[i].results}
+
+    def fresh(base: str, names: set[str]) -> str:
         n, cand = 0, base
-        while cand in taken:
+        while cand in names:
             n += 1
             cand = f"{base}.{n}"
-        taken.add(cand)
+        names.add(cand)
         return cand
 
     def param(key: tuple, outer: Value, type_: TensorType) -> Value:
         if key not in keyed:
-            p = Value(fresh(outer.name), type_)
+            p = Value(fresh(outer.name, inside), type_)
             keyed[key] = p
             params.append(p)
             if type_ != outer.type:
-                reshaped = Value(fresh(f"{outer.name}.r"), type_)
+                reshaped = Value(fresh(f"{outer.name}.r", taken), type_)
                 pre.append(Op.make("reshape", [outer], [reshaped], shape=type_.shape))
                 outer = reshaped
             inputs.append(outer)

@@ -148,8 +148,8 @@ def value_block_dims(kernel: Op, func: Function, value: Value) -> list[BlockDim]
     """How ``kernel`` reads a parameter (or writes a result) ``value`` of its function ``func``."""
     space, block = tuple(kernel.attr("space")), tuple(kernel.attr("block"))
     squeeze, r = tuple(kernel.attr("squeeze")), len(tuple(kernel.attr("space")))
-    dot = next((op for op in func.ops if op.opcode == "dot"), None)
-    if dot is not None and value in dot.operands[:2] and value in func.params:
+    dot = next((op for op in func.ops if op.opcode == "dot" and value in op.operands), None)
+    if dot is not None and value in func.params:
         lhs = value == dot.operands[0]
         transposed = bool(dot.attr("lhs_t" if lhs else "rhs_t"))
         bk = int(kernel.attr("bk"))
