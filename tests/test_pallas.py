@@ -232,3 +232,16 @@ def test_head_views_fold_into_index_maps(heads: int, head_dim: int, interpret: b
         assert_trees_close(fused(qkv), jax.jit(attn)(qkv), loose=True)
     else:
         jax.jit(fused).trace(qkv).lower(lowering_platforms=("cuda",))
+
+
+def test_sibling_matmuls_share_one_kernel() -> None:
+    case = next(c for c in CORPUS if c.name == "swiglu")
+    args = _args(case, "f32")
+    fused = pallas(case.fn)
+    module = fused.lower(*args).program.module
+    kernels = [op for op in module.entry.ops if op.opcode == "kernel"]
+    # silu(x @ wg) * (x @ wu) is one kernel with two dots over shared x tiles; then the down projection.
+    assert len(kernels) == 2
+    first = module.function(str(kernels[0].attr("callee")))
+    assert sum(op.opcode == "dot" for op in first.ops) == 2
+    assert_trees_close(fused(*args), jax.jit(case.fn)(*args), loose=True)
