@@ -54,7 +54,9 @@ def compile_kernels(lowered_for_cuda: Any, arch: int = 90) -> list[KernelResourc
             path = os.path.join(tmp, f"k{i}.ttir")
             with open(path, "w") as f:
                 f.write(ttir)
-            compiled = triton.compile(path, target=GPUTarget("cuda", arch, 32), options=launch)
+            # FMA contraction on, as XLA's GPU backend does (and said explicitly: triton warns otherwise).
+            options = launch | {"enable_fp_fusion": True}
+            compiled = triton.compile(path, target=GPUTarget("cuda", arch, 32), options=options)
             ptx_path = os.path.join(tmp, f"k{i}.ptx")
             with open(ptx_path, "w") as f:
                 f.write(compiled.asm["ptx"])
