@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from fusec.errors import FusecError
 from fusec.ir import DType, Op, Value
+from fusec.passes.views import space_block_dims
 
 _LAX_UNARY = {
     "neg": "lax.neg", "exp": "lax.exp", "exp2": "lax.exp2", "log": "lax.log", "log1p": "lax.log1p",
@@ -64,10 +65,6 @@ class KernelLayout:
     def full_shape(self) -> tuple[int, ...]:
         return tuple(b for d, b in enumerate(self.block) if d not in self.squeeze)
 
-    @property
-    def row_shape(self) -> tuple[int, ...]:
-        return self.full_shape[:-1]
-
     def value_axis(self, d: int) -> int:
         """Position of space dimension ``d`` in a full block value."""
         return d - sum(1 for s in self.squeeze if s < d)
@@ -75,18 +72,10 @@ class KernelLayout:
     def is_row(self, shape: tuple[int, ...]) -> bool:
         return len(shape) == len(self.space) - 1
 
-    def block_dims(self, shape: tuple[int, ...]) -> list[int | None]:
-        """BlockSpec dimensions for a value of ``shape`` (the space's rank, with 1s where it is
-        broadcast, or the space less its last dimension); None marks a squeezed dimension."""
-        return [None if d in self.squeeze else (self.block[d] if n == self.space[d] else 1)
-                for d, n in enumerate(shape)]
-
-    def index_map(self, shape: tuple[int, ...], grid_names: list[str]) -> list[str]:
-        return [grid_names[d] if n == self.space[d] and n != 1 else "0" for d, n in enumerate(shape)]
-
     def value_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape of a value of IR ``shape`` inside the kernel."""
-        return tuple(d for d in self.block_dims(shape) if d is not None)
+        """The shape of a value of IR ``shape`` inside the kernel (squeezed dimensions dropped)."""
+        dims = space_block_dims(self.space, self.block, self.squeeze, shape)
+        return tuple(b for b, _ in dims if b is not None)
 
 
 @dataclass

@@ -144,6 +144,14 @@ def block_spec_through_view(view: View, shape: tuple[int, ...], dims: list[Block
     return base_blocks, index
 
 
+def space_block_dims(space: tuple[int, ...], block: tuple[int, ...], squeeze: tuple[int, ...],
+                     shape: tuple[int, ...]) -> list[BlockDim]:
+    """Block dims of a value of ``shape`` laid on the iteration space: the space's rank with 1s
+    where it is broadcast, or the space less its last dimension (a row value)."""
+    return [(None if d in squeeze else (block[d] if n == space[d] else 1),
+             d if n == space[d] and n != 1 else None) for d, n in enumerate(shape)]
+
+
 def value_block_dims(kernel: Op, func: Function, value: Value) -> list[BlockDim]:
     """How ``kernel`` reads a parameter (or writes a result) ``value`` of its function ``func``."""
     space, block = tuple(kernel.attr("space")), tuple(kernel.attr("block"))
@@ -158,9 +166,7 @@ def value_block_dims(kernel: Op, func: Function, value: Value) -> list[BlockDim]
         other: BlockDim = (block[-2], r - 2) if lhs else (block[-1], r - 1)
         inner = [other, (kp, None)] if lhs != transposed else [(kp, None), other]
         return [(None, d) for d in range(r - 2)] + inner
-    shape = value.type.shape
-    return [(None if d in squeeze else (block[d] if n == space[d] else 1),
-             d if n == space[d] and n != 1 else None) for d, n in enumerate(shape)]
+    return space_block_dims(space, block, squeeze, value.type.shape)
 
 
 def _single_user(func: Function, value: Value) -> Op | None:
@@ -257,8 +263,8 @@ class FoldViews(Pass):
                     dead |= newly_dead
                     # Values the kernel now writes directly are its own, not views, for later kernels.
                     producers.update({r.name: new for r in new.results})
-            # A kernel that writes a later value directly still precedes that value's users: the
-            # folded reshapes and transposes it replaces all came after it.
+            # A kernel now writing a later value directly still precedes that value's users: the
+            # reshapes and transposes it replaces all came after it.
             ops = [replaced.get(id(op), op) for op in func.ops if id(op) not in dead]
             out.append(Function(func.name, func.params, tuple(ops), func.returns))
         return module.replace_functions(out)
