@@ -9,6 +9,7 @@ XLA), so ``jax.jvp``/``jax.grad`` of a bare kernel work too.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import jax
@@ -38,7 +39,11 @@ def _impl(*args: Any, spec: KernelSpec) -> list[Any]:
 def _lowering(ctx: Any, *args: Any, spec: KernelSpec, platform: str) -> Any:
     interpret = spec.interpret or platform != "cuda"
     fn = functools.partial(spec.pallas, interpret=interpret)
-    return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+    with warnings.catch_warnings():
+        # JAX 0.11 deprecates Pallas's Triton lowering on every use; fusec chose it deliberately
+        # (see the README), and a warning per kernel per compile would tell users nothing.
+        warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+        return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
 
 
 def _batch(args: list[Any], dims: list[Any], *, spec: KernelSpec) -> tuple[list[Any], list[int]]:
