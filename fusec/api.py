@@ -16,6 +16,7 @@ from typing import Any
 import jax
 
 from fusec.codegen import check_backend, has_gpu
+from fusec.lowprec import dequantize
 from fusec.passes import Pass
 from fusec.pipeline import resolve_pipeline
 from fusec.runtime import Fallback, Program, build_program
@@ -140,6 +141,8 @@ class FusecFunction:
             for i, x in zip(dynamic, dyn):
                 full[i] = x
             args, kwargs = jax.tree.unflatten(treedef, full)
+            # Quantized weights reach the user's code as float arrays, dequantized by fusec's primitive.
+            args, kwargs = dequantize((args, kwargs))
             return self._fun(*args, **kwargs)
 
         structs = []

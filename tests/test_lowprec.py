@@ -109,3 +109,57 @@ def test_bad_formats_and_inputs_raise_value_errors() -> None:
         quantize_codes(np.ones((64, 4), np.float32), Format("int", 4), 48)
     with pytest.raises(ValueError, match="expected a 2-D float weight"):
         quantize_codes(np.ones((64, 4), np.int32), Format("int", 4), 32)
+
+
+# -- quantized parameters in JAX ---------------------------------------------------------------
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import fusec  # noqa: E402
+from fusec import lowprec  # noqa: E402
+
+
+def _mlp(params, x):
+    h = jax.nn.gelu(x @ params["l0"]["w"] + params["l0"]["b"])
+    return h @ params["l1"]["w"]
+
+
+def _mlp_params(rng: np.random.Generator) -> dict:
+    return {"l0": {"w": jnp.asarray(rng.standard_normal((128, 256)) * 0.1, jnp.float32), "b": jnp.zeros(256)},
+            "l1": {"w": jnp.asarray(rng.standard_normal((256, 64)) * 0.1, jnp.float32)}}
+
+
+@pytest.mark.parametrize("spec", [lowprec.QuantSpec(3, 128), lowprec.QuantSpec(4, 64, "nf"),
+                                  lowprec.QuantSpec(6, 32, "fp", scale_dtype="f16"),
+                                  lowprec.QuantSpec(5, None, "uint", scale_dtype="f32"),
+                                  lowprec.QuantSpec(2, 32, "lut", lut=(-1.0, -0.25, 0.25, 1.0))],
+                         ids=lambda s: f"{s.fmt}{s.bits}")
+def test_quantized_params_run_unchanged_model_code(spec) -> None:
+    rng = np.random.default_rng(0)
+    params = _mlp_params(rng)
+    x = jnp.asarray(rng.standard_normal((4, 128)), jnp.float32)
+    qparams = lowprec.quantize(params, spec)
+    assert isinstance(qparams["l0"]["w"], lowprec.QuantizedArray) and not lowprec.is_quantized(qparams["l0"]["b"])
+    ref = jax.jit(_mlp)(lowprec.dequantize(qparams), x)
+    for backend in ("xla", "pallas"):
+        got = fusec.jit(_mlp, backend=backend, interpret=True)(qparams, x)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=2e-5, atol=2e-5)
+    # The JAX unpacking agrees with the NumPy ground truth.
+    w = np.asarray(params["l0"]["w"])
+    truth = dequantize_codes(quantize_codes(w, spec.format(), spec.group, spec.scale_dtype))
+    np.testing.assert_allclose(np.asarray(qparams["l0"]["w"].dequantize()), truth, rtol=1e-6, atol=1e-6)
+    stats = lowprec.report(params, qparams)
+    assert stats["['l0']['w']"]["bits_per_weight"] < spec.bits + 0.6
+
+
+def test_quantize_errors_name_the_parameter_path() -> None:
+    params = {"enc": {"w": jnp.ones((96, 8)), "ids": jnp.ones((8, 8), jnp.int32)}}
+    with pytest.raises(ValueError, match=r"\['enc'\]\['w'\]: group size 64 does not divide"):
+        lowprec.quantize(params, lowprec.QuantSpec(4, 64), where=lambda p, x: p.endswith("['w']"))
+    with pytest.raises(ValueError, match=r"\['enc'\]\['ids'\]: only float weights"):
+        lowprec.quantize(params, lowprec.QuantSpec(4, 32))
+    with pytest.raises(ValueError, match=r"\['enc'\]\['w'\]: bit width must be an int in 1..8, got 9"):
+        lowprec.quantize(params, lowprec.QuantSpec(9, 32), where=lambda p, x: p.endswith("['w']"))
+    with pytest.raises(ValueError, match=r"\['enc'\]\['w'\]: a 3-bit lookup table needs 8 values, got 4"):
+        lowprec.quantize(params, lowprec.QuantSpec(3, 32, "lut", lut=(0.0, 1.0, 2.0, 3.0)),
+                         where=lambda p, x: p.endswith("['w']"))

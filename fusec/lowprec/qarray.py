@@ -1,0 +1,215 @@
+"""Quantized parameters for JAX: the ``QuantizedArray`` pytree node, ``quantize``/``dequantize`` on
+parameter pytrees, and the ``fusec_dequantize`` primitive that unpacks one in JAX.
+
+``fusec.jit`` dequantizes every ``QuantizedArray`` among its arguments through the primitive before
+calling the user's function, so model code written for float weights runs unchanged and fusec sees
+exactly where each low-bit weight is used.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.extend.core as jcore
+import jax.numpy as jnp
+import numpy as np
+from jax.interpreters import ad, batching, mlir
+
+from fusec.lowprec.formats import FLOAT_LAYOUTS, Format
+from fusec.lowprec.packing import WORD_BITS, pack, plane_widths
+from fusec.lowprec.quantize import SCALE_DTYPES, quantize_codes
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize: ``bits`` 1..8; ``fmt`` int | uint | fp | nf | lut (``layout`` picks the
+    small float for fp, default the one with ``bits`` bits; ``lut`` gives the 2^bits values);
+    ``group`` rows per scale along the reduction axis, or None for one per output channel;
+    ``scale_dtype`` f32 | bf16 | f16."""
+
+    bits: int
+    group: int | None = 128
+    fmt: str = "int"
+    layout: str | None = None
+    lut: tuple[float, ...] | None = None
+    scale_dtype: str = "bf16"
+
+    def format(self) -> Format:
+        layout = self.layout
+        if self.fmt == "fp" and layout is None:
+            layout = next((name for name, (e, m) in FLOAT_LAYOUTS.items() if 1 + e + m == self.bits), None)
+        return Format(self.fmt, self.bits, layout, None if self.lut is None else tuple(float(v) for v in self.lut))
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclass(frozen=True)
+class QuantizedArray:
+    """A [K, N] weight stored as packed b-bit codes (uint32 planes), scales and zero-points."""
+
+    planes: tuple[Any, ...]
+    scales: Any
+    zeros: Any | None
+    fmt: Format
+    group: int
+    shape: tuple[int, int]
+    dtype: Any  # the dtype dequantization produces
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        children = (*self.planes, self.scales) + ((self.zeros,) if self.zeros is not None else ())
+        return children, (len(self.planes), self.zeros is not None, self.fmt, self.group, self.shape,
+                          np.dtype(self.dtype).name)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> QuantizedArray:
+        n_planes, has_zeros, fmt, group, shape, dtype = aux
+        planes = tuple(children[:n_planes])
+        zeros = children[n_planes + 1] if has_zeros else None
+        return cls(planes, children[n_planes], zeros, fmt, group, shape, jnp.dtype(dtype))
+
+    @property
+    def nbytes(self) -> int:
+        leaves = [*self.planes, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        return int(sum(np.asarray(x).nbytes for x in leaves))
+
+    def dequantize(self) -> jax.Array:
+        return dequantize_p.bind(*self.tree_flatten()[0], **_params(self))
+
+
+def _params(q: QuantizedArray) -> dict[str, Any]:
+    return {"family": q.fmt.family, "bits": q.fmt.bits, "layout": q.fmt.layout, "lut": q.fmt.lut,
+            "group": q.group, "shape": tuple(q.shape), "dtype": np.dtype(q.dtype).name,
+            "has_zeros": q.zeros is not None}
+
+
+# -- the primitive ------------------------------------------------------------------------------
+dequantize_p = jcore.Primitive("fusec_dequantize")
+
+
+def unpack_codes(planes: list[Any], bits: int, k: int) -> jax.Array:
+    """Codes [K, N] (int32) from uint32 planes, with shifts and masks only."""
+    out = None
+    shift = 0
+    for p, word in zip(plane_widths(bits), planes):
+        per_word = WORD_BITS // p
+        lanes = jnp.arange(per_word, dtype=jnp.uint32) * jnp.uint32(p)
+        parts = (word[:, None, :] >> lanes[None, :, None]) & jnp.uint32(2**p - 1)
+        plane = parts.reshape(word.shape[0] * per_word, word.shape[1]) << jnp.uint32(shift)
+        out = plane if out is None else out | plane
+        shift += p
+    assert out is not None
+    return out[:k].astype(jnp.int32)
+
+
+def dequantize_impl(*leaves: Any, family: str, bits: int, layout: str | None, lut: tuple[float, ...] | None,
+                    group: int, shape: tuple[int, int], dtype: str, has_zeros: bool) -> jax.Array:
+    n_planes = len(plane_widths(bits))
+    planes, scales = list(leaves[:n_planes]), leaves[n_planes]
+    k, n = shape
+    codes = unpack_codes(planes, bits, k).reshape(k // group, group, n)
+    s = scales.astype(jnp.float32)[:, None, :]
+    if has_zeros:
+        values = (codes.astype(jnp.float32) - leaves[n_planes + 1].astype(jnp.float32)[:, None, :]) * s
+    else:
+        table = jnp.asarray(np.nan_to_num(Format(family, bits, layout, lut).table), jnp.float32)
+        values = table[codes] * s
+    return values.reshape(k, n).astype(dtype)
+
+
+def _abstract(*avals: Any, shape: tuple[int, int], dtype: str, **params: Any) -> Any:
+    return jax.core.ShapedArray(shape, jnp.dtype(dtype))
+
+
+def _batch(args: list[Any], dims: list[Any], **params: Any) -> tuple[Any, int]:
+    in_axes = [d if isinstance(d, int) else None for d in dims]
+    return jax.vmap(functools.partial(dequantize_impl, **params), in_axes=in_axes)(*args), 0
+
+
+def _jvp(primals: list[Any], tangents: list[Any], **params: Any) -> tuple[Any, Any]:
+    tangents = [ad.instantiate_zeros(t) for t in tangents]
+    return jax.jvp(functools.partial(dequantize_impl, **params), tuple(primals), tuple(tangents))
+
+
+dequantize_p.def_impl(lambda *a, **p: jax.jit(functools.partial(dequantize_impl, **p))(*a))
+dequantize_p.def_abstract_eval(_abstract)
+mlir.register_lowering(dequantize_p, mlir.lower_fun(dequantize_impl, multiple_results=False))
+batching.primitive_batchers[dequantize_p] = _batch
+ad.primitive_jvps[dequantize_p] = _jvp
+
+
+# -- the pytree API -----------------------------------------------------------------------------
+def _path_name(path: tuple[Any, ...]) -> str:
+    return jax.tree_util.keystr(path) or "<root>"
+
+
+def _quantize_leaf(path: str, w: Any, spec: QuantSpec) -> QuantizedArray:
+    try:
+        fmt = spec.format()
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    arr = np.asarray(w)
+    if arr.ndim != 2:
+        raise ValueError(f"{path}: only 2-D weights can be quantized, got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16"):
+        raise ValueError(f"{path}: only float weights can be quantized, got {arr.dtype}")
+    if spec.scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"{path}: scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {spec.scale_dtype!r}")
+    try:
+        q = quantize_codes(arr.astype(np.float32), fmt, spec.group, spec.scale_dtype)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    packed = pack(q.codes, fmt.bits)
+    return QuantizedArray(tuple(jnp.asarray(p) for p in packed.planes), jnp.asarray(q.scales),
+                          None if q.zeros is None else jnp.asarray(q.zeros), fmt, q.group, arr.shape,
+                          jnp.dtype(arr.dtype))
+
+
+def _default_where(path: str, leaf: Any) -> bool:
+    return getattr(leaf, "ndim", 0) == 2
+
+
+def quantize(params: Any, spec: QuantSpec, where: Callable[[str, Any], bool] | None = None) -> Any:
+    """``params`` with each selected 2-D float leaf replaced by a :class:`QuantizedArray`.
+
+    ``where(path, leaf)`` selects leaves (default: every 2-D array); paths are written as
+    ``jax.tree_util.keystr`` writes them, e.g. ``['layer0']['w']``. Every selected leaf is checked
+    before any is quantized: a bad spec or weight raises ``ValueError`` naming the path, and no
+    partial pytree is returned.
+    """
+    where = where or _default_where
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    chosen = {i for i, (path, leaf) in enumerate(leaves) if where(_path_name(path), leaf)}
+    out = [_quantize_leaf(_path_name(path), leaf, spec) if i in chosen else leaf
+           for i, (path, leaf) in enumerate(leaves)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def is_quantized(x: Any) -> bool:
+    return isinstance(x, QuantizedArray)
+
+
+def dequantize(tree: Any) -> Any:
+    """The pytree with every :class:`QuantizedArray` replaced by its float values."""
+    return jax.tree_util.tree_map(lambda x: x.dequantize() if is_quantized(x) else x, tree, is_leaf=is_quantized)
+
+
+def report(params: Any, qparams: Any) -> dict[str, dict[str, float]]:
+    """Per quantized tensor: bytes before and after, bits per weight, max and RMS relative error."""
+    out: dict[str, dict[str, float]] = {}
+    float_leaves = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    for path, q in jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_quantized)[0]:
+        if not is_quantized(q):
+            continue
+        w = np.asarray(float_leaves[path], np.float64)
+        d = np.asarray(q.dequantize(), np.float64)
+        scale = max(float(np.sqrt(np.mean(w * w))), 1e-30)
+        out[_path_name(path)] = {
+            "bytes_before": float(np.asarray(float_leaves[path]).nbytes), "bytes_after": float(q.nbytes),
+            "bits_per_weight": 8.0 * q.nbytes / w.size,
+            "max_abs_error": float(np.max(np.abs(d - w))),
+            "rms_rel_error": float(np.sqrt(np.mean((d - w) ** 2))) / scale,
+        }
+    return out
