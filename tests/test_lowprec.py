@@ -163,3 +163,20 @@ def test_quantize_errors_name_the_parameter_path() -> None:
     with pytest.raises(ValueError, match=r"\['enc'\]\['w'\]: a 3-bit lookup table needs 8 values, got 4"):
         lowprec.quantize(params, lowprec.QuantSpec(3, 32, "lut", lut=(0.0, 1.0, 2.0, 3.0)),
                          where=lambda p, x: p.endswith("['w']"))
+
+
+def test_ir_names_the_low_bit_format_and_round_trips() -> None:
+    from fusec.ir import parse_module, print_module, verify_module
+
+    rng = np.random.default_rng(1)
+    params = {"w": jnp.asarray(rng.standard_normal((128, 64)), jnp.float32)}
+    x = jnp.ones((2, 128))
+    for spec, name in ((lowprec.QuantSpec(3, 32), "i3g32"), (lowprec.QuantSpec(4, None, "nf"), "nf4gc"),
+                       (lowprec.QuantSpec(7, 64, "uint"), "u7g64z"), (lowprec.QuantSpec(6, 32, "fp"), "e2m3g32")):
+        lowered = fusec.jit(lambda p, x: x @ p["w"], backend="pallas", interpret=True).lower(
+            lowprec.quantize(params, spec), x)
+        text = lowered.as_text()
+        assert f'format = "{name}"' in text and not lowered.fallbacks
+        module = parse_module(text)
+        verify_module(module)
+        assert print_module(module) == text

@@ -48,6 +48,10 @@ MALFORMED = [
     ("integer constant with a float value",
      _func("  %0 = constant {dtype = \"i32\", shape = [], value = 1.5} : i32[]"),
      "op 'constant'", "value 1.5 is not an integer, as a i32 constant needs"),
+    ("dequantize with a missing plane",
+     _func("  %0 = dequantize %p, %s {dtype = \"f32\", format = \"i3g32\", shape = [64, 8]} : f32[64,8]",
+           "%p: u32[4,8], %s: bf16[2,8]"),
+     "op 'dequantize'", "i3g32 takes 2 packed plane(s), scales (3 operands), got 2"),
     ("call to unknown function", _func("  %0 = call %a {callee = \"g\"} : f32[4,8]"),
      "op 'call'", "calls unknown function @g"),
     ("call with wrong types", _func("  %0 = call %b {callee = \"g\"} : f32[4,8]")

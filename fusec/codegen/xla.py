@@ -143,6 +143,23 @@ def _dot(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
     return [out]
 
 
+@emits("dequantize")
+def _dequantize(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    from fusec.ir.types import PER_CHANNEL, parse_elem_type
+    from fusec.lowprec.qarray import dequantize_impl
+
+    fmt = parse_elem_type(str(op.attr("format")))
+    k = op.attr("shape")[0]
+    family = {"float": "fp"}.get(fmt.family, fmt.family)  # type: ignore[union-attr]
+    layout = fmt.base_name if family == "fp" else None  # type: ignore[union-attr]
+    lut = op.attr("lut")
+    return [dequantize_impl(*args, family=family, bits=fmt.bits, layout=layout,  # type: ignore[union-attr]
+                            lut=None if lut is None else tuple(lut),
+                            group=k if fmt.group == PER_CHANNEL else fmt.group,  # type: ignore[union-attr]
+                            shape=tuple(op.attr("shape")), dtype=numpy_dtype(op.result.type.elem).name,
+                            has_zeros=fmt.zero_point)]  # type: ignore[union-attr]
+
+
 @emits("iota")
 def _iota(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
     out = op.result.type

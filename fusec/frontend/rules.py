@@ -251,6 +251,25 @@ def _remat(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
     return ctx.inline(eqn.params["jaxpr"], ins)
 
 
+_LOW_BIT_FAMILY = {"int": "int", "uint": "uint", "fp": "float", "nf": "nf", "lut": "lut"}
+
+
+@register("fusec_dequantize")
+def _dequantize(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    """fusec's own dequantize primitive: the IR names the low-bit format (``i3g128``, ``nf4gc``)."""
+    from fusec.ir.types import PER_CHANNEL, LowBitType
+
+    p = eqn.params
+    k = p["shape"][0]
+    exp_bits = int(p["layout"][1]) if p["family"] == "fp" else None
+    fmt = LowBitType(_LOW_BIT_FAMILY[p["family"]], p["bits"], exp_bits,
+                     PER_CHANNEL if p["group"] == k else p["group"], bool(p["has_zeros"]))
+    attrs: dict[str, Any] = {"format": str(fmt), "shape": tuple(p["shape"]), "dtype": type_name(p["dtype"])}
+    if p["lut"] is not None:
+        attrs["lut"] = tuple(float(v) for v in p["lut"])
+    return [ctx.builder.op("dequantize", ins, **attrs)]
+
+
 def literal_value(value: Any) -> int | float | bool | None:
     """A Python scalar for a concrete size-1 array, or None when it is not one IR can hold."""
     try:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fusec.ir.types import BOOL, DType, ElemType, TensorType, parse_elem_type
+from fusec.ir.types import BOOL, DType, ElemType, LowBitType, TensorType, parse_elem_type
 
 
 class TypeRuleError(Exception):
@@ -196,6 +196,25 @@ def _concatenate(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     return [first.with_shape(tuple(shape))]
 
 
+def _dequantize(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    """Packed planes (uint32), scales and, for zero-point formats, zero-points -> floats."""
+    fmt = _elem(attrs, "format")
+    if not isinstance(fmt, LowBitType) or fmt.group is None:
+        raise TypeRuleError(f"format={attrs['format']!r} is not a grouped low-bit format such as i3g128")
+    n_planes = 1 if fmt.bits == 8 else bin(fmt.bits).count("1")
+    want = n_planes + 1 + int(fmt.zero_point)
+    if len(types) != want:
+        extra = " and zero-points" if fmt.zero_point else ""
+        raise TypeRuleError(f"{fmt} takes {n_planes} packed plane(s), scales{extra} ({want} operands), "
+                            f"got {len(types)}")
+    for i in range(n_planes):
+        if types[i].elem != DType("u32"):
+            raise TypeRuleError(f"packed plane has type {types[i]}, expected u32 words", i)
+    if fmt.family == "lut" and len(attrs.get("lut", ())) != 2**fmt.bits:
+        raise TypeRuleError(f"a {fmt.bits}-bit lookup table needs {2**fmt.bits} values in attribute lut")
+    return [TensorType(_elem(attrs, "dtype"), _shape_attr(attrs))]
+
+
 REDUCE_KINDS = ("sum", "prod", "max", "min", "and", "or", "xor")
 
 
@@ -288,6 +307,7 @@ _define("concatenate", 1, None, ("axis",), _concatenate, "shape")
 _define("reduce", 1, 1, ("kind", "axes"), _reduce, "reduce")
 _define("argmax argmin", 1, 1, ("axes", "index_dtype"), _arg_reduce, "reduce")
 _define("dot", 2, 2, ("lhs_t", "rhs_t", "out_dtype"), _dot, "contract")
+_define("dequantize", 2, None, ("format", "shape", "dtype"), _dequantize, "dequantize")
 _define("iota", 0, 0, ("dtype", "shape", "dimension"), _iota, "source")
 _define("constant", 0, 0, ("value", "dtype", "shape"), _constant, "source")
 _define("call", 0, None, ("callee",), None, "call")
