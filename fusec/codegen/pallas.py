@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from fusec.codegen.pallas_body import BodyWriter, KernelLayout, jnp_dtype, write_body
+from fusec.codegen.pallas_unpack import unpack_tile
 from fusec.codegen.xla import Evaluator
 from fusec.errors import FusecError
 from fusec.ir import Function, Module, Op, Value
@@ -53,6 +54,8 @@ def _param_roles(func: Function) -> dict[str, str]:
     for dot in (op for op in func.ops if op.opcode == "dot"):
         roles[dot.operands[0].name] = "lhs"
         roles[dot.operands[1].name] = "rhs"
+    for dq in (op for op in func.ops if op.opcode == "dequantize"):
+        roles.update({v.name: "packed" for v in dq.operands})
     return roles
 
 
@@ -88,6 +91,8 @@ def generate_source(op: Op, func: Function, ident: str) -> str:
     pending: list[Op] = []
     dots = [o for o in func.ops if o.opcode == "dot"]
     for o in func.ops:
+        if o.opcode == "dequantize":
+            continue  # unpacked inside the K loop of the dot it feeds
         if o.opcode != "dot":
             pending.append(o)
             continue
@@ -166,12 +171,18 @@ def _dot_loop(w: BodyWriter, dots: list[Op], func: Function, layout: KernelLayou
         lines.append(f"    a = jnp.where(lax.broadcasted_iota(jnp.int32, a.shape, {a_k}) + kk * {bk} < {k}, a, "
                      "jnp.zeros_like(a))")
     updates = []
+    producers = {r.name: o for o in func.ops for r in o.results}
     for n, dot in enumerate(dots):
-        rhs_i = func.params.index(dot.operands[1])
         rhs_t = bool(dot.attr("rhs_t"))
         b_k = 1 if rhs_t else 0
-        b_slice = f"in{rhs_i}[:, pl.ds(kk * {bk}, {bk})]" if rhs_t else f"in{rhs_i}[pl.ds(kk * {bk}, {bk}), :]"
-        lines.append(f"    b{n} = {b_slice}")
+        dq = producers.get(dot.operands[1].name)
+        if dq is not None and dq.opcode == "dequantize":
+            lines += ["    " + line for line in unpack_tile(dq, [func.params.index(v) for v in dq.operands], bk, bn,
+                                                              f"b{n}")]
+        else:
+            rhs_i = func.params.index(dot.operands[1])
+            b_slice = f"in{rhs_i}[:, pl.ds(kk * {bk}, {bk})]" if rhs_t else f"in{rhs_i}[pl.ds(kk * {bk}, {bk}), :]"
+            lines.append(f"    b{n} = {b_slice}")
         if k % bk:
             lines.append(f"    b{n} = jnp.where(lax.broadcasted_iota(jnp.int32, b{n}.shape, {b_k}) + kk * {bk} < {k}, "
                          f"b{n}, jnp.zeros_like(b{n}))")

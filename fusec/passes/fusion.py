@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fusec.ir import DType, Function, Module, Op, TensorType, Value
+from fusec.ir import DType, Function, LowBitType, Module, Op, TensorType, Value, parse_elem_type
 from fusec.ir.graph import op_graph, stable_toposort
 from fusec.ir.opdefs import OPDEFS
 from fusec.passes.base import Pass, register_pass
@@ -177,7 +177,16 @@ class _Fuser:
             lhs = op.operands[0].type
             ok = (op.result.type.rank in (2, 3) and _space_ok(out) and lhs.elem.name in DOT_DTYPES  # type: ignore[union-attr]
                   and lhs.shape[-1] > 0 and lhs.shape[-2] > 0)
-            return _Group(gid, "matmul", out) if ok else None
+            if not ok:
+                return None
+            g = _Group(gid, "matmul", out)
+            dq = self.producer.get(op.operands[1].name)
+            if dq is not None and self._dequantize_prologue(op, dq):
+                # The packed weight is unpacked in registers inside the matmul's K loop.
+                g.members.append(self.func.ops.index(dq))
+                g.values.add(dq.result.name)
+                self.group_of[dq.result.name] = gid
+            return g
         if op.opcode == "reduce":
             s = op.operands[0].type.shape
             ok = _space_ok(s) and op.attr("axes") == (len(s) - 1,) and op.attr("kind") in REDUCE_KINDS
@@ -186,6 +195,18 @@ class _Fuser:
             return None
         g = _Group(gid, "elementwise", out)
         return g if all(self._loadable(v, g) for v in op.operands) else None
+
+    def _dequantize_prologue(self, dot: Op, dq: Op) -> bool:
+        """Whether ``dq`` (a dequantize feeding ``dot``'s rhs) can be unpacked inside the matmul:
+        a [K, N] weight read untransposed, used by this dot alone, in a format decoded with a few
+        integer and float ops (lookup tables of up to 16 values)."""
+        if dq.opcode != "dequantize" or dot.attr("rhs_t") or dot.result.type.rank != 2:
+            return False
+        if sum(dq.result in op.operands for op in self.func.ops) != 1 or dq.result in self.func.returns:
+            return False
+        fmt = parse_elem_type(str(dq.attr("format")))
+        assert isinstance(fmt, LowBitType)
+        return fmt.family in ("int", "uint", "float") or fmt.bits <= 4
 
     def _fusible(self, op: Op) -> bool:
         if len(op.results) != 1 or not _types_ok(op):
@@ -297,10 +318,10 @@ def _extract(fuser: _Fuser, g: _Group, name: str, uses_outside: set[str], taken:
         return param((role, v.name), v, v.type)
 
     flops = 0
-    for i in g.members:
+    for i in sorted(g.members):
         op = ops[i]
         flops += op_flops(op)
-        role = "dot" if op.opcode == "dot" else "load"
+        role = {"dot": "dot", "dequantize": "dq"}.get(op.opcode, "load")
         body.append(op.with_operands(tuple(operand(v, role) for v in op.operands)))
     outputs = [ops[i].results[0] for i in g.members if ops[i].results[0].name in uses_outside]
     func = Function(name, tuple(params), tuple(body), tuple(outputs))

@@ -29,8 +29,10 @@ def _dot_k(kernel_func: Function) -> int:
     return lhs.shape[-2] if dot.attr("lhs_t") else lhs.shape[-1]
 
 
-def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str) -> dict:
-    """Block, grid, squeezed dims, K step and launch parameters for one kernel."""
+def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str, packed: bool = False) -> dict:
+    """Block, grid, squeezed dims, K step and launch parameters for one kernel. ``packed``: the
+    matmul unpacks a low-bit weight, whose K step is 32 (a whole word of 1-bit codes, and a divisor
+    of every scale group)."""
     r = len(space)
     if target == "interpret":
         block = [pow2_at_least(d) for d in space]
@@ -53,6 +55,8 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str)
         bk = None
     if kind == "matmul":
         block[: r - 2] = [1] * (r - 2)
+    if packed:
+        bk = 32
     squeeze = [d for d in range(max(0, r - 2)) if block[d] == 1]
     attrs = {"block": tuple(block), "grid": tuple(cdiv(s, b) for s, b in zip(space, block)),
              "squeeze": tuple(squeeze), "num_warps": 4, "num_stages": 2}
@@ -79,9 +83,11 @@ class Tile(Pass):
             for op in f.ops:
                 if op.opcode == "kernel":
                     kind, space = str(op.attr("kind")), tuple(op.attr("space"))
-                    k = _dot_k(functions[str(op.attr("callee"))]) if kind == "matmul" else None
+                    callee = functions[str(op.attr("callee"))]
+                    k = _dot_k(callee) if kind == "matmul" else None
+                    packed = any(o.opcode == "dequantize" for o in callee.ops)
                     op = Op.make("kernel", op.operands, op.results,
-                                 **(op.attr_dict | choose_tiling(kind, space, k, self.target)))
+                                 **(op.attr_dict | choose_tiling(kind, space, k, self.target, packed)))
                 ops.append(op)
             out.append(Function(f.name, f.params, tuple(ops), f.returns))
         return module.replace_functions(out)

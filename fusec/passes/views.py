@@ -156,6 +156,10 @@ def value_block_dims(kernel: Op, func: Function, value: Value) -> list[BlockDim]
     """How ``kernel`` reads a parameter (or writes a result) ``value`` of its function ``func``."""
     space, block = tuple(kernel.attr("space")), tuple(kernel.attr("block"))
     squeeze, r = tuple(kernel.attr("squeeze")), len(tuple(kernel.attr("space")))
+    dq = next((op for op in func.ops if op.opcode == "dequantize" and value in op.operands), None)
+    if dq is not None and value in func.params:
+        # Packed planes, scales and zero-points: every row, one column block; the K loop slices rows.
+        return [(value.type.shape[0], None), (block[-1], r - 1)]
     dot = next((op for op in func.ops if op.opcode == "dot" and value in op.operands), None)
     if dot is not None and value in func.params:
         lhs = value == dot.operands[0]
