@@ -222,9 +222,10 @@ def test_fused_dequantize_matmul_matches_xla(fmt, group, m, k_groups, n) -> None
     _check_fused(family, bits, group, m, k, n, lower=False)
 
 
+@pytest.mark.parametrize("m", [1, 64])
 @pytest.mark.parametrize("family,bits", FUSED_FORMATS, ids=[f"{f}{b}" for f, b in FUSED_FORMATS])
-def test_fused_dequantize_matmul_compiles_without_spills(family: str, bits: int) -> None:
-    _check_fused(family, bits, 128, 16, 256, 96, lower=True)
+def test_fused_dequantize_matmul_compiles_without_spills(family: str, bits: int, m: int) -> None:
+    _check_fused(family, bits, 128, m, 256, 100, lower=True)
 
 
 @pytest.mark.slow
