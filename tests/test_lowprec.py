@@ -270,3 +270,14 @@ def test_quantized_models_stay_within_the_documented_error(bits: int) -> None:
         rel = np.linalg.norm(out - ref) / np.linalg.norm(change)
         print(f"{bits}-bit: relative error {rel:.4f}")
         assert rel < RELATIVE_ERROR_BOUND[bits]
+
+
+def test_skinny_and_wide_tile_strategies() -> None:
+    q = lowprec.quantize({"w": jnp.ones((1024, 512))}, lowprec.QuantSpec(3, 128))
+    for m, strategy, block in ((1, "gemv", (16, 128)), (16, "gemv", (16, 128)), (64, "gemm", (64, 64))):
+        lowered = fusec.jit(lambda p, x: x @ p["w"], backend="pallas", interpret=False).lower(q, jnp.ones((m, 1024)))
+        (kernel,) = [op for op in lowered.program.module.entry.ops if op.opcode == "kernel"]
+        assert (kernel.attr("strategy"), tuple(kernel.attr("block"))) == (strategy, block)
+        # The kernel reads 3 bits per weight plus bfloat16 group scales, not the float weight.
+        weight_bytes = 1024 * 512 * 3 // 8 + (1024 // 128) * 512 * 2
+        assert weight_bytes <= kernel.attr("bytes_read") <= weight_bytes + m * 1024 * 4

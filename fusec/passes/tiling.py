@@ -57,9 +57,15 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
         block[: r - 2] = [1] * (r - 2)
     if packed:
         bk = 32
+        if kind == "matmul" and target == "gpu" and space[-2] <= 16:
+            # Skinny (GEMV-like) strategy: few rows, so each program takes a wider slice of the
+            # packed weight and the memory system sees longer runs of words.
+            block[-1] = min(128, max(16, pow2_at_least(space[-1])))
     squeeze = [d for d in range(max(0, r - 2)) if block[d] == 1]
     attrs = {"block": tuple(block), "grid": tuple(cdiv(s, b) for s, b in zip(space, block)),
              "squeeze": tuple(squeeze), "num_warps": 4, "num_stages": 2}
+    if packed:
+        attrs["strategy"] = "gemv" if space[-2] <= 16 else "gemm"
     if bk is not None:
         attrs["bk"] = bk
     return attrs
