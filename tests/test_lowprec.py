@@ -281,3 +281,18 @@ def test_skinny_and_wide_tile_strategies() -> None:
         # The kernel reads 3 bits per weight plus bfloat16 group scales, not the float weight.
         weight_bytes = 1024 * 512 * 3 // 8 + (1024 // 128) * 512 * 2
         assert weight_bytes <= kernel.attr("bytes_read") <= weight_bytes + m * 1024 * 4
+
+
+@pytest.mark.parametrize("quantized", [("wg", "wu"), ("wg",)])
+def test_quantized_sibling_matmuls_share_one_kernel(quantized: tuple[str, ...]) -> None:
+    rng = np.random.default_rng(5)
+    p = {name: jnp.asarray(rng.standard_normal(shape) * 0.1, jnp.float32)
+         for name, shape in (("wg", (128, 96)), ("wu", (128, 96)), ("wd", (96, 128)))}
+    swiglu = lambda p, x: (jax.nn.silu(x @ p["wg"]) * (x @ p["wu"])) @ p["wd"]  # noqa: E731
+    x = jnp.asarray(rng.standard_normal((5, 128)), jnp.float32)
+    q = lowprec.quantize(p, lowprec.QuantSpec(4, 32), where=lambda path, leaf: any(n in path for n in quantized))
+    fused = fusec.jit(swiglu, backend="pallas", interpret=True)
+    entry = fused.lower(q, x).program.module.entry
+    assert [op.attr("kind") for op in entry.ops if op.opcode == "kernel"] == ["matmul", "matmul"]
+    np.testing.assert_allclose(np.asarray(fused(q, x)), np.asarray(swiglu(lowprec.dequantize(q), x)),
+                               rtol=2e-5, atol=2e-5)

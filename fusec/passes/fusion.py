@@ -125,8 +125,8 @@ class _Fuser:
             for g in (a, b):
                 for i in g.members:
                     op = self.func.ops[i]
-                    if op.opcode == "dot":
-                        continue  # its operands are read by the K loop
+                    if op.opcode in ("dot", "dequantize"):
+                        continue  # their operands are read by the K loop
                     if any(v.type.rank != len(a.space) for v in (*op.operands, *op.results)
                            if v.name in both or not _clonable(self.producer.get(v.name))) or \
                             not all(self._loadable(v, probe) for v in op.operands if v.name not in both):
