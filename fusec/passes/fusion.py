@@ -4,12 +4,14 @@ Three kinds of group, each over an iteration space S (a shape):
 - ``elementwise``: elementwise ops of shape S, with broadcasts of their inputs folded into loads;
 - ``reduction``: adds reductions over S's last axis, elementwise work on the reduced rows
   ("row space", shape S[:-1]) and broadcasts of rows back to S: softmax, layernorm, rmsnorm;
-- ``matmul``: a ``dot`` of shape S with its elementwise epilogue (bias, activation, residual, cast).
+- ``matmul``: a ``dot`` of shape S with its elementwise epilogue (bias, activation, residual, cast)
+  and, as prologue, the ``dequantize`` of a packed low-bit weight, unpacked inside the K loop.
 
-Ops join the group of one of their operands when that is legal; a join that would make a path
-leave the group and come back (a cycle through an op outside it) is refused. Splat constants and
-iotas are cloned into every kernel that uses them. Ops a kernel cannot hold (see
-``KERNEL_ELEMENTWISE``) stay outside and run through XLA.
+Ops join the group of one of their operands when that is legal; groups over one space that meet at
+an op merge (sibling matmuls only when they read the same lhs, which they then load once); a join
+or merge that would make a path leave the group and come back (a cycle through an op outside it)
+is refused. Splat constants and iotas are cloned into every kernel that uses them. Ops a kernel
+cannot hold (see ``KERNEL_ELEMENTWISE``) stay outside and run through XLA.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from fusec.passes.base import Pass, register_pass
 from fusec.passes.cost import Cost, nbytes, op_flops
 
 # Elementwise opcodes Pallas's Triton lowering handles (checked by lowering each for cuda); erf,
-# erfc, lgamma, digamma and round have no Triton lowering and stay with XLA.
+# erfc, lgamma, digamma and round have no Triton lowering, and popcount/clz on uint32 fail to
+# compile in triton 3.9, so they stay with XLA.
 KERNEL_ELEMENTWISE = frozenset(
     name for name, d in OPDEFS.items() if d.kind == "elementwise"
 ) - {"erf", "erfc", "lgamma", "digamma", "round", "population_count", "clz"}
