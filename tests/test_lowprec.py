@@ -177,6 +177,8 @@ def test_ir_names_the_low_bit_format_and_round_trips() -> None:
             lowprec.quantize(params, spec), x)
         text = lowered.as_text()
         assert f'format = "{name}"' in text and not lowered.fallbacks
+        # The quantized argument is one parameter of the low-bit type, not its packed arrays.
+        assert f": {name}[128,64]" in text.splitlines()[0], text.splitlines()[0]
         module = parse_module(text)
         verify_module(module)
         assert print_module(module) == text

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from fusec.codegen.pallas_body import BodyWriter, KernelLayout, jnp_dtype, write_body
-from fusec.codegen.pallas_unpack import unpack_tile
+from fusec.codegen.pallas_unpack import packed_part_rows, unpack_tile
 from fusec.codegen.xla import Evaluator
 from fusec.errors import FusecError
-from fusec.ir import Function, Module, Op, Value
+from fusec.ir import Function, LowBitType, Module, Op, Value
 from fusec.passes.views import View, block_spec_through_view, value_block_dims
 
 _PRELUDE = """import jax
@@ -72,7 +72,15 @@ def generate_source(op: Op, func: Function, ident: str) -> str:
     out_views = {int(j): View.decode(v) for j, v in op.attr("out_views", ())}
     in_specs: list[str] = []
     loads: list[str] = []
+    refs: dict[str, list[str]] = {}  # parameter name -> its refs (a low-bit weight has several)
     for i, p in enumerate(func.params):
+        if isinstance(p.type.elem, LowBitType):
+            part_rows = packed_part_rows(p.type)
+            refs[p.name] = [f"in{i}_{j}" for j in range(len(part_rows))]
+            in_specs += [_block_spec([(rows, None), (block[-1], r - 1)], (rows, p.type.shape[1]), None, g, False)
+                         for rows in part_rows]
+            continue
+        refs[p.name] = [f"in{i}"]
         if p.name not in roles:
             _check_fits(p, layout, func.name)
             loads.append(f"{w.name(p)} = in{i}[...]")
@@ -102,13 +110,13 @@ def generate_source(op: Op, func: Function, ident: str) -> str:
         pending = []
         body += w.lines
         w.lines = []
-        body += _dot_loop(w, dots, func, layout)
+        body += _dot_loop(w, dots, func, layout, refs)
     write_body(w, pending)
     body += w.lines
     for j, v in stores:
         body.append(f"out{j}[...] = {w.name(v)}")
-    refs = [f"in{i}" for i in range(len(func.params))] + [f"out{j}" for j in range(len(func.returns))]
-    lines = [f"def {ident}_body({', '.join(refs)}):"] + ["    " + line for line in body]
+    arguments = [name for p in func.params for name in refs[p.name]] + [f"out{j}" for j in range(len(func.returns))]
+    lines = [f"def {ident}_body({', '.join(arguments)}):"] + ["    " + line for line in body]
     lines += [
         "",
         "",
@@ -153,11 +161,12 @@ def _check_fits(v: Value, layout: KernelLayout, name: str) -> None:
         raise FusecError(f"kernel {name}: {v}: {v.type} has no block in the space {list(space)}")
 
 
-def _dot_loop(w: BodyWriter, dots: list[Op], func: Function, layout: KernelLayout) -> list[str]:
+def _dot_loop(w: BodyWriter, dots: list[Op], func: Function, layout: KernelLayout,
+              refs: dict[str, list[str]]) -> list[str]:
     """The K loop of a matmul: masked loads of K slices, f32 accumulation, cast to the dot's dtype.
     Sibling dots share the lhs: it is loaded once per step for all of them."""
     first = dots[0]
-    lhs_i = func.params.index(first.operands[0])
+    lhs_ref = refs[first.operands[0].name][0]
     lhs_t = bool(first.attr("lhs_t"))
     lhs = first.operands[0].type
     k = lhs.shape[-2] if lhs_t else lhs.shape[-1]
@@ -165,7 +174,7 @@ def _dot_loop(w: BodyWriter, dots: list[Op], func: Function, layout: KernelLayou
     steps = -(-k // bk)
     bm, bn = layout.block[-2], layout.block[-1]
     a_k = 0 if lhs_t else 1
-    a_slice = f"in{lhs_i}[pl.ds(kk * {bk}, {bk}), :]" if lhs_t else f"in{lhs_i}[:, pl.ds(kk * {bk}, {bk})]"
+    a_slice = f"{lhs_ref}[pl.ds(kk * {bk}, {bk}), :]" if lhs_t else f"{lhs_ref}[:, pl.ds(kk * {bk}, {bk})]"
     lines = ["def _k_step(kk, accs):", f"    a = {a_slice}"]
     if k % bk:
         lines.append(f"    a = jnp.where(lax.broadcasted_iota(jnp.int32, a.shape, {a_k}) + kk * {bk} < {k}, a, "
@@ -177,11 +186,11 @@ def _dot_loop(w: BodyWriter, dots: list[Op], func: Function, layout: KernelLayou
         b_k = 1 if rhs_t else 0
         dq = producers.get(dot.operands[1].name)
         if dq is not None and dq.opcode == "dequantize":
-            lines += ["    " + line for line in unpack_tile(dq, [func.params.index(v) for v in dq.operands], bk, bn,
-                                                              f"b{n}")]
+            parts = [name for v in dq.operands for name in refs[v.name]]
+            lines += ["    " + line for line in unpack_tile(dq, parts, bk, bn, f"b{n}")]
         else:
-            rhs_i = func.params.index(dot.operands[1])
-            b_slice = f"in{rhs_i}[:, pl.ds(kk * {bk}, {bk})]" if rhs_t else f"in{rhs_i}[pl.ds(kk * {bk}, {bk}), :]"
+            rhs_ref = refs[dot.operands[1].name][0]
+            b_slice = f"{rhs_ref}[:, pl.ds(kk * {bk}, {bk})]" if rhs_t else f"{rhs_ref}[pl.ds(kk * {bk}, {bk}), :]"
             lines.append(f"    b{n} = {b_slice}")
         if k % bk:
             lines.append(f"    b{n} = jnp.where(lax.broadcasted_iota(jnp.int32, b{n}.shape, {b_k}) + kk * {bk} < {k}, "
@@ -242,7 +251,13 @@ def build_kernel(op: Op, module: Module, interpret: bool) -> KernelSpec:
     in_views = {int(i): View.decode(v) for i, v in op.attr("in_views", ())}
     out_views = {int(j): View.decode(v) for j, v in op.attr("out_views", ())}
 
-    def reference(*args: Any) -> list[Any]:
+    def reference(*flat: Any) -> list[Any]:
+        args: list[Any] = []
+        rest = list(flat)
+        for p in func.params:  # regroup a low-bit weight's arrays into its tuple
+            n = len(packed_part_rows(p.type)) if isinstance(p.type.elem, LowBitType) else 1
+            args.append(tuple(rest[:n]) if n > 1 or isinstance(p.type.elem, LowBitType) else rest[0])
+            rest = rest[n:]
         viewed = [_view_indices(in_views[i], func.params[i].type.shape).take_from(a) if i in in_views else a
                   for i, a in enumerate(args)]
         outs = evaluator.run(func, viewed)
@@ -269,7 +284,9 @@ def module_to_callable(module: Module, interpret: bool, call_kernel: KernelCalle
     caller = call_kernel or (lambda spec, args: spec.pallas(*args, interpret=spec.interpret))
 
     def emit_kernel(op: Op, args: list[Any], ev: Evaluator) -> list[Any]:
-        return list(caller(specs[str(op.attr("callee"))], args))
+        # A low-bit weight is a tuple of arrays (planes, scales, zero-points): the kernel takes each.
+        flat = [x for a in args for x in (a if isinstance(a, tuple) else (a,))]
+        return list(caller(specs[str(op.attr("callee"))], flat))
 
     evaluator = Evaluator(module, overrides={"kernel": emit_kernel}, make_weak=make_weak)
     return (lambda *args: evaluator.run(module.entry, args)), specs

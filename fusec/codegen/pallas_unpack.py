@@ -9,7 +9,7 @@ table of at most 16 values) and scaled by the tile's group scale. See fusec/lowp
 from __future__ import annotations
 
 from fusec.codegen.pallas_body import jnp_dtype, literal
-from fusec.ir import LowBitType, Op, parse_elem_type
+from fusec.ir import LowBitType, Op, TensorType, parse_elem_type
 from fusec.ir.types import PER_CHANNEL
 from fusec.lowprec.formats import Format
 from fusec.lowprec.packing import WORD_BITS, plane_widths
@@ -21,8 +21,19 @@ def _table(fmt: LowBitType, lut: tuple[float, ...] | None) -> list[float]:
     return [float(v) for v in Format(family, fmt.bits, layout, lut).table]
 
 
-def unpack_tile(dq: Op, params: list[int], bk: int, bn: int, out: str) -> list[str]:
-    """Lines (inside the K loop, step ``kk``) that leave the dequantized tile in ``out``."""
+def packed_part_rows(t: TensorType) -> list[int]:
+    """Rows of each array a low-bit [K, N] value is stored as: planes, scales, zero-points."""
+    assert isinstance(t.elem, LowBitType)
+    k = t.shape[0]
+    group = k if t.elem.group == PER_CHANNEL else int(t.elem.group or k)
+    k_pad = -(-k // WORD_BITS) * WORD_BITS
+    rows = [k_pad * p // WORD_BITS for p in plane_widths(t.elem.bits)]
+    return rows + [k // group] * (1 + int(t.elem.zero_point))
+
+
+def unpack_tile(dq: Op, refs: list[str], bk: int, bn: int, out: str) -> list[str]:
+    """Lines (inside the K loop, step ``kk``) that leave the dequantized tile in ``out``; ``refs``
+    name the planes', scales' and zero-points' refs."""
     fmt = parse_elem_type(str(dq.attr("format")))
     assert isinstance(fmt, LowBitType)
     k = dq.attr("shape")[0]
@@ -33,7 +44,7 @@ def unpack_tile(dq: Op, params: list[int], bk: int, bn: int, out: str) -> list[s
         per_word = WORD_BITS // p
         rows = bk // per_word
         lines += [
-            f"words = in{params[i]}[pl.ds(kk * {rows}, {rows}), :]",
+            f"words = {refs[i]}[pl.ds(kk * {rows}, {rows}), :]",
             f"words = jnp.broadcast_to(words[:, None, :], ({rows}, {per_word}, {bn})).reshape({bk}, {bn})",
             f"lanes = (lax.broadcasted_iota(jnp.int32, ({bk}, {bn}), 0) % {per_word}).astype(jnp.uint32) * {p}",
             f"codes = codes | (((words >> lanes) & {2**p - 1}) << {shift})",
@@ -41,12 +52,12 @@ def unpack_tile(dq: Op, params: list[int], bk: int, bn: int, out: str) -> list[s
         shift += p
     n_planes = len(plane_widths(fmt.bits))
     row = "0" if group >= k else f"(kk * {bk}) // {group}"
-    lines.append(f"scale = in{params[n_planes]}[pl.ds({row}, 1), :].astype(jnp.float32)")
+    lines.append(f"scale = {refs[n_planes]}[pl.ds({row}, 1), :].astype(jnp.float32)")
     if fmt.family == "int":
         half, full = 2 ** (fmt.bits - 1), 2**fmt.bits
         lines += ["c = codes.astype(jnp.int32)", f"values = jnp.where(c >= {half}, c - {full}, c).astype(jnp.float32)"]
     elif fmt.family == "uint":
-        lines.append(f"zero = in{params[n_planes + 1]}[pl.ds({row}, 1), :].astype(jnp.float32)")
+        lines.append(f"zero = {refs[n_planes + 1]}[pl.ds({row}, 1), :].astype(jnp.float32)")
         lines.append("values = codes.astype(jnp.float32) - zero")
     elif fmt.family == "float":
         e, m = fmt.exp_bits or 0, fmt.bits - 1 - (fmt.exp_bits or 0)

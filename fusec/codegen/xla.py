@@ -153,7 +153,8 @@ def _dequantize(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
     family = {"float": "fp"}.get(fmt.family, fmt.family)  # type: ignore[union-attr]
     layout = fmt.base_name if family == "fp" else None  # type: ignore[union-attr]
     lut = op.attr("lut")
-    return [dequantize_impl(*args, family=family, bits=fmt.bits, layout=layout,  # type: ignore[union-attr]
+    leaves = args[0] if len(args) == 1 else args  # one low-bit value is its tuple of leaves
+    return [dequantize_impl(*leaves, family=family, bits=fmt.bits, layout=layout,  # type: ignore[union-attr]
                             lut=None if lut is None else tuple(lut),
                             group=k if fmt.group == PER_CHANNEL else fmt.group,  # type: ignore[union-attr]
                             shape=tuple(op.attr("shape")), dtype=numpy_dtype(op.result.type.elem).name,

@@ -17,7 +17,7 @@ import jax.extend.core as jcore
 
 from fusec.frontend.rules import RULES, NoRule, literal_value
 from fusec.frontend.types import aval_to_type
-from fusec.ir import Builder, Function, Module, TensorType, Value
+from fusec.ir import Builder, Function, Module, Op, TensorType, Value, parse_elem_type
 
 
 @dataclass(frozen=True)
@@ -26,9 +26,10 @@ class ParamSource:
     (``index`` is its position in the top-level ClosedJaxpr's consts, or -1 for one captured by a
     nested jaxpr)."""
 
-    kind: str  # "arg" | "const"
+    kind: str  # "arg" | "const" | "packed"
     index: int
     value: Any = None
+    parts: tuple[int, ...] = ()  # "packed": the flat arguments (planes, scales, zero-points) it groups
 
 
 @dataclass(frozen=True)
@@ -230,4 +231,34 @@ def jaxpr_to_module(closed: Any, name: str = "main") -> FrontendResult:
     const_params = [p for p in entry.params if p not in arg_params]
     entry = Function(entry.name, tuple(const_params + arg_params), entry.ops, entry.returns)
     sources = tuple(lowerer.const_sources) + tuple(ParamSource("arg", i) for i in range(len(args)))
+    entry, sources = fold_packed_arguments(entry, sources)
     return FrontendResult(Module((entry, *state.functions), state.externals), sources)
+
+
+def fold_packed_arguments(func: Function, sources: tuple[ParamSource, ...]
+                          ) -> tuple[Function, tuple[ParamSource, ...]]:
+    """Arguments that are the packed planes, scales and zero-points of one quantized weight, used
+    only by its ``dequantize``, become one parameter of the low-bit type (``i3g128[4096,4096]``)."""
+    uses = func.uses()
+    index = {p.name: i for i, p in enumerate(func.params)}
+    params: list[Value | None] = list(func.params)
+    new_sources: list[ParamSource | None] = list(sources)
+    replaced: dict[int, Op] = {}
+    for op in func.ops:
+        names = [v.name for v in op.operands]
+        if op.opcode != "dequantize" or len(names) < 2 or len(set(names)) != len(names):
+            continue
+        if not all(n in index and uses.get(n) == 1 and sources[index[n]].kind == "arg" for n in names):
+            continue
+        packed = Value(names[0], TensorType(parse_elem_type(str(op.attr("format"))), tuple(op.attr("shape"))))
+        first = index[names[0]]
+        params[first] = packed
+        new_sources[first] = ParamSource("packed", -1, parts=tuple(sources[index[n]].index for n in names))
+        for n in names[1:]:
+            params[index[n]] = new_sources[index[n]] = None
+        replaced[id(op)] = Op(op.opcode, (packed,), op.results, op.attrs)
+    if not replaced:
+        return func, sources
+    ops = tuple(replaced.get(id(op), op) for op in func.ops)
+    return (Function(func.name, tuple(p for p in params if p is not None), ops, func.returns),
+            tuple(s for s in new_sources if s is not None))

@@ -197,10 +197,18 @@ def _concatenate(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
 
 
 def _dequantize(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
-    """Packed planes (uint32), scales and, for zero-point formats, zero-points -> floats."""
+    """A low-bit weight -> floats. Its operands are one value of the low-bit type, or its packed
+    planes (u32), scales and, for zero-point formats, zero-points."""
     fmt = _elem(attrs, "format")
     if not isinstance(fmt, LowBitType) or fmt.group is None:
         raise TypeRuleError(f"format={attrs['format']!r} is not a grouped low-bit format such as i3g128")
+    if fmt.family == "lut" and len(attrs.get("lut", ())) != 2**fmt.bits:
+        raise TypeRuleError(f"a {fmt.bits}-bit lookup table needs {2**fmt.bits} values in attribute lut")
+    out = TensorType(_elem(attrs, "dtype"), _shape_attr(attrs))
+    if len(types) == 1:  # the weight as one low-bit value
+        if types[0] != TensorType(fmt, out.shape):
+            raise TypeRuleError(f"has type {types[0]}, expected {TensorType(fmt, out.shape)}", 0)
+        return [out]
     n_planes = 1 if fmt.bits == 8 else bin(fmt.bits).count("1")
     want = n_planes + 1 + int(fmt.zero_point)
     if len(types) != want:
@@ -210,9 +218,7 @@ def _dequantize(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     for i in range(n_planes):
         if types[i].elem != DType("u32"):
             raise TypeRuleError(f"packed plane has type {types[i]}, expected u32 words", i)
-    if fmt.family == "lut" and len(attrs.get("lut", ())) != 2**fmt.bits:
-        raise TypeRuleError(f"a {fmt.bits}-bit lookup table needs {2**fmt.bits} values in attribute lut")
-    return [TensorType(_elem(attrs, "dtype"), _shape_attr(attrs))]
+    return [out]
 
 
 REDUCE_KINDS = ("sum", "prod", "max", "min", "and", "or", "xor")
@@ -307,7 +313,7 @@ _define("concatenate", 1, None, ("axis",), _concatenate, "shape")
 _define("reduce", 1, 1, ("kind", "axes"), _reduce, "reduce")
 _define("argmax argmin", 1, 1, ("axes", "index_dtype"), _arg_reduce, "reduce")
 _define("dot", 2, 2, ("lhs_t", "rhs_t", "out_dtype"), _dot, "contract")
-_define("dequantize", 2, None, ("format", "shape", "dtype"), _dequantize, "dequantize")
+_define("dequantize", 1, None, ("format", "shape", "dtype"), _dequantize, "dequantize")
 _define("iota", 0, 0, ("dtype", "shape", "dimension"), _iota, "source")
 _define("constant", 0, 0, ("value", "dtype", "shape"), _constant, "source")
 _define("call", 0, None, ("callee",), None, "call")

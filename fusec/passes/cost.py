@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fusec.ir import DType, Function, LowBitType, Op, TensorType
+from fusec.ir import PER_CHANNEL, DType, Function, LowBitType, Op, TensorType
 
 FREE_OPS = frozenset({"reshape", "constant", "iota", "stop_gradient"})
 
@@ -31,8 +31,16 @@ class Cost:
 
 
 def nbytes(t: TensorType) -> int:
-    """Bytes of a tensor (low-bit formats at their bit width, scales aside)."""
-    bits = t.elem.bits if isinstance(t.elem, (DType, LowBitType)) else 32
+    """Bytes of a tensor. A low-bit [K, N, ...] weight counts its packed codes (K padded to 32, as
+    fusec packs them) plus one scale per group and column, taken as bfloat16 (the type does not
+    record the scale dtype), and a one-byte zero-point per group for zero-point formats."""
+    if isinstance(t.elem, LowBitType) and t.rank >= 1:
+        k = t.shape[0]
+        columns = t.size // k if k else 0
+        codes = math.ceil(-(-k // 32) * 32 * columns * t.elem.bits / 8)
+        groups = 0 if t.elem.group is None else (1 if t.elem.group == PER_CHANNEL else -(-k // t.elem.group))
+        return codes + groups * columns * (2 + int(t.elem.zero_point))
+    bits = t.elem.bits if isinstance(t.elem, DType) else 32
     return math.ceil(t.size * bits / 8)
 
 

@@ -86,6 +86,8 @@ def _params(program: Program, top_consts: Sequence[Any], dyn: Sequence[Any]) -> 
     for src in program.param_sources:
         if src.kind == "arg":
             out.append(dyn[src.index])
+        elif src.kind == "packed":
+            out.append(tuple(dyn[i] for i in src.parts))
         else:
             out.append(top_consts[src.index] if src.index >= 0 else src.value)
     return out
