@@ -195,7 +195,8 @@ def _spec(family: str, bits: int, group: int | None) -> lowprec.QuantSpec:
 
 
 FUSED_FORMATS = ([("int", b) for b in range(1, 9)] + [("uint", b) for b in range(1, 9)]
-                 + [("fp", b) for b in (4, 6, 8)] + [("nf", b) for b in (2, 3, 4)] + [("lut", b) for b in (1, 2, 3, 4)])
+                 + [("fp", b) for b in (4, 6, 8)] + [("nf", b) for b in range(2, 9)]
+                 + [("lut", b) for b in range(1, 9)])
 
 
 def _check_fused(family: str, bits: int, group: int | None, m: int, k: int, n: int, lower: bool) -> None:

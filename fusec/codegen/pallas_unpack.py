@@ -2,8 +2,8 @@
 
 Each power-of-two plane's words for the tile's rows are loaded once, repeated to one row per code
 (broadcast + reshape), shifted by the code's lane and masked; the planes are ORed into codes, the
-codes decoded (two's complement, zero-point, small-float bit fields, or a select chain over a
-table of at most 16 values) and scaled by the tile's group scale. See fusec/lowprec/packing.py.
+codes decoded (two's complement, zero-point, small-float bit fields, or, for NormalFloat and lookup
+tables, a chain of selects over the table's values) and scaled by the tile's group scale. See fusec/lowprec/packing.py.
 """
 
 from __future__ import annotations

@@ -201,15 +201,12 @@ class _Fuser:
 
     def _dequantize_prologue(self, dot: Op, dq: Op) -> bool:
         """Whether ``dq`` (a dequantize feeding ``dot``'s rhs) can be unpacked inside the matmul:
-        a [K, N] weight read untransposed, used by this dot alone, in a format decoded with a few
-        integer and float ops (lookup tables of up to 16 values)."""
+        a [K, N] weight read untransposed and used by this dot alone (any format)."""
         if dq.opcode != "dequantize" or dot.attr("rhs_t") or dot.result.type.rank != 2:
             return False
         if sum(dq.result in op.operands for op in self.func.ops) != 1 or dq.result in self.func.returns:
             return False
-        fmt = parse_elem_type(str(dq.attr("format")))
-        assert isinstance(fmt, LowBitType)
-        return fmt.family in ("int", "uint", "float") or fmt.bits <= 4
+        return isinstance(parse_elem_type(str(dq.attr("format"))), LowBitType)
 
     def _fusible(self, op: Op) -> bool:
         if len(op.results) != 1 or not _types_ok(op):

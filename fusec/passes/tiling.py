@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fusec.ir import Function, Module, Op
+from fusec.ir import Function, Module, Op, parse_elem_type
 from fusec.passes.base import Pass, register_pass
 
 
@@ -29,10 +29,12 @@ def _dot_k(kernel_func: Function) -> int:
     return lhs.shape[-2] if dot.attr("lhs_t") else lhs.shape[-1]
 
 
-def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str, packed: bool = False) -> dict:
+def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str, packed: bool = False,
+                  table_bits: int = 0) -> dict:
     """Block, grid, squeezed dims, K step and launch parameters for one kernel. ``packed``: the
     matmul unpacks a low-bit weight, whose K step is 32 (a whole word of 1-bit codes, and a divisor
-    of every scale group)."""
+    of every scale group); ``table_bits``: the width of a NormalFloat or lookup-table format it
+    decodes with a chain of selects (wide tables get narrower tiles, to keep clear of spills)."""
     r = len(space)
     if target == "interpret":
         block = [pow2_at_least(d) for d in space]
@@ -60,7 +62,7 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
         if kind == "matmul" and target == "gpu" and space[-2] <= 16:
             # Skinny (GEMV-like) strategy: few rows, so each program takes a wider slice of the
             # packed weight and the memory system sees longer runs of words.
-            block[-1] = min(128, max(16, pow2_at_least(space[-1])))
+            block[-1] = min(128 if table_bits <= 4 else 64, max(16, pow2_at_least(space[-1])))
     squeeze = [d for d in range(max(0, r - 2)) if block[d] == 1]
     attrs = {"block": tuple(block), "grid": tuple(cdiv(s, b) for s, b in zip(space, block)),
              "squeeze": tuple(squeeze), "num_warps": 4, "num_stages": 2}
@@ -91,9 +93,10 @@ class Tile(Pass):
                     kind, space = str(op.attr("kind")), tuple(op.attr("space"))
                     callee = functions[str(op.attr("callee"))]
                     k = _dot_k(callee) if kind == "matmul" else None
-                    packed = any(o.opcode == "dequantize" for o in callee.ops)
-                    op = Op.make("kernel", op.operands, op.results,
-                                 **(op.attr_dict | choose_tiling(kind, space, k, self.target, packed)))
+                    formats = [parse_elem_type(str(o.attr("format"))) for o in callee.ops if o.opcode == "dequantize"]
+                    table_bits = max((f.bits for f in formats if getattr(f, "family", "") in ("nf", "lut")), default=0)
+                    tiling = choose_tiling(kind, space, k, self.target, bool(formats), table_bits)
+                    op = Op.make("kernel", op.operands, op.results, **(op.attr_dict | tiling))
                 ops.append(op)
             out.append(Function(f.name, f.params, tuple(ops), f.returns))
         return module.replace_functions(out)
