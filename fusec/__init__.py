@@ -1,7 +1,7 @@
 """fusec: a kernel-fusion compiler for JAX."""
 
 from fusec import errors, lowprec
-from fusec.api import FusecFunction, Lowered, jit
+from fusec.api import FusecFunction, Lowered, inspect, jit
 from fusec.errors import FusecError, FusecSyntaxError, Unsupported, VerifyError
 from fusec.pipeline import DEFAULT_PIPELINE
 
@@ -9,5 +9,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_PIPELINE", "FusecError", "FusecFunction", "FusecSyntaxError", "Lowered", "Unsupported",
-    "VerifyError", "errors", "jit", "lowprec",
+    "VerifyError", "errors", "inspect", "jit", "lowprec",
 ]

@@ -167,12 +167,22 @@ class FusecFunction:
             self._capture.programs = None
         return Lowered(programs[-1], traced)
 
+    def inspect(self, *args: Any, gpu: str = "h100", **kwargs: Any) -> Any:
+        """The :class:`fusec.report.Report` for these arguments, modeled on ``gpu``."""
+        from fusec.report import build_report
+        return build_report(self.lower(*args, **kwargs), gpu)
+
     def cache_size(self) -> int:
         """How many distinct signatures fusec has compiled for."""
         return len(self._programs)
 
     def __repr__(self) -> str:
         return f"<fusec.jit of {getattr(self._fun, '__qualname__', self._fun)!r}>"
+
+
+def inspect(fun: Callable[..., Any], *args: Any, gpu: str = "h100", **options: Any) -> Any:
+    """``fusec.jit(fun, **options).inspect(*args, gpu=gpu)``: what fusec makes of ``fun``."""
+    return FusecFunction(fun, **options).inspect(*args, gpu=gpu)
 
 
 def jit(fun: Callable[..., Any] | None = None, **options: Any) -> Any:

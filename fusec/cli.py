@@ -2,6 +2,8 @@
 
     fusec check FILE.fir                      parse and verify a textual IR file
     fusec dump FILE.py:FUNCTION [--stage S]   print the IR of a Python function after a pass
+    fusec inspect FILE.py:FUNCTION [--gpu G]  kernels, bytes, FLOPs, roofline estimate (--json)
+    fusec source FILE.py:FUNCTION [--kernel]  the generated Pallas source
 
 Inputs for FUNCTION come from ``--args "x=f32[8,1024] w=bf16[1024,4096]"`` or, failing that, from an
 ``example_inputs()`` function in the same file returning the positional arguments.
@@ -107,6 +109,54 @@ def _cmd_dump(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _lowered(ns: argparse.Namespace) -> Any:
+    import fusec
+
+    fn, module = load_function(ns.target)
+    if ns.args is not None:
+        args = parse_args_spec(ns.args)
+    elif hasattr(module, "example_inputs"):
+        args = list(module.example_inputs())
+    else:
+        raise CliError(f"give --args, or define example_inputs() in {ns.target.rpartition(':')[0]}")
+    options = {"backend": ns.backend}
+    if ns.interpret:
+        options["interpret"] = True
+    try:
+        return fusec.jit(getattr(fn, "__wrapped__", fn), **options).lower(*args)
+    except (TypeError, ValueError) as e:  # the user's function rejected these inputs
+        raise CliError(f"tracing {ns.target} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def _cmd_inspect(ns: argparse.Namespace) -> int:
+    from fusec.report import build_report
+
+    try:
+        report = build_report(_lowered(ns), ns.gpu)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    print(report.to_json() if ns.json else report)
+    return 0
+
+
+def _cmd_source(ns: argparse.Namespace) -> int:
+    sources = _lowered(ns).kernel_sources
+    if ns.kernel is not None:
+        if ns.kernel not in sources:
+            raise CliError(f"no kernel {ns.kernel!r}; kernels: {', '.join(sources) or 'none'}")
+        sources = {ns.kernel: sources[ns.kernel]}
+    for name, source in sources.items():
+        print(f"# ----- kernel {name}\n{source}")
+    return 0
+
+
+def _program_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="FILE.py:FUNCTION")
+    p.add_argument("--args", default=None, help='argument types, e.g. "x=f32[8,1024] w=bf16[1024,4096]"')
+    p.add_argument("--backend", default="pallas", choices=["auto", "xla", "pallas"])
+    p.add_argument("--interpret", action="store_true", help="build Pallas kernels for interpret mode")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusec", description="fusec: a kernel-fusion compiler for JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="auto (Pallas kernels with a GPU, else the reference), xla or pallas")
     dump.add_argument("--interpret", action="store_true", help="build Pallas kernels for interpret mode")
     dump.set_defaults(run=_cmd_dump)
+    inspect = sub.add_parser("inspect", help="kernels, bytes, FLOPs and a roofline estimate",
+                             epilog="example: fusec inspect examples/quickstart.py:gpt2_block --gpu h100 --json")
+    _program_options(inspect)
+    inspect.add_argument("--gpu", default="h100", help="a100, h100, h200, l4 or rtx4090")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(run=_cmd_inspect)
+    source = sub.add_parser("source", help="the generated kernel source",
+                            epilog="example: fusec source examples/quickstart.py:gpt2_block --kernel gpt2_block.k0")
+    _program_options(source)
+    source.add_argument("--kernel", default=None, help="one kernel's name (default: all)")
+    source.set_defaults(run=_cmd_source)
     return parser
 
 

@@ -57,9 +57,12 @@ def op_flops(op: Op) -> int:
 
 
 def op_cost(op: Op) -> Cost:
-    """The cost of ``op`` run as its own kernel."""
+    """The cost of ``op`` run as its own kernel (a kernel op's own account: reading through
+    folded views, it moves less than its operands' whole arrays)."""
     if op.opcode in FREE_OPS:
         return Cost()
+    if op.opcode == "kernel" and "bytes_read" in op.attr_dict:
+        return Cost(int(op.attr("bytes_read")), int(op.attr("bytes_written")), int(op.attr("flops")))
     return Cost(sum(nbytes(v.type) for v in op.operands), sum(nbytes(r.type) for r in op.results), op_flops(op))
 
 

@@ -1,0 +1,106 @@
+"""``fusec.inspect``: what fusec made of a function, as a report object, a table and JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from fusec.ir import DType, LowBitType, Module
+from fusec.passes.cost import FREE_OPS, function_cost, nbytes, op_cost
+from fusec.roofline import gpu as gpu_spec
+from fusec.roofline import modeled_time
+
+REPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    name: str
+    kind: str
+    backend: str
+    ops: list[str]  # the IR ops fused into it, in order
+    grid: list[int]
+    block: list[int]
+    bytes_read: int
+    bytes_written: int
+    flops: int
+    arithmetic_intensity: float  # FLOPs per byte moved
+    bits_per_weight: float | None  # for kernels reading a low-bit weight
+    modeled_time_s: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Report:
+    gpu: str
+    backend: str
+    kernels: list[KernelReport]
+    xla_ops: list[str]  # ops left outside kernels (XLA runs them), reshapes and constants aside
+    fallbacks: list[dict[str, str]]
+    bytes_op_by_op: int
+    bytes_fused: int
+    modeled_time_op_by_op_s: float
+    modeled_time_fused_s: float
+
+    def to_json(self) -> str:
+        """Stable JSON: keys sorted, a ``version`` field; documented in the README."""
+        return json.dumps({"version": REPORT_VERSION, **asdict(self)}, sort_keys=True, indent=1)
+
+    def __str__(self) -> str:
+        lines = [f"fusec report ({self.backend} backend, modeled on {self.gpu})",
+                 f"{'kernel':24s} {'kind':11s} {'ops':>4s} {'grid':>12s} {'bytes':>12s} {'flops':>14s} "
+                 f"{'flop/B':>7s} {'bits/w':>6s} {'model us':>9s}"]
+        for k in self.kernels:
+            bits = f"{k.bits_per_weight:.2f}" if k.bits_per_weight is not None else "-"
+            lines.append(f"{k.name[:24]:24s} {k.kind:11s} {len(k.ops):4d} {str(k.grid):>12s} "
+                         f"{k.bytes_read + k.bytes_written:12d} {k.flops:14d} {k.arithmetic_intensity:7.2f} "
+                         f"{bits:>6s} {k.modeled_time_s * 1e6:9.2f}")
+        lines.append(f"XLA ops outside kernels: {len(self.xla_ops)} {self.xla_ops if self.xla_ops else ''}".rstrip())
+        lines.append(f"fallbacks: {len(self.fallbacks)}" + "".join(f"\n  {f['primitive']}: {f['reason']}"
+                                                                  for f in self.fallbacks))
+        lines.append(f"bytes moved: {self.bytes_fused} fused vs {self.bytes_op_by_op} op by op "
+                     f"({self.bytes_fused / max(self.bytes_op_by_op, 1):.1%}); modeled time "
+                     f"{self.modeled_time_fused_s * 1e6:.1f} us vs {self.modeled_time_op_by_op_s * 1e6:.1f} us")
+        return "\n".join(lines)
+
+
+def _dtype_of(module: Module, callee: str) -> str:
+    func = module.function(callee)
+    dot = next((op for op in func.ops if op.opcode == "dot"), None)
+    elem = (dot.operands[0] if dot is not None else func.returns[0]).type.elem
+    return elem.name if isinstance(elem, DType) else "f32"
+
+
+def build_report(lowered: Any, gpu: str = "h100") -> Report:
+    """The report for a ``Lowered`` (see :meth:`fusec.FusecFunction.lower`)."""
+    spec = gpu_spec(gpu)
+    program = lowered.program
+    module = program.module
+    kernels = []
+    for op in module.entry.ops:
+        if op.opcode != "kernel":
+            continue
+        name = str(op.attr("callee"))
+        func = module.function(name)
+        read, written, flops = int(op.attr("bytes_read")), int(op.attr("bytes_written")), int(op.attr("flops"))
+        low_bit = [v for v in op.operands if isinstance(v.type.elem, LowBitType)]
+        bits = (8.0 * sum(nbytes(v.type) for v in low_bit) / sum(v.type.size for v in low_bit)) if low_bit else None
+        source = program.kernels[name].source if name in program.kernels else ""
+        kernels.append(KernelReport(
+            name, str(op.attr("kind")), program.backend, [o.opcode for o in func.ops], list(op.attr("grid", ())),
+            list(op.attr("block", ())), read, written, flops, flops / max(read + written, 1), bits,
+            modeled_time(spec, read + written, flops, _dtype_of(module, name)), source))
+    xla_ops = [op.opcode for op in module.entry.ops if op.opcode != "kernel" and op.opcode not in FREE_OPS]
+    before = program.module_before("fuse").entry
+    op_by_op = function_cost(before)
+    fused = function_cost(module.entry)
+    # Outside kernels every op is its own kernel (f32 peak: the conservative class).
+    time_op_by_op = sum(modeled_time(spec, c.bytes, c.flops, "f32")
+                        for c in (op_cost(op) for op in before.ops if op.opcode not in FREE_OPS))
+    time_fused = sum(k.modeled_time_s for k in kernels) + sum(
+        modeled_time(spec, c.bytes, c.flops, "f32")
+        for c in (op_cost(op) for op in module.entry.ops if op.opcode not in FREE_OPS | {"kernel"}))
+    fallbacks = [{"primitive": f.primitive, "reason": f.reason} for f in program.fallbacks]
+    return Report(spec.name, program.backend, kernels, xla_ops, fallbacks, op_by_op.bytes, fused.bytes,
+                  time_op_by_op, time_fused)
