@@ -80,23 +80,7 @@ def _cmd_check(ns: argparse.Namespace) -> int:
 
 
 def _cmd_dump(ns: argparse.Namespace) -> int:
-    import fusec
-
-    fn, module = load_function(ns.target)
-    if ns.args is not None:
-        args = parse_args_spec(ns.args)
-    elif hasattr(module, "example_inputs"):
-        args = list(module.example_inputs())
-    else:
-        raise CliError(f"give --args, or define example_inputs() in {ns.target.rpartition(':')[0]}")
-    options = {"backend": ns.backend}
-    if ns.interpret:
-        options["interpret"] = True
-    jitted = fusec.jit(getattr(fn, "__wrapped__", fn), **options)
-    try:
-        lowered = jitted.lower(*args)
-    except (TypeError, ValueError) as e:  # the user's function rejected these inputs
-        raise CliError(f"tracing {ns.target} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    lowered = _lowered(ns)
     stages = lowered.stages if ns.stage == "all" else (ns.stage,)
     for stage in stages:
         try:
@@ -150,10 +134,11 @@ def _cmd_source(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _program_options(p: argparse.ArgumentParser) -> None:
+def _program_options(p: argparse.ArgumentParser, backend: str) -> None:
     p.add_argument("target", help="FILE.py:FUNCTION")
     p.add_argument("--args", default=None, help='argument types, e.g. "x=f32[8,1024] w=bf16[1024,4096]"')
-    p.add_argument("--backend", default="pallas", choices=["auto", "xla", "pallas"])
+    p.add_argument("--backend", default=backend, choices=["auto", "xla", "pallas"],
+                   help="auto (Pallas kernels with a GPU, else the reference), xla or pallas")
     p.add_argument("--interpret", action="store_true", help="build Pallas kernels for interpret mode")
 
 
@@ -166,22 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_cmd_check)
     dump = sub.add_parser("dump", help="print a function's IR after a pass",
                           epilog='example: fusec dump examples/quickstart.py:mlp --stage all')
-    dump.add_argument("target", help="FILE.py:FUNCTION")
+    _program_options(dump, "auto")
     dump.add_argument("--stage", default="final", help="input, a pass name, final (default) or all")
-    dump.add_argument("--args", default=None, help='argument types, e.g. "x=f32[8,1024] w=bf16[1024,4096]"')
-    dump.add_argument("--backend", default="auto", choices=["auto", "xla", "pallas"],
-                      help="auto (Pallas kernels with a GPU, else the reference), xla or pallas")
-    dump.add_argument("--interpret", action="store_true", help="build Pallas kernels for interpret mode")
     dump.set_defaults(run=_cmd_dump)
     inspect = sub.add_parser("inspect", help="kernels, bytes, FLOPs and a roofline estimate",
                              epilog="example: fusec inspect examples/quickstart.py:gpt2_block --gpu h100 --json")
-    _program_options(inspect)
+    _program_options(inspect, "pallas")
     inspect.add_argument("--gpu", default="h100", help="a100, h100, h200, l4 or rtx4090")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(run=_cmd_inspect)
     source = sub.add_parser("source", help="the generated kernel source",
                             epilog="example: fusec source examples/quickstart.py:gpt2_block --kernel gpt2_block.k0")
-    _program_options(source)
+    _program_options(source, "pallas")
     source.add_argument("--kernel", default=None, help="one kernel's name (default: all)")
     source.set_defaults(run=_cmd_source)
     return parser

@@ -10,22 +10,15 @@ from __future__ import annotations
 
 from fusec.codegen.pallas_body import jnp_dtype, literal
 from fusec.ir import LowBitType, Op, TensorType, parse_elem_type
-from fusec.ir.types import PER_CHANNEL
-from fusec.lowprec.formats import Format
+from fusec.lowprec.formats import format_of, group_size
 from fusec.lowprec.packing import WORD_BITS, plane_widths
-
-
-def _table(fmt: LowBitType, lut: tuple[float, ...] | None) -> list[float]:
-    family = {"float": "fp"}.get(fmt.family, fmt.family)
-    layout = fmt.base_name if family == "fp" else None
-    return [float(v) for v in Format(family, fmt.bits, layout, lut).table]
 
 
 def packed_part_rows(t: TensorType) -> list[int]:
     """Rows of each array a low-bit [K, N] value is stored as: planes, scales, zero-points."""
     assert isinstance(t.elem, LowBitType)
     k = t.shape[0]
-    group = k if t.elem.group == PER_CHANNEL else int(t.elem.group or k)
+    group = group_size(t.elem, k)
     k_pad = -(-k // WORD_BITS) * WORD_BITS
     rows = [k_pad * p // WORD_BITS for p in plane_widths(t.elem.bits)]
     return rows + [k // group] * (1 + int(t.elem.zero_point))
@@ -37,7 +30,7 @@ def unpack_tile(dq: Op, refs: list[str], bk: int, bn: int, out: str) -> list[str
     fmt = parse_elem_type(str(dq.attr("format")))
     assert isinstance(fmt, LowBitType)
     k = dq.attr("shape")[0]
-    group = k if fmt.group == PER_CHANNEL else fmt.group
+    group = group_size(fmt, k)
     lines = [f"codes = jnp.zeros(({bk}, {bn}), jnp.uint32)"]
     shift = 0
     for i, p in enumerate(plane_widths(fmt.bits)):
@@ -71,7 +64,7 @@ def unpack_tile(dq: Op, refs: list[str], bk: int, bn: int, out: str) -> list[str
             f"values = jnp.where((c >> {e + m}) & 1 == 1, -magnitude, magnitude)",
         ]
     else:
-        table = _table(fmt, dq.attr("lut"))
+        table = [float(v) for v in format_of(fmt, dq.attr("lut")).table]
         lines.append(f"values = jnp.full(({bk}, {bn}), {literal(table[0])}, jnp.float32)")
         lines += [f"values = jnp.where(codes == {c}, {literal(v)}, values)" for c, v in enumerate(table) if c]
     lines.append(f"{out} = (values * scale).astype({jnp_dtype(dq.result)})")

@@ -145,20 +145,17 @@ def _dot(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
 
 @emits("dequantize")
 def _dequantize(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
-    from fusec.ir.types import PER_CHANNEL, parse_elem_type
+    from fusec.ir.types import LowBitType, parse_elem_type
+    from fusec.lowprec.formats import format_of, group_size
     from fusec.lowprec.qarray import dequantize_impl
 
-    fmt = parse_elem_type(str(op.attr("format")))
-    k = op.attr("shape")[0]
-    family = {"float": "fp"}.get(fmt.family, fmt.family)  # type: ignore[union-attr]
-    layout = fmt.base_name if family == "fp" else None  # type: ignore[union-attr]
-    lut = op.attr("lut")
+    t = parse_elem_type(str(op.attr("format")))
+    assert isinstance(t, LowBitType)
+    fmt = format_of(t, op.attr("lut"))
     leaves = args[0] if len(args) == 1 else args  # one low-bit value is its tuple of leaves
-    return [dequantize_impl(*leaves, family=family, bits=fmt.bits, layout=layout,  # type: ignore[union-attr]
-                            lut=None if lut is None else tuple(lut),
-                            group=k if fmt.group == PER_CHANNEL else fmt.group,  # type: ignore[union-attr]
-                            shape=tuple(op.attr("shape")), dtype=numpy_dtype(op.result.type.elem).name,
-                            has_zeros=fmt.zero_point)]  # type: ignore[union-attr]
+    return [dequantize_impl(*leaves, family=fmt.family, bits=fmt.bits, layout=fmt.layout, lut=fmt.lut,
+                            group=group_size(t, op.attr("shape")[0]), shape=tuple(op.attr("shape")),
+                            dtype=numpy_dtype(op.result.type.elem).name, has_zeros=t.zero_point)]
 
 
 @emits("iota")

@@ -212,8 +212,6 @@ class _ModuleState:
         self.functions.append(func)
         if not fresh:
             self.by_jaxpr[id(jaxpr)] = (jaxpr, func)  # keep jaxpr alive so its id stays unique
-        else:
-            self.externals[f"jaxpr:{func.name}"] = closed
         return func
 
 

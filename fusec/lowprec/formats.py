@@ -17,6 +17,8 @@ from statistics import NormalDist
 
 import numpy as np
 
+from fusec.ir.types import PER_CHANNEL, LowBitType
+
 FAMILIES = ("int", "uint", "fp", "nf", "lut")
 FLOAT_LAYOUTS = {"e2m1": (2, 1), "e2m3": (2, 3), "e3m2": (3, 2), "e4m3": (4, 3), "e5m2": (5, 2)}
 
@@ -145,3 +147,14 @@ def fp_format(layout: str) -> Format:
     if layout not in FLOAT_LAYOUTS:
         raise ValueError(f"fp formats are {', '.join(FLOAT_LAYOUTS)}; got {layout!r}")
     return Format("fp", 1 + sum(FLOAT_LAYOUTS[layout]), layout)
+
+
+def format_of(t: LowBitType, lut: tuple[float, ...] | None = None) -> Format:
+    """The format behind an IR low-bit element type (``i3g128``, ``e2m1g32``, ``lut4g64`` + table)."""
+    family = "fp" if t.family == "float" else t.family
+    return Format(family, t.bits, t.base_name if family == "fp" else None, None if lut is None else tuple(lut))
+
+
+def group_size(t: LowBitType, k: int) -> int:
+    """Rows per scale of a low-bit [K, ...] value: its group, or K when it is per channel."""
+    return k if t.group in (None, PER_CHANNEL) else int(t.group)

@@ -79,6 +79,8 @@ class _Fuser:
         self.func = func
         self.max_ops = max_ops
         self.producer = {r.name: op for op in func.ops for r in op.results}
+        self.position = {id(op): i for i, op in enumerate(func.ops)}
+        self.uses = func.uses()
         self.groups: dict[int, _Group] = {}
         self.group_of: dict[str, int] = {}  # value name -> group id
         self.deps: dict[str, frozenset[int]] = {}  # value name -> groups it depends on
@@ -186,7 +188,7 @@ class _Fuser:
             dq = self.producer.get(op.operands[1].name)
             if dq is not None and self._dequantize_prologue(op, dq):
                 # The packed weight is unpacked in registers inside the matmul's K loop.
-                g.members.append(self.func.ops.index(dq))
+                g.members.append(self.position[id(dq)])
                 g.values.add(dq.result.name)
                 self.group_of[dq.result.name] = gid
             return g
@@ -204,7 +206,7 @@ class _Fuser:
         a [K, N] weight read untransposed and used by this dot alone (any format)."""
         if dq.opcode != "dequantize" or dot.attr("rhs_t") or dot.result.type.rank != 2:
             return False
-        if sum(dq.result in op.operands for op in self.func.ops) != 1 or dq.result in self.func.returns:
+        if self.uses.get(dq.result.name) != 1:  # its only use is this dot
             return False
         return isinstance(parse_elem_type(str(dq.attr("format"))), LowBitType)
 

@@ -131,9 +131,7 @@ def block_spec_through_view(view: View, shape: tuple[int, ...], dims: list[Block
         if view.offset[a] % b or any(c % b for c, _ in terms):
             return None
         if output and outer[a] and (shape[k0] % b):
-            return None  # a partial block would write into its neighbour's elements
-        if outer[a] and b > shape[k0] and output:
-            return None
+            return None  # a partial (or oversized) block would write into its neighbour's elements
         base_blocks.append(b)
         g0 = dims[k0][1]
         index.append((view.offset[a] // b, [(c // b, g) for c, g in terms] + ([(1, g0)] if g0 is not None else [])))
