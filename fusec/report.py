@@ -20,6 +20,7 @@ class KernelReport:
     kind: str
     backend: str
     ops: list[str]  # the IR ops fused into it, in order
+    primitives: list[str]  # the JAX primitives whose equations it runs, in order of first appearance
     grid: list[int]
     block: list[int]
     bytes_read: int
@@ -36,6 +37,9 @@ class Report:
     gpu: str
     backend: str
     kernels: list[KernelReport]
+    num_eqns: int  # jaxpr equations (nested jit bodies counted once per call site)
+    num_fused_eqns: int  # of those, the ones with work inside a fusec kernel
+    num_xla_eqns: int  # the ones with an op XLA runs; the rest became views or constants, or were removed
     xla_ops: list[str]  # ops left outside kernels (XLA runs them), reshapes and constants aside
     fallbacks: list[dict[str, str]]
     bytes_op_by_op: int
@@ -56,6 +60,8 @@ class Report:
             lines.append(f"{k.name[:24]:24s} {k.kind:11s} {len(k.ops):4d} {str(k.grid):>12s} "
                          f"{k.bytes_read + k.bytes_written:12d} {k.flops:14d} {k.arithmetic_intensity:7.2f} "
                          f"{bits:>6s} {k.modeled_time_s * 1e6:9.2f}")
+        lines.append(f"jaxpr equations: {self.num_eqns}: {self.num_fused_eqns} inside kernels, {self.num_xla_eqns} run "
+                     f"by XLA, the rest folded into views or constants or removed")
         lines.append(f"XLA ops outside kernels: {len(self.xla_ops)} {self.xla_ops if self.xla_ops else ''}".rstrip())
         lines.append(f"fallbacks: {len(self.fallbacks)}" + "".join(f"\n  {f['primitive']}: {f['reason']}"
                                                                   for f in self.fallbacks))
@@ -72,12 +78,18 @@ def _dtype_of(module: Module, callee: str) -> str:
     return elem.name if isinstance(elem, DType) else "f32"
 
 
+def _eqn_primitive(loc: str) -> str:
+    """``"f#3(dot_general)"`` or ``"g@0/f#3(dot_general)"`` -> ``"dot_general"``."""
+    return loc[loc.rfind("(") + 1:-1] if loc.endswith(")") else ""
+
+
 def build_report(lowered: Any, gpu: str = "h100") -> Report:
     """The report for a ``Lowered`` (see :meth:`fusec.FusecFunction.lower`)."""
     spec = gpu_spec(gpu)
     program = lowered.program
     module = program.module
     kernels = []
+    fused_locs: set[str] = set()
     for op in module.entry.ops:
         if op.opcode != "kernel":
             continue
@@ -87,11 +99,16 @@ def build_report(lowered: Any, gpu: str = "h100") -> Report:
         low_bit = [v for v in op.operands if isinstance(v.type.elem, LowBitType)]
         bits = (8.0 * sum(nbytes(v.type) for v in low_bit) / sum(v.type.size for v in low_bit)) if low_bit else None
         source = program.kernels[name].source if name in program.kernels else ""
+        locs = list(dict.fromkeys(o.loc for o in func.ops if _eqn_primitive(o.loc)))
+        fused_locs.update(locs)
         kernels.append(KernelReport(
-            name, str(op.attr("kind")), program.backend, [o.opcode for o in func.ops], list(op.attr("grid", ())),
+            name, str(op.attr("kind")), program.backend, [o.opcode for o in func.ops],
+            [_eqn_primitive(loc) for loc in locs], list(op.attr("grid", ())),
             list(op.attr("block", ())), read, written, flops, flops / max(read + written, 1), bits,
             modeled_time(spec, read + written, flops, _dtype_of(module, name)), source))
-    xla_ops = [op.opcode for op in module.entry.ops if op.opcode != "kernel" and op.opcode not in FREE_OPS]
+    outside = [op for op in module.entry.ops if op.opcode != "kernel" and op.opcode not in FREE_OPS]
+    xla_ops = [op.opcode for op in outside]
+    xla_locs = {op.loc for op in outside if _eqn_primitive(op.loc)} - fused_locs
     before = program.module_before("fuse").entry
     op_by_op = function_cost(before)
     fused = function_cost(module.entry)
@@ -102,5 +119,5 @@ def build_report(lowered: Any, gpu: str = "h100") -> Report:
         modeled_time(spec, c.bytes, c.flops, "f32")
         for c in (op_cost(op) for op in module.entry.ops if op.opcode not in FREE_OPS | {"kernel"}))
     fallbacks = [{"primitive": f.primitive, "reason": f.reason} for f in program.fallbacks]
-    return Report(spec.name, program.backend, kernels, xla_ops, fallbacks, op_by_op.bytes, fused.bytes,
+    return Report(spec.name, program.backend, kernels, program.num_eqns, len(fused_locs), len(xla_locs), xla_ops, fallbacks, op_by_op.bytes, fused.bytes,
                   time_op_by_op, time_fused)

@@ -93,3 +93,48 @@ def test_cli_inspect_and_source(capsys) -> None:
     assert "no kernel 'nope'" in capsys.readouterr().err
     assert main(["inspect", QUICKSTART + ":gpt2_block", "--gpu", "tpu"]) == 2
     assert "unknown GPU 'tpu'" in capsys.readouterr().err
+
+
+def _count_eqns(jaxpr) -> int:
+    """Equations with nested jit bodies expanded per call site (what the report counts)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("pjit", "jit"):
+            total += _count_eqns(eqn.params["jaxpr"].jaxpr)
+        else:
+            total += 1
+    return total
+
+
+def test_equation_counts_follow_the_jaxpr() -> None:
+    x, w, b = jnp.ones((8, 16)), jnp.ones((16, 32)), jnp.ones(32)
+
+    def dense(x, w, b):
+        return jnp.tanh(x @ w + b)  # dot_general, broadcast_in_dim, add, tanh
+
+    report = fusec.inspect(dense, x, w, b, backend="pallas", interpret=True)
+    assert report.num_eqns == _count_eqns(jax.make_jaxpr(dense)(x, w, b).jaxpr) == 4
+    # The bias broadcast becomes a size-1 block load (a view), so three equations run in the kernel.
+    assert (report.num_fused_eqns, report.num_xla_eqns) == (3, 0)
+    assert report.kernels[0].primitives == ["dot_general", "add", "tanh"]
+
+    # erf has no Pallas-Triton lowering: its equation stays with XLA, and the equation counts say so.
+    def with_erf(x, w, b):
+        return jax.lax.erf(jax.jit(dense)(x, w, b)) * 2.0
+
+    report = fusec.inspect(with_erf, x, w, b, backend="pallas", interpret=True)
+    assert report.num_eqns == _count_eqns(jax.make_jaxpr(with_erf)(x, w, b).jaxpr) == 6
+    assert report.num_xla_eqns == 1 and report.xla_ops == ["erf"]
+    assert report.num_fused_eqns == 4  # the nested jit's three, and the multiply
+    assert "jaxpr equations: 6: 4 inside kernels, 1 run by XLA" in str(report)
+    on_xla = fusec.inspect(with_erf, x, w, b, backend="xla")
+    assert (on_xla.num_fused_eqns, on_xla.num_xla_eqns) == (0, 5)
+
+
+def test_gpt2_equation_counts(quickstart) -> None:
+    args = quickstart.example_inputs()
+    report = fusec.inspect(quickstart.gpt2_block, *args, backend="pallas", interpret=True)
+    assert report.num_eqns == _count_eqns(jax.make_jaxpr(quickstart.gpt2_block)(*args).jaxpr)
+    assert report.num_xla_eqns == 0 and 0.5 * report.num_eqns < report.num_fused_eqns < report.num_eqns
+    assert sum(len(set(k.primitives)) > 0 for k in report.kernels) == len(report.kernels)
+    assert any(k.primitives[:2] == ["dot_general", "add"] for k in report.kernels)

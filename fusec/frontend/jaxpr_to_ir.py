@@ -8,6 +8,7 @@ jits with constants are inlined. Equations without a rule become ``opaque`` ops,
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class ParamSource:
 class FrontendResult:
     module: Module
     param_sources: tuple[ParamSource, ...]
+    num_eqns: int  # equations of the program, nested jit bodies counted once per call site
 
 
 # Control-flow primitives and the parameters holding their bodies (a ClosedJaxpr or a tuple of them).
@@ -65,6 +67,8 @@ class Lowerer:
         self.hoist_consts = hoist_consts
         self.env: dict[Any, Value] = {}
         self.const_sources: list[ParamSource] = []
+        self.eqn_count = 0  # equations lowered into this function (inlined bodies' included)
+        self.call_sites: list[str] = []  # callee of each call op, for the flattened count
 
     # -- helpers used by rules -------------------------------------------------------------------
     def reshape(self, v: Value, shape: tuple[int, ...]) -> Value:
@@ -125,6 +129,24 @@ class Lowerer:
 
     # -- the walk --------------------------------------------------------------------------------
     def lower_eqn(self, eqn: Any) -> None:
+        """Lowers one equation and stamps its ops with its location (see ``Op.loc``)."""
+        first_op, count = len(self.builder.ops), self.eqn_count
+        self._lower_eqn(eqn)
+        ops = self.builder.ops
+        calls = [op for op in ops[first_op:] if op.opcode == "call"]
+        if self.eqn_count != count:
+            return  # an inlined body: its equations stamped their own ops
+        if calls:  # a nested jit: its callee's equations are counted there
+            loc = f"{self.builder.name}@{len(self.call_sites)}"
+            self.call_sites.extend(str(op.attr("callee")) for op in calls)
+        else:
+            self.eqn_count += 1
+            loc = f"{self.builder.name}#{self.eqn_count}({eqn.primitive.name})"
+        for i in range(first_op, len(ops)):
+            if not ops[i].loc:
+                ops[i] = dataclasses.replace(ops[i], loc=loc)
+
+    def _lower_eqn(self, eqn: Any) -> None:
         ins = [self.read(v) for v in eqn.invars]
         expected = [aval_to_type(v.aval) for v in eqn.outvars]
         rule = RULES.get(eqn.primitive.name)
@@ -184,6 +206,11 @@ class _ModuleState:
         self.by_jaxpr: dict[int, tuple[Any, Function]] = {}
         self.externals: dict[str, Any] = {}
         self.names: set[str] = set()
+        self.eqn_counts: dict[str, tuple[int, tuple[str, ...]]] = {}  # function -> (own, callees)
+
+    def flattened_eqns(self, name: str) -> int:
+        own, callees = self.eqn_counts[name]
+        return own + sum(self.flattened_eqns(c) for c in callees)
 
     def unique_name(self, name: str) -> str:
         base, n = _sanitize(name), 0
@@ -209,6 +236,7 @@ class _ModuleState:
         lowerer = Lowerer(self, builder, hoist_consts=False)
         params = [builder.param(aval_to_type(v.aval), f"a{i}") for i, v in enumerate(jaxpr.invars)]
         func = builder.finish(lowerer.inline(closed, params))
+        self.eqn_counts[func.name] = (lowerer.eqn_count, tuple(lowerer.call_sites))
         self.functions.append(func)
         if not fresh:
             self.by_jaxpr[id(jaxpr)] = (jaxpr, func)  # keep jaxpr alive so its id stays unique
@@ -230,7 +258,9 @@ def jaxpr_to_module(closed: Any, name: str = "main") -> FrontendResult:
     entry = Function(entry.name, tuple(const_params + arg_params), entry.ops, entry.returns)
     sources = tuple(lowerer.const_sources) + tuple(ParamSource("arg", i) for i in range(len(args)))
     entry, sources = fold_packed_arguments(entry, sources)
-    return FrontendResult(Module((entry, *state.functions), state.externals), sources)
+    state.eqn_counts[entry.name] = (lowerer.eqn_count, tuple(lowerer.call_sites))
+    return FrontendResult(Module((entry, *state.functions), state.externals), sources,
+                          state.flattened_eqns(entry.name))
 
 
 def fold_packed_arguments(func: Function, sources: tuple[ParamSource, ...]
@@ -254,7 +284,7 @@ def fold_packed_arguments(func: Function, sources: tuple[ParamSource, ...]
         new_sources[first] = ParamSource("packed", -1, parts=tuple(sources[index[n]].index for n in names))
         for n in names[1:]:
             params[index[n]] = new_sources[index[n]] = None
-        replaced[id(op)] = Op(op.opcode, (packed,), op.results, op.attrs)
+        replaced[id(op)] = Op(op.opcode, (packed,), op.results, op.attrs, op.loc)
     if not replaced:
         return func, sources
     ops = tuple(replaced.get(id(op), op) for op in func.ops)

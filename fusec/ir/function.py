@@ -47,12 +47,17 @@ def _freeze_attr(value: Any) -> Attr:
 
 @dataclass(frozen=True)
 class Op:
-    """One operation: ``results = opcode(operands) {attrs}``. Attributes are sorted by key."""
+    """One operation: ``results = opcode(operands) {attrs}``. Attributes are sorted by key.
+
+    ``loc`` names the JAX equation the op came from (``"fn#3(dot_general)"``; ``"a/b"`` through an
+    inlined call); it is provenance for reports, not semantics, so it takes no part in equality.
+    """
 
     opcode: str
     operands: tuple[Value, ...]
     results: tuple[Value, ...]
     attrs: tuple[tuple[str, Attr], ...] = ()
+    loc: str = field(default="", compare=False)
 
     @staticmethod
     def make(opcode: str, operands: Any = (), results: Any = (), **attrs: Any) -> Op:
@@ -77,7 +82,7 @@ class Op:
         return self.results[0]
 
     def with_operands(self, operands: tuple[Value, ...]) -> Op:
-        return Op(self.opcode, tuple(operands), self.results, self.attrs)
+        return Op(self.opcode, tuple(operands), self.results, self.attrs, self.loc)
 
 
 @dataclass(frozen=True)

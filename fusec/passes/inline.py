@@ -37,7 +37,8 @@ def _inline_calls(func: Function, module: Module, done: dict[str, Function]) -> 
         for inner_op in callee.ops:
             renamed = tuple(fresh(callee.name, r) for r in inner_op.results)
             inner.update({r.name: n for r, n in zip(inner_op.results, renamed)})
-            ops.append(Op(inner_op.opcode, tuple(inner[v.name] for v in inner_op.operands), renamed, inner_op.attrs))
+            ops.append(Op(inner_op.opcode, tuple(inner[v.name] for v in inner_op.operands), renamed, inner_op.attrs,
+                          f"{op.loc}/{inner_op.loc}" if op.loc and inner_op.loc else inner_op.loc))
         subst.update({r.name: inner[v.name] for r, v in zip(op.results, callee.returns)})
     done[func.name] = Function(func.name, func.params, tuple(ops), substitute_returns(func.returns, subst))
     return done[func.name]

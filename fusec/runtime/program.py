@@ -42,6 +42,7 @@ class Program:
     backend: str
     run_flat: Callable[..., list[Any]]
     kernels: dict[str, Any]  # kernel name -> KernelSpec (generated source included)
+    num_eqns: int = 0  # the jaxpr's equations (nested jit bodies once per call site)
 
     @property
     def module(self) -> Module:
@@ -133,4 +134,4 @@ def build_program(closed: Any, name: str, passes: list[Pass], backend: str, veri
     compiled = compile_module(manager.stages[-1][1], backend, interpret, call_kernel, make_weak)
     timings.append(("codegen", time.perf_counter() - t0))
     return Program(closed, tuple(manager.stages), tuple(timings), front.param_sources, backend, compiled.run,
-                   compiled.kernels)
+                   compiled.kernels, front.num_eqns)
