@@ -3,7 +3,7 @@ kernels (Triton on an NVIDIA GPU, Pallas's interpreter on a CPU), print the prog
 it, and check the result against jax.jit.
 
     python examples/quickstart.py
-    fusec dump examples/quickstart.py:gpt2_block --backend pallas --stage all
+    fusec dump examples/quickstart.py:gpt2_block --stage all
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 import fusec
 
 D_MODEL, N_HEADS, SEQ = 64, 4, 16
+EXAMPLE_FUNCTION = "gpt2_block"  # what `fusec dump/inspect/source/graph examples/quickstart.py:...` shows
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-5) -> jax.Array:

@@ -4,6 +4,7 @@
     fusec dump FILE.py:FUNCTION [--stage S]   print the IR of a Python function after a pass
     fusec inspect FILE.py:FUNCTION [--gpu G]  kernels, bytes, FLOPs, roofline estimate (--json)
     fusec source FILE.py:FUNCTION [--kernel]  the generated Pallas source
+    fusec graph FILE.py:FUNCTION -o OUT       a picture of the fused graph (.html, .svg or .dot)
 
 Inputs for FUNCTION come from ``--args "x=f32[8,1024] w=bf16[1024,4096]"`` or, failing that, from an
 ``example_inputs()`` function in the same file returning the positional arguments.
@@ -134,6 +135,31 @@ def _cmd_source(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_graph(ns: argparse.Namespace) -> int:
+    from fusec.picture import fused_graph, to_dot
+    from fusec.picture_svg import to_html, to_svg
+    from fusec.report import build_report
+
+    out = Path(ns.output)
+    if out.suffix not in (".html", ".svg", ".dot"):
+        raise CliError(f"-o {ns.output}: the file name must end in .html, .svg or .dot")
+    if not out.parent.is_dir():
+        raise CliError(f"-o {ns.output}: no such directory: {out.parent}")
+    lowered = _lowered(ns)
+    graph = fused_graph(lowered.program.module)
+    if out.suffix == ".dot":
+        text = to_dot(graph)
+    elif out.suffix == ".svg":
+        text = to_svg(graph)
+    else:
+        text = to_html(graph, str(build_report(lowered, ns.gpu)))
+    out.write_text(text)
+    kernels = sum(n.kind == "kernel" for n in graph.nodes)
+    print(f"wrote {out}: {kernels} kernel(s), {sum(n.kind == 'xla' for n in graph.nodes)} XLA op(s), "
+          f"{len(graph.edges)} edge(s)")
+    return 0
+
+
 def _program_options(p: argparse.ArgumentParser, backend: str) -> None:
     p.add_argument("target", help="FILE.py:FUNCTION")
     p.add_argument("--args", default=None, help='argument types, e.g. "x=f32[8,1024] w=bf16[1024,4096]"')
@@ -151,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_cmd_check)
     dump = sub.add_parser("dump", help="print a function's IR after a pass",
                           epilog='example: fusec dump examples/quickstart.py:mlp --stage all')
-    _program_options(dump, "auto")
+    _program_options(dump, "pallas")
     dump.add_argument("--stage", default="final", help="input, a pass name, final (default) or all")
     dump.set_defaults(run=_cmd_dump)
     inspect = sub.add_parser("inspect", help="kernels, bytes, FLOPs and a roofline estimate",
@@ -165,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     _program_options(source, "pallas")
     source.add_argument("--kernel", default=None, help="one kernel's name (default: all)")
     source.set_defaults(run=_cmd_source)
+    graph = sub.add_parser("graph", help="draw the fused graph: kernels as coloured boxes, edges labelled with bytes",
+                           epilog="example: fusec graph examples/quickstart.py:gpt2_block -o gpt2.html")
+    _program_options(graph, "pallas")
+    graph.add_argument("-o", "--output", required=True, help="out.html (picture and report), out.svg or out.dot")
+    graph.add_argument("--gpu", default="h100", help="GPU for the report under an HTML picture")
+    graph.set_defaults(run=_cmd_graph)
     return parser
 
 

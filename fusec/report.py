@@ -11,7 +11,7 @@ from fusec.passes.cost import FREE_OPS, function_cost, nbytes, op_cost
 from fusec.roofline import gpu as gpu_spec
 from fusec.roofline import modeled_time
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: equation counts and each kernel's primitives
 
 
 @dataclass(frozen=True)
@@ -119,5 +119,6 @@ def build_report(lowered: Any, gpu: str = "h100") -> Report:
         modeled_time(spec, c.bytes, c.flops, "f32")
         for c in (op_cost(op) for op in module.entry.ops if op.opcode not in FREE_OPS | {"kernel"}))
     fallbacks = [{"primitive": f.primitive, "reason": f.reason} for f in program.fallbacks]
-    return Report(spec.name, program.backend, kernels, program.num_eqns, len(fused_locs), len(xla_locs), xla_ops, fallbacks, op_by_op.bytes, fused.bytes,
+    return Report(spec.name, program.backend, kernels, program.num_eqns, len(fused_locs), len(xla_locs), xla_ops,
+                  fallbacks, op_by_op.bytes, fused.bytes,
                   time_op_by_op, time_fused)

@@ -39,7 +39,8 @@ def test_check_reports_verifier_errors(tmp_path: Path, capsys) -> None:
 
 
 def test_dump_every_stage_of_the_quickstart(capsys) -> None:
-    assert main(["dump", str(REPO / "examples" / "quickstart.py") + ":gpt2_block", "--stage", "all"]) == 0
+    assert main(["dump", str(REPO / "examples" / "quickstart.py") + ":gpt2_block", "--stage", "all",
+                 "--backend", "xla"]) == 0
     out = capsys.readouterr().out
     chunks = out.split("// ----- after ")[1:]
     assert [c.split("\n", 1)[0] for c in chunks] == ["input", "inline", "canonicalize", "fold-constants", "cse",
@@ -66,6 +67,8 @@ def test_dump_with_args_spec(tmp_path: Path, capsys) -> None:
     (["dump", "examples/quickstart.py:gpt2_block", "--args", "x=f32[2,4]"], "missing 1 required positional"),
     (["dump", "examples/quickstart.py:gpt2_block", "--stage", "nope"], "no stage 'nope'"),
     (["check", "missing.fir"], "no such file: missing.fir"),
+    (["graph", "examples/quickstart.py:gpt2_block", "-o", "out.png"], "must end in .html, .svg or .dot"),
+    (["graph", "examples/quickstart.py:gpt2_block", "-o", "no/such/dir/g.svg"], "no such directory: no/such/dir"),
 ])
 def test_user_errors_are_one_line_with_status_2(argv, message, capsys, monkeypatch) -> None:
     monkeypatch.chdir(REPO)
@@ -74,7 +77,8 @@ def test_user_errors_are_one_line_with_status_2(argv, message, capsys, monkeypat
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
 
 
-def test_console_script_help() -> None:
-    out = subprocess.run([sys.executable, "-m", "fusec.cli", "dump", "--help"], capture_output=True, text=True,
+@pytest.mark.parametrize("command", ["check", "dump", "inspect", "source", "graph"])
+def test_every_command_has_help_with_an_example(command: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "fusec.cli", command, "--help"], capture_output=True, text=True,
                          check=True).stdout
-    assert "example: fusec dump" in out
+    assert f"example: fusec {command} " in out
