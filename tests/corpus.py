@@ -192,6 +192,13 @@ CORPUS: list[Case] = [
          lambda dt, r: (_n(r, dt, 6, 3), jnp.asarray([4, 0, 2])), falls_back=True),
     Case("random_inside", lambda x: x + jax.random.normal(jax.random.key(3), x.shape, x.dtype),
          lambda dt, r: (_n(r, dt, 4, 5),), falls_back=True),
+    Case("pad_edges", lambda x: (jnp.pad(x, ((1, 2), (0, 3))), lax.pad(x, jnp.asarray(0.5, x.dtype),
+                                                                       ((-1, 2, 0), (2, -3, 0)))),
+         lambda dt, r: (_n(r, dt, 5, 6),)),
+    Case("pow_int_exponent", lambda x, n: (jnp.abs(x) + 0.5) ** n,
+         lambda dt, r: (_n(r, dt, 4, 3), jnp.asarray([1, 2, 3], jnp.int32)), differentiable=False),
+    Case("grad_inside", lambda x, w: jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w) * (x @ w)))(w),
+         lambda dt, r: (_n(r, dt, 8, 16), _n(r, dt, 16, 8, scale=0.3))),
     Case("static_arg_power", lambda x, n: sum(x**k for k in range(n)), lambda dt, r: (_n(r, dt, 3, 3), 3),
          static_argnums=(1,)),
 ]

@@ -40,8 +40,18 @@ def register(*primitives: str) -> Callable[[Rule], Rule]:
 def require_defaults(eqn: Any, **defaults: Any) -> None:
     """Raises NoRule if a parameter other than the handled ones has a non-default value."""
     for key, value in eqn.params.items():
+        if key in ("sharding", "out_sharding") and _unpartitioned(value):
+            continue
         if key in defaults and value is not defaults[key] and value != defaults[key]:
             raise NoRule(f"parameter {key}={value!r} is not supported")
+
+
+def _unpartitioned(sharding: Any) -> bool:
+    """None, or a sharding over an empty mesh (what gradients of one-device code carry): nothing to honour."""
+    if sharding is None:
+        return True
+    mesh = getattr(sharding, "mesh", None)
+    return mesh is not None and not tuple(getattr(mesh, "axis_names", ("?",)))
 
 
 def type_name(dtype: Any) -> str:
@@ -64,6 +74,21 @@ def _elementwise(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
 
 
 register(*_SAME_NAME)(_elementwise)
+
+
+@register("pow")
+def _pow(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    # JAX lowers pow(float, int) by converting the exponent to the result's dtype first.
+    x, y = ins
+    if y.type.elem != x.type.elem:
+        y = ctx.builder.op("convert", [y], dtype=str(x.type.elem))
+    return [ctx.builder.op("pow", [ctx.broadcast_to(v, _out_shape(eqn)) for v in (x, y)])]
+
+
+@register("add_any")
+def _add_any(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    """Gradient accumulation: an ordinary add."""
+    return [ctx.builder.op("add", ins)]
 
 
 @register("round")
@@ -148,6 +173,28 @@ def _split(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
 @register("concatenate")
 def _concatenate(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
     return [ctx.builder.op("concatenate", ins, axis=int(eqn.params["dimension"]))]
+
+
+@register("pad")
+def _pad(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    """Edge padding as a slice (negative padding) and a concatenate with the padding value per axis."""
+    x, fill = ins
+    config = tuple(eqn.params["padding_config"])
+    if any(interior != 0 for _, _, interior in config):
+        raise NoRule("interior padding")
+    if any(lo < 0 or hi < 0 for lo, hi, _ in config):
+        start = tuple(max(-lo, 0) for lo, _, _ in config)
+        limit = tuple(n - max(-hi, 0) for n, (_, hi, _) in zip(x.type.shape, config))
+        x = ctx.builder.op("slice", [x], start=start, limit=limit, strides=(1,) * x.type.rank)
+    for axis, (lo, hi, _) in enumerate(config):
+        pieces = []
+        for amount in (lo, hi):
+            shape = tuple(amount if d == axis else n for d, n in enumerate(x.type.shape))
+            pieces.append(ctx.broadcast_to(fill, shape) if amount > 0 else None)
+        parts = [v for v in (pieces[0], x, pieces[1]) if v is not None]
+        if len(parts) > 1:
+            x = ctx.builder.op("concatenate", parts, axis=axis)
+    return [x]
 
 
 def _reduce(kind: str) -> Rule:
