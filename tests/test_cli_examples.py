@@ -2,36 +2,27 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
 import fusec
 from fusec.cli import main
 from fusec.ir import parse_module, verify_module
-
-EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.py"))
-
-
-def _load(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except ImportError as e:  # an example built on a model library that is not installed
-        pytest.skip(f"{path.name} needs {e.name}: pip install -e '.[examples]'")
-    return module
+from tests.test_examples import EXAMPLES, load_example
 
 
 @pytest.fixture(params=EXAMPLES, ids=lambda p: p.stem)
 def example(request):
     """(``FILE.py:FUNCTION``, the module, the Lowered program the CLI shows)."""
-    module = _load(request.param)
+    module = load_example(request.param)
     name = module.EXAMPLE_FUNCTION
-    lowered = fusec.jit(getattr(module, name), backend="pallas", interpret=True).lower(*module.example_inputs())
+    try:
+        args = module.example_inputs()
+    except ImportError as e:
+        pytest.skip(f"{request.param.name} needs {e.name}")
+    lowered = fusec.jit(getattr(module, name), backend="pallas", interpret=True).lower(*args)
     return f"{request.param}:{name}", module, lowered
 
 

@@ -167,19 +167,24 @@ def _quantize_leaf(path: str, w: Any, spec: QuantSpec) -> QuantizedArray:
                           jnp.dtype(arr.dtype))
 
 
-def _default_where(path: str, leaf: Any) -> bool:
-    return getattr(leaf, "ndim", 0) == 2
+def _quantizable(leaf: Any, spec: QuantSpec) -> bool:
+    """A 2-D float weight whose reduction axis (the first) splits into whole groups."""
+    dtype = getattr(leaf, "dtype", None)
+    if getattr(leaf, "ndim", 0) != 2 or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        return False
+    return spec.group is None or leaf.shape[0] % spec.group == 0
 
 
 def quantize(params: Any, spec: QuantSpec, where: Callable[[str, Any], bool] | None = None) -> Any:
     """``params`` with each selected 2-D float leaf replaced by a :class:`QuantizedArray`.
 
-    ``where(path, leaf)`` selects leaves (default: every 2-D array); paths are written as
+    ``where(path, leaf)`` selects leaves (default: every 2-D float array whose first axis, the
+    reduction axis of ``x @ w``, is a whole number of groups); paths are written as
     ``jax.tree_util.keystr`` writes them, e.g. ``['layer0']['w']``. Every selected leaf is checked
     before any is quantized: a bad spec or weight raises ``ValueError`` naming the path, and no
     partial pytree is returned.
     """
-    where = where or _default_where
+    where = where or (lambda path, leaf: _quantizable(leaf, spec))
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     chosen = {i for i, (path, leaf) in enumerate(leaves) if where(_path_name(path), leaf)}
     out = [_quantize_leaf(_path_name(path), leaf, spec) if i in chosen else leaf

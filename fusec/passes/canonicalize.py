@@ -6,6 +6,7 @@ value that replaces the op's result, or None.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -101,14 +102,39 @@ def _apply_rules(op: Op, producers: Producers) -> Op | tuple[Value, ...]:
             if isinstance(result, Value):
                 return (result,)
             if result is not None:
-                op, changed = result, True
+                # A rewrite stands for the op it replaces, so it keeps that op's equation.
+                op, changed = (result if result.loc else dataclasses.replace(result, loc=op.loc)), True
                 break
     return op
 
 
+def _transpose_of_dot(op: Op, producers: Producers, uses: Mapping[str, int]) -> Op | None:
+    """transpose(dot(a, b)) over the last two axes -> dot(b, a) with both layout flags flipped
+    ((AB)^T = B^T A^T), where the transpose is the dot's only user; vmapped ``W @ x`` takes this
+    form, and the matmul then meets its epilogue without a transpose in between."""
+    dot = _producer(op, 0, producers, "dot")
+    if dot is None or uses.get(dot.result.name) != 1 or not _swaps_last_two(op.attr("perm")):
+        return None
+    if any(v.type.rank != op.result.type.rank for v in dot.operands):
+        return None
+    attrs = dot.attr_dict | {"lhs_t": not dot.attr("rhs_t"), "rhs_t": not dot.attr("lhs_t")}
+    return Op.make("dot", dot.operands[::-1], op.results, **attrs)
+
+
 def canonicalize_function(func: Function) -> Function:
+    uses = func.uses()  # value names survive the rewrite, so the original counts stay valid
+
+    def visit(op: Op, producers: Producers) -> Op | tuple[Value, ...]:
+        result = _apply_rules(op, producers)
+        if isinstance(result, Op) and result.opcode == "transpose":
+            swapped = _transpose_of_dot(result, producers, uses)
+            if swapped is not None:
+                dot = producers[result.operands[0].name]
+                return _apply_rules(dataclasses.replace(swapped, loc=dot.loc), producers)
+        return result
+
     # Producers are rewritten before their users, so one forward walk reaches the fixed point.
-    return rewrite_forward(func, _apply_rules)
+    return rewrite_forward(func, visit)
 
 
 @register_pass
