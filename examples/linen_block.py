@@ -33,9 +33,7 @@ def forward(params: dict, x: jax.Array) -> jax.Array:
 
 
 def example_inputs() -> tuple[dict, jax.Array]:
-    # One sequence, [SEQ, D_MODEL]: with a leading batch axis, Dense's matmul runs on [batch * SEQ, D]
-    # between two reshapes, and fusec does not yet move a bias or activation across them.
-    x = jax.random.normal(jax.random.key(1), (SEQ, D_MODEL))
+    x = jax.random.normal(jax.random.key(1), (2, SEQ, D_MODEL))  # [batch, seq, features]
     return MODEL.init(jax.random.key(0), x), x
 
 

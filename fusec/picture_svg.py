@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from fusec.picture import Graph, Node
 
-CHAR_W, LINE_H, PAD, H_GAP, V_GAP = 7.2, 16, 8, 28, 56  # pixels, for 12px monospace text
+CHAR_W, LINE_H, PAD, H_GAP, V_GAP, LANE_W = 7.2, 16, 8, 28, 56, 4  # pixels, for 12px monospace text
 
 
 @dataclass(frozen=True)
@@ -42,16 +42,16 @@ def _layers(graph: Graph) -> dict[str, int]:
     return layer
 
 
-def _order(graph: Graph, layer: dict[str, int]) -> list[list[str]]:
+def _order(ids: list[str], layer: dict[str, int], links: list[tuple[str, str]]) -> list[list[str]]:
     depth = max(layer.values(), default=0) + 1
     rows: list[list[str]] = [[] for _ in range(depth)]
-    for n in graph.nodes:
-        rows[layer[n.id]].append(n.id)
-    neighbours: dict[str, list[str]] = {n.id: [] for n in graph.nodes}
-    for e in graph.edges:
-        neighbours[e.src].append(e.dst)
-        neighbours[e.dst].append(e.src)
-    for sweep in range(6):
+    for nid in ids:
+        rows[layer[nid]].append(nid)
+    neighbours: dict[str, list[str]] = {nid: [] for nid in ids}
+    for a, b in links:
+        neighbours[a].append(b)
+        neighbours[b].append(a)
+    for sweep in range(8):
         position = {nid: i for row in rows for i, nid in enumerate(row)}
         for row_index in (range(1, depth) if sweep % 2 == 0 else range(depth - 2, -1, -1)):
             row = rows[row_index]
@@ -64,24 +64,50 @@ def _order(graph: Graph, layer: dict[str, int]) -> list[list[str]]:
     return rows
 
 
-def layout(graph: Graph) -> tuple[list[Box], float, float]:
-    """Boxes with positions, and the drawing's width and height."""
+@dataclass(frozen=True)
+class Layout:
+    """Boxes, the drawing's size, and for each edge crossing rows the lane it takes through each
+    row it crosses: (x, top, bottom)."""
+
+    boxes: list[Box]
+    width: float
+    height: float
+    lanes: dict[tuple[str, str], list[tuple[float, float, float]]]
+
+
+def layout(graph: Graph) -> Layout:
+    """Layered positions; an edge spanning several rows gets a lane of its own in each row it
+    crosses, so it never runs behind a box."""
     by_id = {n.id: n for n in graph.nodes}
-    rows = _order(graph, _layers(graph))
+    layer = _layers(graph)
+    ids, links, chains = [n.id for n in graph.nodes], [], {}
+    for e in graph.edges:
+        chain = [f"~{e.src}>{e.dst}@{row}" for row in range(layer[e.src] + 1, layer[e.dst])]
+        layer.update({lane: row for lane, row in zip(chain, range(layer[e.src] + 1, layer[e.dst]))})
+        ids += chain
+        path = [e.src, *chain, e.dst]
+        links += list(zip(path, path[1:]))
+        chains[(e.src, e.dst)] = chain
+    rows = _order(ids, layer, links)
     sizes = {n.id: (PAD * 2 + CHAR_W * max(len(t) for t in (n.title, *n.lines)), PAD * 2 + LINE_H * (1 + len(n.lines)))
              for n in graph.nodes}
+    sizes.update({nid: (LANE_W, 0.0) for nid in ids if nid not in by_id})
     widths = [sum(sizes[i][0] for i in row) + H_GAP * max(len(row) - 1, 0) for row in rows]
     total_w = max(widths, default=0) + 2 * H_GAP
-    boxes, y = [], float(V_GAP / 2)
+    boxes, lane_at, y = [], {}, float(V_GAP / 2)
     for row, row_w in zip(rows, widths):
         x = (total_w - row_w) / 2
         row_h = max((sizes[i][1] for i in row), default=0)
         for nid in row:
             w, h = sizes[nid]
-            boxes.append(Box(by_id[nid], x, y + (row_h - h) / 2, w, h))
+            if nid in by_id:
+                boxes.append(Box(by_id[nid], x, y + (row_h - h) / 2, w, h))
+            else:
+                lane_at[nid] = (x + w / 2, y, y + row_h)
             x += w + H_GAP
         y += row_h + V_GAP
-    return boxes, total_w, y - V_GAP / 2
+    lanes = {edge: [lane_at[lane] for lane in chain] for edge, chain in chains.items() if chain}
+    return Layout(boxes, total_w, y - V_GAP / 2, lanes)
 
 
 def _text(x: float, y: float, text: str, weight: str = "normal") -> str:
@@ -91,7 +117,8 @@ def _text(x: float, y: float, text: str, weight: str = "normal") -> str:
 
 def to_svg(graph: Graph) -> str:
     """A standalone SVG document."""
-    boxes, width, height = layout(graph)
+    drawn = layout(graph)
+    boxes, width, height, lanes = drawn.boxes, drawn.width, drawn.height, drawn.lanes
     at = {b.node.id: b for b in boxes}
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
              f'viewBox="0 0 {width:.0f} {height:.0f}">',
@@ -101,14 +128,17 @@ def to_svg(graph: Graph) -> str:
              '<rect width="100%" height="100%" fill="white"/>']
     # Edges leave and enter boxes at ports spread along their bottom and top sides, in the order of
     # the box at the other end, so arrows into one box neither meet nor cross at the border.
-    out_port, in_port = _ports(graph, at, outgoing=True), _ports(graph, at, outgoing=False)
+    out_port, in_port = _ports(graph, at, lanes, outgoing=True), _ports(graph, at, lanes, outgoing=False)
     labels, labelled = [], set()
     for e in graph.edges:
         a, b = at[e.src], at[e.dst]
         x1, y1, x2, y2 = out_port[(e.src, e.dst)], a.y + a.h, in_port[(e.src, e.dst)], b.y
-        mid = (y1 + y2) / 2
-        parts.append(f'<path d="M {x1:.1f} {y1:.1f} C {x1:.1f} {mid:.1f}, {x2:.1f} {mid:.1f}, {x2:.1f} {y2:.1f}" '
-                     f'fill="none" stroke="#555" stroke-width="1.2" marker-end="url(#arrow)">'
+        d, (px, py) = f"M {x1:.1f} {y1:.1f}", (x1, y1)
+        for lx, top, bottom in lanes.get((e.src, e.dst), []):
+            d += f" {_curve(px, py, lx, top)} L {lx:.1f} {bottom:.1f}"
+            px, py = lx, bottom
+        d += f" {_curve(px, py, x2, y2)}"
+        parts.append(f'<path d="{d}" fill="none" stroke="#555" stroke-width="1.2" marker-end="url(#arrow)">'
                      f"<title>{html.escape(e.label)}</title></path>")
         # Inputs show their size in their box; a kernel's result is labelled once, under the kernel.
         if a.node.kind != "input" and (e.src, e.label) not in labelled:
@@ -131,11 +161,21 @@ def to_svg(graph: Graph) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _ports(graph: Graph, at: dict[str, Box], outgoing: bool) -> dict[tuple[str, str], float]:
+def _curve(x1: float, y1: float, x2: float, y2: float) -> str:
+    """A cubic segment leaving and arriving vertically."""
+    mid = (y1 + y2) / 2
+    return f"C {x1:.1f} {mid:.1f}, {x2:.1f} {mid:.1f}, {x2:.1f} {y2:.1f}"
+
+
+def _ports(graph: Graph, at: dict[str, Box], lanes: dict[tuple[str, str], list[tuple[float, float, float]]],
+           outgoing: bool) -> dict[tuple[str, str], float]:
     ends: dict[str, list[tuple[float, tuple[str, str]]]] = {}
     for e in graph.edges:
         here, there = (e.src, e.dst) if outgoing else (e.dst, e.src)
-        ends.setdefault(here, []).append((at[there].x + at[there].w / 2, (e.src, e.dst)))
+        lane = lanes.get((e.src, e.dst))
+        # Ports are ordered by where the edge heads: its first (or last) lane, else the other box.
+        toward = (lane[0][0] if outgoing else lane[-1][0]) if lane else at[there].x + at[there].w / 2
+        ends.setdefault(here, []).append((toward, (e.src, e.dst)))
     ports = {}
     for node_id, items in ends.items():
         box = at[node_id]

@@ -8,7 +8,7 @@ from fusec.passes import Pass, parse_pipeline
 
 DEFAULT_PIPELINE: tuple[str, ...] = ("inline", "canonicalize", "fold-constants", "cse", "dce")
 # Kernel backends add fusion and tiling (with the tile target chosen by where kernels run).
-KERNEL_PASSES: tuple[str, ...] = ("fuse", "dce")
+KERNEL_PASSES: tuple[str, ...] = ("sink-reshapes", "cse", "dce", "fuse", "dce")
 
 
 def resolve_pipeline(passes: str | Sequence[str | Pass] | None, backend: str = "xla",

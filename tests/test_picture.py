@@ -15,11 +15,19 @@ from tests.corpus import CORPUS
 
 def _check_layout(module) -> None:
     graph = fused_graph(module)
-    boxes, width, height = layout(graph)
+    drawn = layout(graph)
+    boxes, width, height = drawn.boxes, drawn.width, drawn.height
     at = {b.node.id: b for b in boxes}
     assert len(boxes) == len(graph.nodes)
     for e in graph.edges:  # data flows one way: each edge leaves a box above the one it enters
         assert at[e.src].y + at[e.src].h < at[e.dst].y, e
+        lanes = drawn.lanes.get((e.src, e.dst), [])
+        # A long edge passes each row between its ends in a lane of its own, clear of every box.
+        rows_between = {b.y + b.h / 2 for b in boxes if at[e.src].y + at[e.src].h < b.y and b.y + b.h < at[e.dst].y}
+        assert len(lanes) >= (1 if rows_between else 0)
+        for x, top, bottom in lanes:
+            assert at[e.src].y < top <= bottom < at[e.dst].y
+            assert not any(b.x <= x <= b.x + b.w and b.y < bottom and top < b.y + b.h for b in boxes), (e, x)
     for a in boxes:
         assert 0 <= a.x and a.x + a.w <= width and 0 <= a.y and a.y + a.h <= height
         for b in boxes:

@@ -1,6 +1,16 @@
 """IR -> IR passes. Importing this package registers every pass by name. No JAX here."""
 
-from fusec.passes import canonicalize, cse, dce, fold_constants, fusion, inline, tiling, views  # noqa: F401  (registers the passes)
+from fusec.passes import (  # noqa: F401  (registers the passes)
+    canonicalize,
+    cse,
+    dce,
+    fold_constants,
+    fusion,
+    inline,
+    sink_reshapes,
+    tiling,
+    views,
+)
 from fusec.passes.base import PASSES, Pass, PassManager, parse_pipeline, register_pass
 
 __all__ = ["PASSES", "Pass", "PassManager", "parse_pipeline", "register_pass"]
