@@ -157,7 +157,11 @@ def test_quantize_errors_name_the_parameter_path() -> None:
     with pytest.raises(ValueError, match=r"\['enc'\]\['w'\]: group size 64 does not divide"):
         lowprec.quantize(params, lowprec.QuantSpec(4, 64), where=lambda p, x: p.endswith("['w']"))
     with pytest.raises(ValueError, match=r"\['enc'\]\['ids'\]: only float weights"):
-        lowprec.quantize(params, lowprec.QuantSpec(4, 32))
+        lowprec.quantize(params, lowprec.QuantSpec(4, 32), where=lambda p, x: True)
+    # The default picks float weights that split into whole groups, and leaves the rest alone.
+    picked = lowprec.quantize(params, lowprec.QuantSpec(4, 32))
+    assert lowprec.is_quantized(picked["enc"]["w"]) and picked["enc"]["ids"] is params["enc"]["ids"]
+    assert not lowprec.is_quantized(lowprec.quantize(params, lowprec.QuantSpec(4, 64))["enc"]["w"])
     with pytest.raises(ValueError, match=r"\['enc'\]\['w'\]: bit width must be an int in 1..8, got 9"):
         lowprec.quantize(params, lowprec.QuantSpec(9, 32), where=lambda p, x: p.endswith("['w']"))
     with pytest.raises(ValueError, match=r"\['enc'\]\['w'\]: a 3-bit lookup table needs 8 values, got 4"):
