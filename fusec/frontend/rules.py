@@ -244,7 +244,8 @@ def _dot_general(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
     lc, rc, lb, rb = (tuple(int(d) for d in x) for x in (lc, rc, lb, rb))
     lf = tuple(d for d in range(lhs.type.rank) if d not in lc and d not in lb)
     rf = tuple(d for d in range(rhs.type.rank) if d not in rc and d not in rb)
-    batch = tuple(lhs.type.shape[d] for d in lb)
+    # Several batch dimensions merge into one: kernels take [B, M, K] x [B, K, N].
+    batch = (math.prod(lhs.type.shape[d] for d in lb),) if lb else ()
 
     def size(v: Value, dims: tuple[int, ...]) -> int:
         return math.prod(v.type.shape[d] for d in dims)
