@@ -17,6 +17,8 @@ def test_gpu_suite_dry_run_prints_every_row_group(capsys) -> None:
     for fmt in gpu.FORMATS:
         assert f"\nlow-bit matmul  {fmt} " in out
     assert "failed" not in out  # every baseline, JAX's Pallas ops included, ran
+    errors = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("low-bit matmul")]
+    assert errors and max(errors) < 2e-2  # fusec's low-bit products agree with XLA's (bf16 output)
     rows = [line for line in out.splitlines() if line.startswith(("low-bit", "model block", "norm", "compile"))]
     assert len(rows) == 2 * 2 * len(gpu.FORMATS) + 4 + 6 + 1
 
