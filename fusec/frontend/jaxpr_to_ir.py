@@ -150,7 +150,8 @@ class Lowerer:
         ins = [self.read(v) for v in eqn.invars]
         expected = [aval_to_type(v.aval) for v in eqn.outvars]
         rule = RULES.get(eqn.primitive.name)
-        mark = len(self.builder.ops), len(self.builder.params), len(self.const_sources)
+        mark = (len(self.builder.ops), len(self.builder.params), len(self.const_sources), self.eqn_count,
+                len(self.call_sites))
         reason = f"no fusec rule for primitive '{eqn.primitive.name}'"
         if rule is not None:
             try:
@@ -169,6 +170,8 @@ class Lowerer:
             del self.builder.ops[mark[0]:]
             del self.builder.params[mark[1]:]
             del self.const_sources[mark[2]:]
+            self.eqn_count = mark[3]  # equations of an inlined body that was rolled back
+            del self.call_sites[mark[4]:]
         self._bind(eqn, self._opaque(eqn, ins, expected, reason))
 
     def _opaque(self, eqn: Any, ins: list[Value], types: list[TensorType], reason: str) -> list[Value]:
