@@ -245,3 +245,28 @@ def test_sibling_matmuls_share_one_kernel() -> None:
     first = module.function(str(kernels[0].attr("callee")))
     assert sum(op.opcode == "dot" for op in first.ops) == 2
     assert_trees_close(fused(*args), jax.jit(case.fn)(*args), loose=True)
+
+
+@pytest.mark.parametrize("name", ["erf", "erfc"])
+def test_erf_and_erfc_in_kernels_are_accurate(name: str) -> None:
+    # Pallas's Triton lowering has no erf/erfc, so kernels compute them from elementary ops
+    # (fusec/codegen/pallas_special.py); compared here with float64 math.erf/math.erfc.
+    import math
+
+    fn = {"erf": jax.lax.erf, "erfc": jax.lax.erfc}[name]
+    exact = {"erf": math.erf, "erfc": math.erfc}[name]
+    x = np.concatenate([np.linspace(-12, 12, 4001), [0.0, -0.0, 1e-30, -1e-30, 1e-8, 0.5, 3.9, 4.1, 9.0, 10.4, 10.6]])
+    x = x.astype(np.float32).reshape(-1, 1)
+    lowered = fusec.jit(lambda v: fn(v) * 1.0, backend="pallas", interpret=True).lower(x)
+    assert name in [o.opcode for f in lowered.program.module.functions[1:] for o in f.ops]  # inside the kernel
+    lowered.lower_for("cuda")
+    got = np.asarray(fusec.jit(lambda v: fn(v) * 1.0, backend="pallas", interpret=True)(x), np.float64).ravel()
+    truth = np.array([exact(float(v)) for v in x.ravel()])
+    tiny = np.abs(truth) < 1e-37  # float32 cannot hold it; 0 or a denormal are both right
+    rel = np.abs(got - truth)[~tiny] / np.maximum(np.abs(truth[~tiny]), 1e-30)
+    assert rel.max() < (1e-6 if name == "erfc" else 2e-6), (rel.max(), x.ravel()[~tiny][rel.argmax()])
+    assert np.all(np.abs(got[tiny]) < 1e-37)
+    special = np.asarray(fusec.jit(fn, backend="pallas", interpret=True)(
+        np.array([[np.inf], [-np.inf], [np.nan]], np.float32))).ravel()
+    want = np.asarray(jax.jit(fn)(np.array([[np.inf], [-np.inf], [np.nan]], np.float32))).ravel()
+    np.testing.assert_array_equal(special, want)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from fusec.codegen.pallas_body import BodyWriter, KernelLayout, jnp_dtype, write_body
+from fusec.codegen.pallas_special import SPECIAL_FUNCTIONS, SPECIAL_SOURCE
 from fusec.codegen.pallas_unpack import packed_part_rows, unpack_tile
 from fusec.codegen.xla import Evaluator
 from fusec.errors import FusecError
@@ -135,7 +136,8 @@ def generate_source(op: Op, func: Function, ident: str) -> str:
         f"        name={ident!r},  # PTX names allow no dots",
         "    )(*args)",
     ]
-    return _PRELUDE + "\n\n" + "\n".join(lines) + "\n"
+    special = SPECIAL_SOURCE if any(o.opcode in SPECIAL_FUNCTIONS for o in func.ops) else ""
+    return _PRELUDE + special + "\n\n" + "\n".join(lines) + "\n"
 
 
 def _block_spec(dims: list[tuple[int | None, int | None]], shape: tuple[int, ...], view: View | None,

@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fusec.codegen.pallas_special import SPECIAL_FUNCTIONS
 from fusec.errors import FusecError
 from fusec.ir import DType, Op, Value
 from fusec.passes.views import space_block_dims
@@ -120,7 +121,7 @@ def _widened(op: Op, call: str, args: list[str]) -> str:
     return f"{call}({', '.join(args)})"
 
 
-for _op, _fn in {**_LAX_UNARY, **_LAX_BINARY}.items():
+for _op, _fn in {**_LAX_UNARY, **_LAX_BINARY, **SPECIAL_FUNCTIONS}.items():
     EMITTERS[_op] = (lambda fn: lambda w, op, a: _widened(op, fn, a))(_fn)
 
 EMITTERS["stop_gradient"] = lambda w, op, a: a[0]

@@ -24,12 +24,12 @@ from fusec.ir.opdefs import OPDEFS
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.cost import Cost, nbytes, op_flops
 
-# Elementwise opcodes Pallas's Triton lowering handles (checked by lowering each for cuda); erf,
-# erfc, lgamma, digamma and round have no Triton lowering, and popcount/clz on uint32 fail to
-# compile in triton 3.9, so they stay with XLA.
+# Elementwise opcodes kernels can hold (checked by lowering each for cuda): lgamma, digamma and
+# round have no Pallas-Triton lowering, and popcount/clz on uint32 fail to compile in triton 3.9,
+# so they stay with XLA; erf and erfc have none either, and codegen writes them out (pallas_special).
 KERNEL_ELEMENTWISE = frozenset(
     name for name, d in OPDEFS.items() if d.kind == "elementwise"
-) - {"erf", "erfc", "lgamma", "digamma", "round", "population_count", "clz"}
+) - {"lgamma", "digamma", "round", "population_count", "clz"}
 BOOL_OK = frozenset({"and", "or", "xor", "not", "eq", "ne", "select", "convert", "broadcast"})
 KERNEL_DTYPES = frozenset({"f32", "bf16", "f16", "i8", "i16", "i32", "u8", "u16", "u32", "bool"})
 DOT_DTYPES = frozenset({"f32", "bf16", "f16"})
