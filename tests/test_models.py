@@ -89,3 +89,18 @@ def test_minilm_embeddings_match_jax_jit_and_quantized_cosines() -> None:
     print("\nMiniLM, int weights, group 32: min cosine to the float model "
           + ", ".join(f"{b} bits {c:.5f}" for b, c in by_bits.items()))
     assert by_bits[8] > 0.999 and by_bits[8] > by_bits[6] > by_bits[4] > by_bits[3] > 0.5
+
+
+@pytest.mark.parametrize("name", [*LIBRARY_EXAMPLES.values(), pytest.param("minilm", marks=pytest.mark.slow)])
+def test_model_kernels_compile_to_cubin_without_spills(name: str) -> None:
+    # The kernels these models produce, built for a GPU, lower for cuda and compile for sm_90
+    # (no GPU needed; see Lowered.gpu_resources).
+    ex = _example(name)
+    try:
+        args = ex.example_inputs()
+    except ImportError as e:
+        pytest.skip(f"{name} needs {e.name}")
+    lowered = fusec.jit(getattr(ex, ex.EXAMPLE_FUNCTION), backend="pallas", interpret=False).lower(*args)
+    resources = lowered.gpu_resources(90)
+    assert len(resources) == len(lowered.program.kernels) > 0
+    assert all(r.spills == 0 for r in resources), [r for r in resources if r.spills]
