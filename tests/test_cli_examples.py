@@ -10,7 +10,7 @@ import pytest
 import fusec
 from fusec.cli import main
 from fusec.ir import parse_module, verify_module
-from tests.test_examples import EXAMPLES, load_example
+from tests.test_examples import EXAMPLES, example_args, load_example
 
 
 @pytest.fixture(params=EXAMPLES, ids=lambda p: p.stem)
@@ -18,10 +18,7 @@ def example(request):
     """(``FILE.py:FUNCTION``, the module, the Lowered program the CLI shows)."""
     module = load_example(request.param)
     name = module.EXAMPLE_FUNCTION
-    try:
-        args = module.example_inputs()
-    except ImportError as e:
-        pytest.skip(f"{request.param.name} needs {e.name}")
+    args = example_args(module)
     lowered = fusec.jit(getattr(module, name), backend="pallas", interpret=True).lower(*args)
     return f"{request.param}:{name}", module, lowered
 

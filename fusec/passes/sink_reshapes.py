@@ -11,7 +11,9 @@ are rebuilt at [M, N], anything else is reshaped (a free, row-major merge of lea
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from fusec.ir import Function, Module, Op, TensorType, Value
 from fusec.ir.opdefs import OPDEFS
@@ -104,7 +106,7 @@ class _Sinker:
         elif op.opcode in ELEMENTWISE and all(v.type.shape == out.type.shape for v in op.operands):
             rows = forms[0].type.shape
             operands = tuple(self.to_rows(v, rows, op.loc) for v in op.operands)
-            self._emit_rows(op, operands, TensorType(out.type.elem, rows), op.attrs)
+            self._emit_rows(op, operands, TensorType(out.type.elem, rows), op.attr_dict)
         elif op.opcode == "reduce" and tuple(op.attr("axes")) == (out.type.rank,) and forms[0].type.rank == 2:
             # A reduction over the last axis: per row of [M, N], giving [M].
             src = forms[0]
@@ -126,11 +128,11 @@ class _Sinker:
         dims = tuple(op.attr("dims"))
         return dims == tuple(range(src.type.rank)) and src.type.shape[:out.type.rank - 1] == out.type.shape[:-1]
 
-    def _emit_rows(self, op: Op, operands: tuple[Value, ...], type_: TensorType, attrs: object) -> None:
+    def _emit_rows(self, op: Op, operands: tuple[Value, ...], type_: TensorType, attrs: Mapping[str, Any]) -> None:
         """``op`` on row forms, then a reshape back to its result's shape under its result's name."""
         out = op.results[0]
         flat = self.fresh(out.name, type_)
-        made = Op.make(op.opcode, operands, (flat,), **dict(attrs))  # type: ignore[call-overload]
+        made = Op.make(op.opcode, operands, (flat,), **attrs)
         self.emit(replace(made, loc=op.loc))
         self.emit(replace(Op.make("reshape", (flat,), (out,), shape=out.type.shape), loc=op.loc))
         self.rows[out.name] = flat
