@@ -15,6 +15,7 @@ import fusec
 from fusec.passes.cost import FREE_OPS, function_cost
 from tests.corpus import CORPUS, Case
 from tests.helpers import assert_trees_close
+from tests.test_bounds import check_masks
 from tests.test_corpus import _args, _float_argnums, _float_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -35,6 +36,7 @@ def test_every_corpus_kernel_lowers_for_cuda(case: Case, dtype: str) -> None:
     assert text.count("__gpu$xla.gpu.triton") >= len(kernels)
     for spec in kernels.values():
         assert "pl.pallas_call(" in spec.source
+    check_masks(fn, *args, static_argnums=case.static_argnums)
 
 
 EDGE_CASES = [

@@ -4,19 +4,21 @@ CPU it runs in Pallas's interpret mode."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fusec.codegen.pallas_access import Access, access
 from fusec.codegen.pallas_body import BodyWriter, KernelLayout, jnp_dtype, write_body
 from fusec.codegen.pallas_special import SPECIAL_FUNCTIONS, SPECIAL_SOURCE
 from fusec.codegen.pallas_unpack import packed_part_rows, unpack_tile
 from fusec.codegen.xla import Evaluator
 from fusec.errors import FusecError
 from fusec.ir import Function, LowBitType, Module, Op, Value
-from fusec.passes.views import View, block_spec_through_view, value_block_dims
+from fusec.passes.views import View, value_block_dims
 
 _PRELUDE = """import jax
 import jax.numpy as jnp
@@ -37,6 +39,8 @@ class KernelSpec:
     pallas: Callable[..., list[Any]]  # pallas(*args, interpret=bool)
     reference: Callable[..., list[Any]]  # the kernel's ops through XLA
     interpret: bool  # run in interpret mode wherever it is lowered
+    masked_refs: tuple[int, ...] = ()  # positions (inputs, then outputs) of refs whose blocks can overhang
+
 
     def __repr__(self) -> str:
         return f"KernelSpec({self.name})"
@@ -66,34 +70,35 @@ def generate_source(op: Op, func: Function, ident: str) -> str:
     squeeze, bk = tuple(op.attr("squeeze")), op.attr("bk")
     layout = KernelLayout(space, block, squeeze, bk)
     r = len(space)
-    g = [f"g{d}" for d in range(r)]
     w = BodyWriter(layout)
     roles = _param_roles(func)
     in_views = {int(i): View.decode(v) for i, v in op.attr("in_views", ())}
     out_views = {int(j): View.decode(v) for j, v in op.attr("out_views", ())}
     in_specs: list[str] = []
     loads: list[str] = []
-    refs: dict[str, list[str]] = {}  # parameter name -> its refs (a low-bit weight has several)
+    refs: dict[str, list[Access]] = {}  # parameter name -> its refs (a low-bit weight has several)
     for i, p in enumerate(func.params):
         if isinstance(p.type.elem, LowBitType):
             part_rows = packed_part_rows(p.type)
-            refs[p.name] = [f"in{i}_{j}" for j in range(len(part_rows))]
-            in_specs += [_block_spec([(rows, None), (block[-1], r - 1)], (rows, p.type.shape[1]), None, g, False)
-                         for rows in part_rows]
+            refs[p.name] = [access(f"in{i}_{j}", [(rows, None), (block[-1], r - 1)], (rows, p.type.shape[1]), None,
+                                   False) for j, rows in enumerate(part_rows)]
+            in_specs += [a.spec for a in refs[p.name]]
             continue
-        refs[p.name] = [f"in{i}"]
+        acc = access(f"in{i}", value_block_dims(op, func, p), p.type.shape, in_views.get(i), False)
+        refs[p.name] = [acc]
         if p.name not in roles:
             _check_fits(p, layout, func.name)
-            loads.append(f"{w.name(p)} = in{i}[...]")
-        in_specs.append(_block_spec(value_block_dims(op, func, p), p.type.shape, in_views.get(i), g, False))
+            loads.append(f"{w.name(p)} = {acc.load()}")
+        in_specs.append(acc.spec)
     out_specs, out_shapes, stores = [], [], []
     for j, v in enumerate(func.returns):
         _check_fits(v, layout, func.name)
-        out_specs.append(_block_spec(value_block_dims(op, func, v), v.type.shape, out_views.get(j), g, True))
+        acc = access(f"out{j}", value_block_dims(op, func, v), v.type.shape, out_views.get(j), True)
+        out_specs.append(acc.spec)
         shape = out_views[j].base_shape if j in out_views else v.type.shape
         out_shapes.append(f"jax.ShapeDtypeStruct({tuple(shape)}, {jnp_dtype(v)})")
-        stores.append((j, v))
-    body: list[str] = []
+        stores.append((acc, v))
+    body: list[str] = [f"g = {_idx([f'pl.program_id({d})' for d in range(r)])}"]
     if any(o.opcode == "reduce" for o in func.ops) and space[-1] != block[-1]:
         body.append(f"_cols = lax.broadcasted_iota(jnp.int32, {layout.full_shape}, {len(layout.full_shape) - 1})")
     body += loads
@@ -114,9 +119,9 @@ def generate_source(op: Op, func: Function, ident: str) -> str:
         body += _dot_loop(w, dots, func, layout, refs)
     write_body(w, pending)
     body += w.lines
-    for j, v in stores:
-        body.append(f"out{j}[...] = {w.name(v)}")
-    arguments = [name for p in func.params for name in refs[p.name]] + [f"out{j}" for j in range(len(func.returns))]
+    for acc, v in stores:
+        body.append(acc.store(w.name(v)))
+    arguments = [a.ref for p in func.params for a in refs[p.name]] + [a.ref for a, _ in stores]
     lines = [f"def {ident}_body({', '.join(arguments)}):"] + ["    " + line for line in body]
     lines += [
         "",
@@ -140,22 +145,6 @@ def generate_source(op: Op, func: Function, ident: str) -> str:
     return _PRELUDE + special + "\n\n" + "\n".join(lines) + "\n"
 
 
-def _block_spec(dims: list[tuple[int | None, int | None]], shape: tuple[int, ...], view: View | None,
-                g: list[str], output: bool) -> str:
-    """A BlockSpec for a value read or written with ``dims``, directly or through ``view``."""
-    if view is None:
-        blocks: list[int | None] = [b for b, _ in dims]
-        index = [g[a] if a is not None else "0" for _, a in dims]
-    else:
-        through = block_spec_through_view(view, shape, dims, output)
-        if through is None:
-            raise FusecError(f"a folded view {view} cannot be addressed blockwise")
-        blocks = through[0]
-        index = [" + ".join([str(const)] * bool(const or not terms)
-                            + [f"{c} * {g[a]}" if c != 1 else g[a] for c, a in terms]) for const, terms in through[1]]
-    return f"pl.BlockSpec({_block(blocks)}, lambda {', '.join(g)}: {_idx(index)})"
-
-
 def _check_fits(v: Value, layout: KernelLayout, name: str) -> None:
     shape, space = v.type.shape, layout.space
     if not ((len(shape) == len(space) and all(a in (1, b) for a, b in zip(shape, space)))
@@ -164,7 +153,7 @@ def _check_fits(v: Value, layout: KernelLayout, name: str) -> None:
 
 
 def _dot_loop(w: BodyWriter, dots: list[Op], func: Function, layout: KernelLayout,
-              refs: dict[str, list[str]]) -> list[str]:
+              refs: dict[str, list[Access]]) -> list[str]:
     """The K loop of a matmul: masked loads of K slices, f32 accumulation, cast to the dot's dtype.
     Sibling dots share the lhs: it is loaded once per step for all of them."""
     first = dots[0]
@@ -176,8 +165,8 @@ def _dot_loop(w: BodyWriter, dots: list[Op], func: Function, layout: KernelLayou
     steps = -(-k // bk)
     bm, bn = layout.block[-2], layout.block[-1]
     a_k = 0 if lhs_t else 1
-    a_slice = f"{lhs_ref}[pl.ds(kk * {bk}, {bk}), :]" if lhs_t else f"{lhs_ref}[:, pl.ds(kk * {bk}, {bk})]"
-    lines = ["def _k_step(kk, accs):", f"    a = {a_slice}"]
+    k_slice = (f"kk * {bk}", bk, steps * bk)
+    lines = ["def _k_step(kk, accs):", f"    a = {lhs_ref.load({a_k: k_slice})}"]
     if k % bk:
         lines.append(f"    a = jnp.where(lax.broadcasted_iota(jnp.int32, a.shape, {a_k}) + kk * {bk} < {k}, a, "
                      "jnp.zeros_like(a))")
@@ -188,12 +177,11 @@ def _dot_loop(w: BodyWriter, dots: list[Op], func: Function, layout: KernelLayou
         b_k = 1 if rhs_t else 0
         dq = producers.get(dot.operands[1].name)
         if dq is not None and dq.opcode == "dequantize":
-            parts = [name for v in dq.operands for name in refs[v.name]]
+            parts = [a for v in dq.operands for a in refs[v.name]]
             lines += ["    " + line for line in unpack_tile(dq, parts, bk, bn, f"b{n}")]
         else:
             rhs_ref = refs[dot.operands[1].name][0]
-            b_slice = f"{rhs_ref}[:, pl.ds(kk * {bk}, {bk})]" if rhs_t else f"{rhs_ref}[pl.ds(kk * {bk}, {bk}), :]"
-            lines.append(f"    b{n} = {b_slice}")
+            lines.append(f"    b{n} = {rhs_ref.load({b_k: k_slice})}")
         if k % bk:
             lines.append(f"    b{n} = jnp.where(lax.broadcasted_iota(jnp.int32, b{n}.shape, {b_k}) + kk * {bk} < {k}, "
                          f"b{n}, jnp.zeros_like(b{n}))")
@@ -267,7 +255,15 @@ def build_kernel(op: Op, module: Module, interpret: bool) -> KernelSpec:
                 for j, o in enumerate(outs)]
 
     return KernelSpec(func.name, source, tuple(v.type for v in op.operands), tuple(r.type for r in op.results),
-                      namespace[ident], reference, interpret)
+                      namespace[ident], reference, interpret, masked_refs(source, ident))
+
+
+def masked_refs(source: str, ident: str) -> tuple[int, ...]:
+    """Positions of the kernel's refs (its arguments, in order) that some load or store masks."""
+    header = re.search(rf"def {ident}_body\((.*)\):", source)
+    assert header is not None
+    names = [n.strip() for n in header.group(1).split(",")]
+    return tuple(i for i, n in enumerate(names) if re.search(rf"plgpu\.(load|store)\({n}\b", source))
 
 
 def kernel_ops(module: Module) -> list[Op]:

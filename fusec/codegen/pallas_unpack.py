@@ -8,6 +8,7 @@ tables, a chain of selects over the table's values) and scaled by the tile's gro
 
 from __future__ import annotations
 
+from fusec.codegen.pallas_access import Access
 from fusec.codegen.pallas_body import jnp_dtype, literal
 from fusec.ir import LowBitType, Op, TensorType, parse_elem_type
 from fusec.lowprec.formats import format_of, group_size
@@ -24,20 +25,22 @@ def packed_part_rows(t: TensorType) -> list[int]:
     return rows + [k // group] * (1 + int(t.elem.zero_point))
 
 
-def unpack_tile(dq: Op, refs: list[str], bk: int, bn: int, out: str) -> list[str]:
+def unpack_tile(dq: Op, refs: list[Access], bk: int, bn: int, out: str) -> list[str]:
     """Lines (inside the K loop, step ``kk``) that leave the dequantized tile in ``out``; ``refs``
-    name the planes', scales' and zero-points' refs."""
+    are the planes', scales' and zero-points' accesses (rows sliced per step, columns masked where
+    the column block overhangs)."""
     fmt = parse_elem_type(str(dq.attr("format")))
     assert isinstance(fmt, LowBitType)
     k = dq.attr("shape")[0]
     group = group_size(fmt, k)
+    steps = -(-k // bk)
     lines = [f"codes = jnp.zeros(({bk}, {bn}), jnp.uint32)"]
     shift = 0
     for i, p in enumerate(plane_widths(fmt.bits)):
         per_word = WORD_BITS // p
         rows = bk // per_word
         lines += [
-            f"words = {refs[i]}[pl.ds(kk * {rows}, {rows}), :]",
+            f"words = {refs[i].load({0: (f'kk * {rows}', rows, steps * rows)})}",
             f"words = jnp.broadcast_to(words[:, None, :], ({rows}, {per_word}, {bn})).reshape({bk}, {bn})",
             f"lanes = (lax.broadcasted_iota(jnp.int32, ({bk}, {bn}), 0) % {per_word}).astype(jnp.uint32) * {p}",
             f"codes = codes | (((words >> lanes) & {2**p - 1}) << {shift})",
@@ -45,12 +48,13 @@ def unpack_tile(dq: Op, refs: list[str], bk: int, bn: int, out: str) -> list[str
         shift += p
     n_planes = len(plane_widths(fmt.bits))
     row = "0" if group >= k else f"(kk * {bk}) // {group}"
-    lines.append(f"scale = {refs[n_planes]}[pl.ds({row}, 1), :].astype(jnp.float32)")
+    one_row = {0: (row, 1, ((steps - 1) * bk) // group + 1)}
+    lines.append(f"scale = {refs[n_planes].load(one_row)}.astype(jnp.float32)")
     if fmt.family == "int":
         half, full = 2 ** (fmt.bits - 1), 2**fmt.bits
         lines += ["c = codes.astype(jnp.int32)", f"values = jnp.where(c >= {half}, c - {full}, c).astype(jnp.float32)"]
     elif fmt.family == "uint":
-        lines.append(f"zero = {refs[n_planes + 1]}[pl.ds({row}, 1), :].astype(jnp.float32)")
+        lines.append(f"zero = {refs[n_planes + 1].load(one_row)}.astype(jnp.float32)")
         lines.append("values = codes.astype(jnp.float32) - zero")
     elif fmt.family == "float":
         e, m = fmt.exp_bits or 0, fmt.bits - 1 - (fmt.exp_bits or 0)
