@@ -272,3 +272,18 @@ def test_erf_and_erfc_in_kernels_are_accurate(name: str) -> None:
         np.array([[np.inf], [-np.inf], [np.nan]], np.float32))).ravel()
     want = np.asarray(jax.jit(fn)(np.array([[np.inf], [-np.inf], [np.nan]], np.float32))).ravel()
     np.testing.assert_array_equal(special, want)
+
+
+@pytest.mark.parametrize("precision,want", [(None, "inputPrecision = tf32"), ("HIGHEST", None)])
+def test_f32_dot_precision_reaches_the_triton_dot(precision, want) -> None:
+    """An f32 dot at HIGHEST stays IEEE float32 on the GPU (TTIR omits the default, IEEE); the
+    default precision is TF32, as XLA's own GPU dots are (10-bit mantissa inputs: tests comparing
+    GPU results against float32 need rtol around 1e-3)."""
+    from fusec.runtime.jax_internals import triton_kernels_in
+
+    prec = getattr(jax.lax.Precision, precision) if precision else None
+    fn = fusec.jit(lambda x, w: jnp.tanh(jnp.dot(x, w, precision=prec)), backend="pallas", interpret=False)
+    x, w = jnp.zeros((32, 64)), jnp.zeros((64, 32))
+    (ttir, _), = triton_kernels_in(jax.jit(fn).trace(x, w).lower(lowering_platforms=("cuda",)))
+    (dot,) = [line for line in ttir.splitlines() if "tt.dot" in line]
+    assert (want in dot) if want else ("inputPrecision" not in dot), dot

@@ -12,6 +12,14 @@ def _func(body: str, params: str = "%a: f32[4,8], %b: f32[8,4]", results: str = 
     return f"func @f({params}) -> ({results}) {{\n{body}\n  return\n}}\n"
 
 
+_KERNEL_CALLEE = "func @g(%x: f32[4,8]) -> (f32[4,8]) {\n  %0 = neg %x : f32[4,8]\n  return %0\n}\n"
+
+
+def _tiled(block: str, grid: str) -> str:
+    return _func(f"  %0 = kernel %a {{block = {block}, callee = \"g\", grid = {grid}, kind = \"elementwise\", "
+                 f"space = [4, 8], squeeze = []}} : f32[4,8]") + _KERNEL_CALLEE
+
+
 MALFORMED = [
     ("elementwise shape mismatch", _func("  %0 = add %a, %b : f32[4,8]"),
      "op 'add'", "operand #1 %b has type f32[8,4], expected f32[4,8]"),
@@ -57,6 +65,10 @@ MALFORMED = [
     ("call with wrong types", _func("  %0 = call %b {callee = \"g\"} : f32[4,8]")
      + "func @g(%x: f32[4,8]) -> (f32[4,8]) {\n  return %x\n}\n",
      "op 'call'", "operand #0 %b has type f32[8,4], but @g takes f32[4,8]"),
+    ("kernel grid does not cover its space", _tiled("[4, 4]", "[1, 1]"),
+     "op 'kernel'", "kernel g: grid dimension 1 is 1, but 4-blocks cover the space's 8 in 2"),
+    ("kernel block not a power of two", _tiled("[3, 5]", "[2, 2]"),
+     "op 'kernel'", "kernel g: block dimension 0 is 3, not a power of two"),
 ]
 
 

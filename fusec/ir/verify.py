@@ -43,6 +43,28 @@ def _verify_call(module: Module, func: Function, op: Op) -> None:
                               f"({', '.join(map(str, callee.result_types))})")
 
 
+def _verify_tiling(func: Function, op: Op) -> None:
+    """A tiled kernel's grid covers its iteration space exactly, with power-of-two blocks."""
+    space, block, grid = (tuple(op.attr(k)) for k in ("space", "block", "grid"))
+    kernel = f"kernel {op.attr('callee')}"
+    if not len(space) == len(block) == len(grid):
+        raise _fail(func, op, f"{kernel}: space {list(space)}, block {list(block)} and grid {list(grid)} "
+                              "differ in rank")
+    for d, (n, b, g) in enumerate(zip(space, block, grid)):
+        if b < 1 or b & (b - 1):
+            raise _fail(func, op, f"{kernel}: block dimension {d} is {b}, not a power of two "
+                                  "(every Triton tile dimension must be one)")
+        if g != -(-n // b):
+            raise _fail(func, op, f"{kernel}: grid dimension {d} is {g}, but {b}-blocks cover the space's "
+                                  f"{n} in {-(-n // b)}")
+    for d in op.attr("squeeze", ()):
+        if not 0 <= d < len(block) or block[d] != 1:
+            raise _fail(func, op, f"{kernel}: squeezed dimension {d} must have a block of 1")
+    bk = op.attr("bk")
+    if bk is not None and (bk < 1 or bk & (bk - 1)):
+        raise _fail(func, op, f"{kernel}: K step bk = {bk} is not a power of two")
+
+
 def verify_function(func: Function, module: Module | None = None) -> None:
     """Raises :class:`VerifyError` on the first problem in ``func``."""
     defined: dict[str, object] = {}
@@ -64,6 +86,8 @@ def verify_function(func: Function, module: Module | None = None) -> None:
             if module is None:
                 raise _fail(func, op, "a call can only be verified within its module")
             _verify_call(module, func, op)
+            if op.opcode == "kernel" and "block" in op.attr_dict:
+                _verify_tiling(func, op)
         elif opdef.rule is not None:
             try:
                 expected = infer_result_types(op.opcode, [v.type for v in op.operands], op.attr_dict)
