@@ -32,9 +32,10 @@ _LAX_BINARY = {
     "xor": "lax.bitwise_xor", "nextafter": "lax.nextafter", "eq": "lax.eq", "ne": "lax.ne", "lt": "lax.lt",
     "le": "lax.le", "gt": "lax.gt", "ge": "lax.ge",
 }
-# Exact in any float width (no rounding), so never widened.
+# Never widened: exact in any float width (no rounding), or, for nextafter, defined by the format
+# itself (float32's neighbour rounds back to the input); its helper works on 16-bit floats directly.
 _EXACT = frozenset({"neg", "abs", "sign", "max", "min", "eq", "ne", "lt", "le", "gt", "ge", "is_finite", "floor",
-                    "ceil"})
+                    "ceil", "nextafter"})
 _REDUCE = {"sum": ("jnp.sum", "0"), "prod": ("jnp.prod", "1"), "max": ("jnp.max", None), "min": ("jnp.min", None)}
 
 

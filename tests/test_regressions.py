@@ -1,0 +1,40 @@
+"""Regression tests for bugs found by differential testing against ``jax.jit`` (issue 12).
+
+Each test compares ``fusec.jit`` (the Pallas backend in interpret mode and the XLA backend) with
+``jax.jit``; bitwise where the bug was about exact values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import fusec
+from tests.helpers import assert_trees_close
+
+BACKENDS = ["pallas", "xla"]
+
+
+def compiled(fn: Any, backend: str, **kw: Any) -> Any:
+    return fusec.jit(fn, backend=backend, interpret=True, **kw)
+
+
+def assert_bitwise(got: Any, want: Any) -> None:
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape, want.dtype, want.shape)
+    width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[got.dtype.itemsize]
+    np.testing.assert_array_equal(got.view(width), want.view(width))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_nextafter_16bit_is_not_widened(backend: str, dtype: Any) -> None:
+    x = np.array([1, 2, -3, .5, 0, -0., 1e-7, 60000], np.float32).astype(dtype)
+    y = np.array([2, -2, 5, -1, 1, -1, 0, np.inf], np.float32).astype(dtype)
+    assert_bitwise(compiled(jnp.spacing, backend)(x), jax.jit(jnp.spacing)(x))
+    assert_bitwise(compiled(lax.nextafter, backend)(x, y), jax.jit(lax.nextafter)(x, y))
