@@ -38,3 +38,14 @@ def test_nextafter_16bit_is_not_widened(backend: str, dtype: Any) -> None:
     y = np.array([2, -2, 5, -1, 1, -1, 0, np.inf], np.float32).astype(dtype)
     assert_bitwise(compiled(jnp.spacing, backend)(x), jax.jit(jnp.spacing)(x))
     assert_bitwise(compiled(lax.nextafter, backend)(x, y), jax.jit(lax.nextafter)(x, y))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_signed_zero_constants_are_not_merged(backend: str) -> None:
+    def f(x: Any) -> Any:
+        zero, neg_zero = jnp.full_like(x, 0.0), jnp.full_like(x, -0.0)
+        return (jnp.arctan2(zero, -1.0) + jnp.arctan2(neg_zero, -1.0), 1.0 / zero, 1.0 / neg_zero, x * neg_zero)
+
+    x = np.ones(4, np.float32)
+    for got, want in zip(compiled(f, backend)(x), jax.jit(f)(x)):
+        assert_bitwise(got, want)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -43,6 +44,17 @@ def _freeze_attr(value: Any) -> Attr:
     if type(value).__name__ == "bool_":
         return bool(value)
     raise TypeError(f"IR attribute values are int, float, bool, str or tuples of them; got {value!r}")
+
+
+def attr_key(value: Attr) -> Any:
+    """A hashable key equal for two attribute values only when they are bitwise the same: Python's
+    ``==`` merges 0.0 and -0.0 (and hashes them alike) and never matches NaN, so floats are keyed
+    by their IEEE bits (and kept apart from the ints and bools that equal them)."""
+    if isinstance(value, tuple):
+        return tuple(attr_key(v) for v in value)
+    if isinstance(value, float):
+        return ("float", struct.pack("<d", value))
+    return (type(value).__name__, value)
 
 
 @dataclass(frozen=True)
