@@ -49,3 +49,25 @@ def test_signed_zero_constants_are_not_merged(backend: str) -> None:
     x = np.ones(4, np.float32)
     for got, want in zip(compiled(f, backend)(x), jax.jit(f)(x)):
         assert_bitwise(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(128, 17), (4, 17), (128, 16), (128, 32)])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_max_min_reductions_propagate_nan(backend: str, shape: tuple[int, int], dtype: Any) -> None:
+    x = np.ones(shape, np.float32)
+    x[3, 2] = np.nan
+    x[1, :] = -np.inf
+    x = x.astype(dtype)
+
+    def f(x: Any) -> Any:
+        return jnp.max(x, axis=-1), jnp.min(x, axis=-1)
+
+    # XLA's max/min propagate NaN, though XLA:CPU's vectorised row reduction drops it for
+    # f32[128, 32] (jax.jit gives 1.0 there): kernels are held to NumPy, the XLA backend (plain
+    # lax, so XLA:CPU's quirk included) to jax.jit.
+    wide = np.asarray(x, np.float32)
+    reference = (wide.max(-1), wide.min(-1)) if backend == "pallas" else jax.jit(f)(x)
+    for got, want in zip(compiled(f, backend)(x), reference):
+        assert np.asarray(got).dtype == x.dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), want)

@@ -174,6 +174,10 @@ def _reduce(w: BodyWriter, op: Op, a: list[str]) -> str:
                 identity = f"jnp.iinfo({jnp_dtype(op.operands[0])}).{'min' if is_max else 'max'}"
         x = f"jnp.where(_cols < {w.layout.space[-1]}, {x}, {identity})"
     out = f"{fn}({x}, axis=-1)"
+    if op.attr("kind") in ("max", "min") and isinstance(elem, DType) and elem.is_float:
+        # XLA's max/min propagate NaN; Triton's row reductions and XLA:CPU's vectorised ones (rows
+        # of 32, say) may drop it, so a row holding a NaN is made NaN explicitly.
+        out = f"jnp.where(jnp.any({x} != {x}, axis=-1), jnp.nan, {out})"
     return f"{out}.astype({jnp_dtype(op.result)})" if wide else out
 
 
