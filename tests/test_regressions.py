@@ -71,3 +71,13 @@ def test_max_min_reductions_propagate_nan(backend: str, shape: tuple[int, int], 
     for got, want in zip(compiled(f, backend)(x), reference):
         assert np.asarray(got).dtype == x.dtype
         np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strengthening_convert_makes_outputs_strongly_typed(backend: str) -> None:
+    def f(x: Any, y: Any) -> Any:
+        return jnp.array(x), lax.convert_element_type(y, jnp.float32), y * 2
+
+    got, want = compiled(f, backend)([1], 2.0), jax.jit(f)([1], 2.0)
+    assert [jax.typeof(g).weak_type for g in got] == [jax.typeof(w).weak_type for w in want] == [False, False, True]
+    assert_trees_close(got, want)

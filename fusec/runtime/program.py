@@ -76,9 +76,14 @@ class Program:
     def __call__(self, top_consts: Sequence[Any], dyn: Sequence[Any]) -> list[Any]:
         """Runs on the jaxpr's top-level constants and the flat dynamic arguments."""
         outs = list(_differentiable(self)(*top_consts, *dyn))
+        # The IR carries no weak types (canonicalize drops a convert_element_type that only
+        # strengthens one as an identity), so each output gets the weak type the jaxpr declares.
         for i, aval in enumerate(self.jaxpr.out_avals):
-            if getattr(aval, "weak_type", False) and not getattr(jax.typeof(outs[i]), "weak_type", False):
+            want, have = bool(getattr(aval, "weak_type", False)), bool(getattr(jax.typeof(outs[i]), "weak_type", False))
+            if want and not have:
                 outs[i] = make_weak(outs[i])
+            elif have and not want:
+                outs[i] = jax.lax.convert_element_type(outs[i], outs[i].dtype)  # strongly typed
         return outs
 
 
