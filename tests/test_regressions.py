@@ -101,3 +101,22 @@ def test_max_min_gradients_with_nonfinite_cotangents(backend: str, reduce: str) 
     for args in (small, (a, s)):
         # x * convert(mask) acts as a select (XLA rewrites it so): inf * 0 gives 0, not NaN.
         np.testing.assert_array_equal(np.asarray(compiled(grad, backend)(*args)), np.asarray(jax.jit(grad)(*args)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matmul_with_splat_or_iota_operand(backend: str) -> None:
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((16, 64), np.float32), rng.standard_normal((64, 64), np.float32)
+
+    def mixed(w: Any) -> Any:
+        # The splat is a dot operand (a kernel input) and an epilogue operand (recomputed inside).
+        full = jnp.full((64, 64), 2.0)
+        return (full @ w) * 2.0 + full + lax.broadcasted_iota(jnp.float32, (64, 64), 0) @ w
+
+    cases = [
+        (lambda w: jnp.full((16, 64), 2.0) @ w, (w,)),
+        (jax.grad(lambda x, w: (x @ w).sum(), argnums=1), (x, w)),
+        (mixed, (w,)),
+    ]
+    for fn, args in cases:
+        assert_trees_close(compiled(fn, backend)(*args), jax.jit(fn)(*args), loose=True)

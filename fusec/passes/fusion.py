@@ -10,7 +10,8 @@ Three kinds of group, each over an iteration space S (a shape):
 Ops join the group of one of their operands when that is legal; groups over one space that meet at
 an op merge (sibling matmuls only when they read the same lhs, which they then load once); a join
 or merge that would make a path leave the group and come back (a cycle through an op outside it)
-is refused. Splat constants and iotas are cloned into every kernel that uses them. Ops a kernel
+is refused. Splat constants and iotas are cloned into every kernel that uses them (a dot's
+operands excepted: its K loop reads kernel inputs). Ops a kernel
 cannot hold (see ``KERNEL_ELEMENTWISE``) stay outside and run through XLA.
 """
 
@@ -301,10 +302,16 @@ def _extract(fuser: _Fuser, g: _Group, name: str, uses_outside: set[str], taken:
         return keyed[key]
 
     def operand(v: Value, role: str) -> Value:
-        if v.name in g.values or v.name in local:
+        if v.name in g.values or (v.name in local and role == "load"):
             return v
         producer = fuser.producer.get(v.name)
         if _clonable(producer):
+            # A dot's operands are read by its K loop from kernel inputs, so a splat or iota feeding
+            # a dot is materialised outside and passed in; loads recompute it in the kernel. The
+            # parameter is named apart from the clone, which keeps the value's own name.
+            if role != "load":
+                inside.add(v.name)
+                return param((role, v.name), v, v.type)
             local.add(v.name)
             body.append(producer)  # type: ignore[arg-type]
             return v
