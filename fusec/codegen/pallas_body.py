@@ -177,7 +177,8 @@ def _reduce(w: BodyWriter, op: Op, a: list[str]) -> str:
     if op.attr("kind") in ("max", "min") and isinstance(elem, DType) and elem.is_float:
         # XLA's max/min propagate NaN; Triton's row reductions and XLA:CPU's vectorised ones (rows
         # of 32, say) may drop it, so a row holding a NaN is made NaN explicitly.
-        out = f"jnp.where(jnp.any({x} != {x}, axis=-1), jnp.nan, {out})"
+        # (A count, not jnp.any: Pallas-Triton has no reduce_or.)
+        out = f"jnp.where(jnp.sum(jnp.where({x} != {x}, 1, 0), axis=-1) > 0, jnp.nan, {out})"
     return f"{out}.astype({jnp_dtype(op.result)})" if wide else out
 
 
