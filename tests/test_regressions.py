@@ -120,3 +120,38 @@ def test_matmul_with_splat_or_iota_operand(backend: str) -> None:
     ]
     for fn, args in cases:
         assert_trees_close(compiled(fn, backend)(*args), jax.jit(fn)(*args), loose=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_dot_product_attention_dot_algorithm_presets(backend: str, dtype: Any) -> None:
+    # In bf16/f16 JAX picks a DotAlgorithmPreset (BF16_BF16_F32, F16_F16_F32) as the precision.
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 8, 4, 16)).astype(dtype) for _ in range(3))
+    fn = compiled(jax.nn.dot_product_attention, backend)
+    try:
+        want = jax.jit(jax.nn.dot_product_attention)(q, k, v)
+    except ValueError as e:
+        # XLA:CPU runs no F16_F16_F32 dot: the XLA backend fails as jax.jit does; Pallas kernels
+        # (float32 accumulation) are held to the attention of float32 copies.
+        if backend == "xla":
+            with pytest.raises(ValueError, match=str(e)[:40]):
+                fn(q, k, v)
+            return
+        wide = [np.asarray(x, np.float32) for x in (q, k, v)]
+        want = jax.jit(jax.nn.dot_product_attention)(*wide).astype(dtype)
+    assert_trees_close(fn(q, k, v), want, loose=True)
+    assert not fn.lower(q, k, v).fallbacks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dot_precision_pairs_and_presets_pass_through(backend: str) -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((32, 16), np.float32), rng.standard_normal((16, 32), np.float32)
+    P, A = lax.Precision, lax.DotAlgorithmPreset
+    for precision in [(P.HIGHEST, P.DEFAULT), (P.HIGH, P.HIGH), A.F32_F32_F32, A.DEFAULT]:
+        def fn(a: Any, b: Any, precision: Any = precision) -> Any:
+            return jnp.tanh(lax.dot(a, b, precision=precision))
+
+        assert_trees_close(compiled(fn, backend)(a, b), jax.jit(fn)(a, b), loose=True)
+        assert not compiled(fn, backend).lower(a, b).fallbacks
