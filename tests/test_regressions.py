@@ -155,3 +155,53 @@ def test_dot_precision_pairs_and_presets_pass_through(backend: str) -> None:
 
         assert_trees_close(compiled(fn, backend)(a, b), jax.jit(fn)(a, b), loose=True)
         assert not compiled(fn, backend).lower(a, b).fallbacks
+
+
+def _extended_dtype_without_tangent() -> Any:
+    """A float32-backed extended dtype whose rules name no tangent dtype (as in JAX's own
+    extended-dtype tests)."""
+    import dataclasses
+
+    from jax._src import core, dtypes, earray
+    from jax._src.interpreters import pxla
+
+    class foo(dtypes.extended):
+        pass
+
+    class FooTyRules:
+        allow_conversion: bool = True
+
+        @staticmethod
+        def physical_element_aval(foo_dtype: Any) -> Any:
+            return core.ShapedArray((), dtypes.dtype("float32"))
+
+        @staticmethod
+        def global_sharded_result_handler(aval: Any, out_sharding: Any, committed: Any) -> Any:
+            handler = pxla.global_result_handlers[core.ShapedArray](core.physical_aval(aval), out_sharding, committed)
+            return lambda bufs: earray.EArray(aval, handler(bufs))
+
+    @dataclasses.dataclass(frozen=True)
+    class FooTy(dtypes.ExtendedDType):
+        name: str = "foo"
+        _rules: type = FooTyRules
+        type: type = foo
+
+    return FooTy()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extended_dtype_without_tangent_dtype(backend: str) -> None:
+    foo = _extended_dtype_without_tangent()
+
+    def to_foo(x: Any) -> Any:
+        return lax.convert_element_type(x, foo)
+
+    def from_foo(y: Any, w: Any) -> Any:
+        return lax.convert_element_type(y, jnp.float32) * w
+
+    x = jnp.arange(3, dtype=jnp.float32)
+    assert compiled(to_foo, backend)(x).dtype == jax.jit(to_foo)(x).dtype == foo
+    y = jax.jit(to_foo)(x)
+    assert_trees_close(compiled(from_foo, backend)(y, x), jax.jit(from_foo)(y, x))
+    twice = compiled(lambda y, w: from_foo(jax.jit(to_foo)(from_foo(y, w)), w), backend)
+    assert_trees_close(twice(y, x), x * x * x)
