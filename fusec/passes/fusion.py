@@ -85,6 +85,7 @@ class _Fuser:
         self.groups: dict[int, _Group] = {}
         self.group_of: dict[str, int] = {}  # value name -> group id
         self.deps: dict[str, frozenset[int]] = {}  # value name -> groups it depends on
+        self.group_deps: dict[int, set[int]] = {}  # group id -> groups its members read from outside
         # Broadcasts left outside every group: a consumer's kernel loads their source expanded.
         self.absorbable: set[str] = set()
         self.merged_into: dict[int, int] = {}
@@ -96,7 +97,26 @@ class _Fuser:
         return gid
 
     def _depends_on(self, v: Value, gid: int) -> bool:
-        return any(self.find(x) == gid for x in self.deps.get(v.name, ()))
+        """Whether ``v`` depends on group ``gid``, kernels taken whole: a kernel computes all its
+        values at once, so a value of a group depends on everything any member of that group
+        reads, including members that joined after the value was made (``group_deps``)."""
+        todo = [self.find(x) for x in self.deps.get(v.name, ())]
+        seen: set[int] = set()
+        while todo:
+            g = todo.pop()
+            if g == gid:
+                return True
+            if g not in seen:
+                seen.add(g)
+                todo += [self.find(x) for x in self.group_deps.get(g, ())]
+        return False
+
+    def _record_reads(self, g: _Group, op: Op) -> None:
+        """Adds the groups that ``op``, now a member of ``g``, reads from outside ``g``."""
+        reads = self.group_deps.setdefault(g.id, set())
+        for v in op.operands:
+            if v.name not in g.values:
+                reads.update(self.find(x) for x in self.deps.get(v.name, ()) if self.find(x) != g.id)
 
     def _dots(self, g: _Group) -> list[Op]:
         return [self.func.ops[i] for i in g.members if self.func.ops[i].opcode == "dot"]
@@ -143,6 +163,7 @@ class _Fuser:
         for name in b.values:
             self.group_of[name] = a.id
         self.merged_into[b.id] = a.id
+        self.group_deps.setdefault(a.id, set()).update(self.group_deps.pop(b.id, set()))
         del self.groups[b.id]
         return True
 
@@ -250,6 +271,7 @@ class _Fuser:
                 for r in op.results:
                     self.deps[r.name] = deps
                 continue
+            self._record_reads(chosen, op)
             chosen.members.append(i)
             result = op.results[0]
             chosen.values.add(result.name)
