@@ -216,3 +216,18 @@ def test_hyp2f1_with_array_parameters_fuses_without_a_cycle(backend: str) -> Non
     z = rng.uniform(-0.9, 0.9, 8).astype(np.float32)
     fn = jax.scipy.special.hyp2f1
     assert_trees_close(compiled(fn, backend)(a, b, c, z), jax.jit(fn)(a, b, c, z), loose=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.uint32, np.int32, np.uint8, np.int16])
+def test_integer_min_max_reductions_of_partial_rows(backend: str, dtype: Any) -> None:
+    info = np.iinfo(dtype)
+    u = np.random.default_rng(0).integers(info.min, info.max, (8, 17), dtype=dtype, endpoint=True)
+    u[0] = info.max
+    u[1] = info.min
+
+    def f(u: Any) -> Any:
+        return jnp.min(u, axis=-1), jnp.max(u, axis=-1)
+
+    for got, want in zip(compiled(f, backend)(u), jax.jit(f)(u)):
+        assert_bitwise(got, want)

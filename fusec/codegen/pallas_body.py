@@ -171,7 +171,9 @@ def _reduce(w: BodyWriter, op: Op, a: list[str]) -> str:
             if isinstance(elem, DType) and elem.is_float:
                 identity = '-float("inf")' if is_max else 'float("inf")'
             else:
-                identity = f"jnp.iinfo({jnp_dtype(op.operands[0])}).{'min' if is_max else 'max'}"
+                # Typed: a Python int such as uint32's max overflows where jnp.where takes it as int32.
+                dt = jnp_dtype(op.operands[0])
+                identity = f"{dt}(jnp.iinfo({dt}).{'min' if is_max else 'max'})"
         x = f"jnp.where(_cols < {w.layout.space[-1]}, {x}, {identity})"
     out = f"{fn}({x}, axis=-1)"
     if op.attr("kind") in ("max", "min") and isinstance(elem, DType) and elem.is_float:
