@@ -231,3 +231,19 @@ def test_integer_min_max_reductions_of_partial_rows(backend: str, dtype: Any) ->
 
     for got, want in zip(compiled(f, backend)(u), jax.jit(f)(u)):
         assert_bitwise(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sink_reshapes_keeps_row_broadcasts_valid_on_reduced_rows(backend: str) -> None:
+    # The row form of s (a reduction of the dot's rows) is [8]: the broadcast of s's mean to
+    # [1, 8] was rebuilt as a [1, 1] -> [8] broadcast with dims [0, 1] (VerifyError).
+    def f(x: Any, w: Any) -> Any:
+        h = jnp.einsum("btd,dn->btn", x, w)
+        s = jnp.sum(h * lax.rsqrt(h.mean(-1, keepdims=True) ** 2 + 1e-5), -1)
+        return s * lax.rsqrt(s.mean(-1, keepdims=True) ** 2 + 1e-5)
+
+    rng = np.random.default_rng(0)
+    # Positive data keeps the means away from 0, where bf16 rounding differences would blow up.
+    x = rng.uniform(0.5, 1.0, (1, 8, 32)).astype(jnp.bfloat16)
+    w = rng.uniform(0.5, 1.0, (32, 32)).astype(jnp.bfloat16)
+    assert_trees_close(compiled(f, backend)(x, w), jax.jit(f)(x, w), loose=True)
