@@ -52,6 +52,23 @@ def test_signed_zero_constants_are_not_merged(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_constants_keep_their_sign(backend: str) -> None:
+    def f(x: Any) -> Any:
+        nan, neg_nan = jnp.full_like(x, np.nan), jnp.full_like(x, -np.nan)
+        return nan, neg_nan, jnp.copysign(1.0, neg_nan), jnp.copysign(1.0, nan)
+
+    x = np.ones(4, np.float32)
+    for got, want in zip(compiled(f, backend)(x), jax.jit(f)(x)):
+        assert_bitwise(got, want)
+    # The IR text keeps the sign too.
+    from fusec.ir import parse_module, print_module
+
+    module = compiled(f, backend).lower(x).program.module
+    assert "-nan" in print_module(module)
+    assert print_module(parse_module(print_module(module))) == print_module(module)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(128, 17), (4, 17), (128, 16), (128, 32)])
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 def test_max_min_reductions_propagate_nan(backend: str, shape: tuple[int, int], dtype: Any) -> None:

@@ -47,8 +47,8 @@ def jnp_dtype(t: Value) -> str:
 
 def literal(value: object) -> str:
     if isinstance(value, float):
-        if math.isnan(value):
-            return 'float("nan")'
+        if math.isnan(value):  # keeping its sign: copysign and bit casts see it
+            return '-float("nan")' if math.copysign(1.0, value) < 0 else 'float("nan")'
         if math.isinf(value):
             return 'float("inf")' if value > 0 else '-float("inf")'
     return repr(value)

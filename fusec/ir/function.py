@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import struct
 from collections.abc import Iterator, Mapping
@@ -24,16 +25,18 @@ class Value:
         return f"%{self.name}"
 
 
-# One shared NaN object: tuples compare elements by identity first, so attributes holding NaN
-# still compare equal after a print/parse round trip.
+# One shared NaN object per sign: tuples compare elements by identity first, so attributes
+# holding NaN still compare equal after a print/parse round trip. The sign is kept (copysign and
+# bit casts see it), the payload is not.
 NAN = float("nan")
+NEG_NAN = -NAN
 
 
 def _freeze_attr(value: Any) -> Attr:
     if isinstance(value, (list, tuple)):
         return tuple(_freeze_attr(v) for v in value)
     if isinstance(value, float) and value != value:
-        return NAN
+        return NEG_NAN if math.copysign(1.0, value) < 0 else NAN
     if isinstance(value, (bool, int, float, str)):
         return value
     # NumPy scalars (np.int64 from a shape computation, np.bool_) become plain Python values.
