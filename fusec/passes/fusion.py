@@ -10,9 +10,9 @@ Three kinds of group, each over an iteration space S (a shape):
 Ops join the group of one of their operands when that is legal; groups over one space that meet at
 an op merge (sibling matmuls only when they read the same lhs, which they then load once); a join
 or merge that would make a path leave the group and come back (a cycle through an op outside it)
-is refused. Splat constants and iotas are cloned into every kernel that uses them (a dot's
-operands excepted: its K loop reads kernel inputs). Ops a kernel
-cannot hold (see ``KERNEL_ELEMENTWISE``) stay outside and run through XLA.
+is refused, kernels taken whole (what any member reads). Splat constants and iotas are cloned
+into every kernel that uses them, except as a dot's operands (its K loop reads kernel inputs).
+Ops a kernel cannot hold (see ``KERNEL_ELEMENTWISE``) stay outside and run through XLA.
 """
 
 from __future__ import annotations
