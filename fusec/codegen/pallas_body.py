@@ -32,9 +32,10 @@ _LAX_BINARY = {
     "xor": "lax.bitwise_xor", "nextafter": "lax.nextafter", "eq": "lax.eq", "ne": "lax.ne", "lt": "lax.lt",
     "le": "lax.le", "gt": "lax.gt", "ge": "lax.ge",
 }
-# Exact in any float width (no rounding), so never widened.
+# Never widened: exact in any float width (no rounding), or, for nextafter, defined by the format
+# itself (float32's neighbour rounds back to the input); its helper works on 16-bit floats directly.
 _EXACT = frozenset({"neg", "abs", "sign", "max", "min", "eq", "ne", "lt", "le", "gt", "ge", "is_finite", "floor",
-                    "ceil"})
+                    "ceil", "nextafter"})
 _REDUCE = {"sum": ("jnp.sum", "0"), "prod": ("jnp.prod", "1"), "max": ("jnp.max", None), "min": ("jnp.min", None)}
 
 
@@ -46,8 +47,8 @@ def jnp_dtype(t: Value) -> str:
 
 def literal(value: object) -> str:
     if isinstance(value, float):
-        if math.isnan(value):
-            return 'float("nan")'
+        if math.isnan(value):  # keeping its sign: copysign and bit casts see it
+            return '-float("nan")' if math.copysign(1.0, value) < 0 else 'float("nan")'
         if math.isinf(value):
             return 'float("inf")' if value > 0 else '-float("inf")'
     return repr(value)
@@ -170,9 +171,16 @@ def _reduce(w: BodyWriter, op: Op, a: list[str]) -> str:
             if isinstance(elem, DType) and elem.is_float:
                 identity = '-float("inf")' if is_max else 'float("inf")'
             else:
-                identity = f"jnp.iinfo({jnp_dtype(op.operands[0])}).{'min' if is_max else 'max'}"
+                # Typed: a Python int such as uint32's max overflows where jnp.where takes it as int32.
+                dt = jnp_dtype(op.operands[0])
+                identity = f"{dt}(jnp.iinfo({dt}).{'min' if is_max else 'max'})"
         x = f"jnp.where(_cols < {w.layout.space[-1]}, {x}, {identity})"
     out = f"{fn}({x}, axis=-1)"
+    if op.attr("kind") in ("max", "min") and isinstance(elem, DType) and elem.is_float:
+        # XLA's max/min propagate NaN; Triton's row reductions and XLA:CPU's vectorised ones (rows
+        # of 32, say) may drop it, so a row holding a NaN is made NaN explicitly.
+        # (A count, not jnp.any: Pallas-Triton has no reduce_or.)
+        out = f"jnp.where(jnp.sum(jnp.where({x} != {x}, 1, 0), axis=-1) > 0, jnp.nan, {out})"
     return f"{out}.astype({jnp_dtype(op.result)})" if wide else out
 
 

@@ -7,6 +7,9 @@ multiple of 1/16 (so zh^2 is exact), so the tail keeps its relative accuracy. La
 error against float64 ``math.erf``/``math.erfc`` on 40,001 points of [-12, 12], measured in
 interpret mode: erf 3.2e-7 (XLA's float32 erf on a CPU: 2.3e-7), erfc 3.9e-7 (XLA's: 3.9e-6).
 Both run in float32.
+
+``nextafter`` of a 16-bit float steps its bit pattern: Triton's nextafter is float32/float64
+only, and float32's neighbour rounded back to 16 bits is the input itself.
 """
 
 from __future__ import annotations
@@ -35,7 +38,18 @@ def _fusec_erfc(x):
     zh = jnp.floor(z * 16.0) / 16.0
     tail = t * jnp.exp(-zh * zh) * jnp.exp(-(z - zh) * (z + zh) + poly)
     return jnp.where(x >= 0, tail, 2.0 - tail)
+
+
+def _fusec_nextafter(x, y):
+    if x.dtype.itemsize != 2:
+        return lax.nextafter(x, y)
+    u = lax.bitcast_convert_type(x, jnp.uint16)
+    one = jnp.uint16(1)
+    step = jnp.where((x < y) == (x > 0), u + one, u - one)  # away from zero, or towards it
+    tiny = (lax.bitcast_convert_type(y, jnp.uint16) & jnp.uint16(0x8000)) | one  # +-0 -> smallest subnormal
+    out = lax.bitcast_convert_type(jnp.where(x == 0, tiny, step), x.dtype)
+    return jnp.where((x != x) | (y != y), x + y, jnp.where(x == y, y, out))
 '''
 
 # IR opcode -> the helper above that computes it.
-SPECIAL_FUNCTIONS = {"erf": "_fusec_erf", "erfc": "_fusec_erfc"}
+SPECIAL_FUNCTIONS = {"erf": "_fusec_erf", "erfc": "_fusec_erfc", "nextafter": "_fusec_nextafter"}

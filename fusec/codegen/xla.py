@@ -136,11 +136,19 @@ def _dot(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
     batch = tuple(range(rank - 2))
     lhs_k = rank - 2 if op.attr("lhs_t") else rank - 1
     rhs_k = rank - 1 if op.attr("rhs_t") else rank - 2
-    out = lax.dot_general(lhs, rhs, (((lhs_k,), (rhs_k,)), (batch, batch)),
-                          precision=None if op.attr("precision") is None else lax.Precision[op.attr("precision")],
+    out = lax.dot_general(lhs, rhs, (((lhs_k,), (rhs_k,)), (batch, batch)), precision=_dot_precision(op),
                           preferred_element_type=numpy_dtype(op.result.type.elem))
     # dot_general orders its output (batch, lhs free, rhs free), which is [B..., M, N] either way.
     return [out]
+
+
+def _dot_precision(op: Op) -> Any:
+    """JAX's precision parameter back from the dot's attributes (see the frontend's dot rule)."""
+    if op.attr("algorithm") is not None:
+        return lax.DotAlgorithmPreset[op.attr("algorithm")]
+    if op.attr("precision_pair") is not None:
+        return tuple(lax.Precision[p] for p in op.attr("precision_pair"))
+    return None if op.attr("precision") is None else lax.Precision[op.attr("precision")]
 
 
 @emits("dequantize")

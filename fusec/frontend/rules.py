@@ -223,14 +223,35 @@ def _iota(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
                            dimension=int(eqn.params["dimension"]))]
 
 
-def _precision_name(precision: Any) -> str | None:
+_PRECISION_ORDER = ("DEFAULT", "HIGH", "HIGHEST")
+# Dot algorithm presets a kernel reproduces, with the lax.Precision its K loop then uses (the
+# kernel accumulates in float32): the input dtype the preset names must be the operands' own.
+_KERNEL_PRESETS = {"DEFAULT": (None, None), "BF16_BF16_F32": ("DEFAULT", "bf16"),
+                   "F16_F16_F32": ("DEFAULT", "f16"), "TF32_TF32_F32": ("DEFAULT", "f32"),
+                   "F32_F32_F32": ("HIGHEST", "f32")}
+
+
+def _precision_attrs(precision: Any, operand_elem: str) -> dict[str, Any]:
+    """The dot's precision attributes: ``precision`` (a ``lax.Precision`` name, what kernels and
+    the XLA backend use), and where JAX's parameter says more, ``algorithm`` (a
+    ``lax.DotAlgorithmPreset`` name) or ``precision_pair`` (two different Precision names), which
+    the XLA backend passes on exactly."""
     if precision is None:
-        return None
+        return {}
+    if type(precision).__name__ == "DotAlgorithmPreset":
+        name = precision.name
+        if name not in _KERNEL_PRESETS or _KERNEL_PRESETS[name][1] not in (None, operand_elem):
+            raise NoRule(f"precision={precision!r} (a dot algorithm kernels do not reproduce)")
+        kernel_precision = _KERNEL_PRESETS[name][0]
+        return {"algorithm": name} | ({"precision": kernel_precision} if kernel_precision else {})
     values = precision if isinstance(precision, tuple) else (precision, precision)
-    names = {getattr(p, "name", None) for p in values}
-    if len(names) != 1 or None in names:
+    names = [getattr(p, "name", None) for p in values]
+    if len(names) != 2 or any(n not in _PRECISION_ORDER for n in names):
         raise NoRule(f"precision={precision!r} is not supported")
-    return names.pop()
+    if names[0] == names[1]:
+        return {"precision": names[0]}
+    # Pallas-Triton computes a mixed pair as its lower member (TF32 unless both are HIGHEST).
+    return {"precision": min(names, key=_PRECISION_ORDER.index), "precision_pair": tuple(names)}
 
 
 @register("dot_general")
@@ -265,9 +286,7 @@ def _dot_general(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
     rhs_c, rhs_t = canonical(rhs, rb, rc, rf)
     # canonical() puts rhs as [B, K, N] when "straight"; rhs_t means it is stored [B, N, K].
     attrs: dict[str, Any] = {"lhs_t": lhs_t, "rhs_t": rhs_t, "out_dtype": type_name(eqn.outvars[0].aval.dtype)}
-    precision = _precision_name(eqn.params.get("precision"))
-    if precision is not None:
-        attrs["precision"] = precision
+    attrs |= _precision_attrs(eqn.params.get("precision"), str(lhs.type.elem))
     out = ctx.builder.op("dot", [lhs_c, rhs_c], **attrs)
     return [ctx.reshape(out, tuple(eqn.outvars[0].aval.shape))]
 

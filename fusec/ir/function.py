@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import numbers
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -23,16 +25,18 @@ class Value:
         return f"%{self.name}"
 
 
-# One shared NaN object: tuples compare elements by identity first, so attributes holding NaN
-# still compare equal after a print/parse round trip.
+# One shared NaN object per sign: tuples compare elements by identity first, so attributes
+# holding NaN still compare equal after a print/parse round trip. The sign is kept (copysign and
+# bit casts see it), the payload is not.
 NAN = float("nan")
+NEG_NAN = -NAN
 
 
 def _freeze_attr(value: Any) -> Attr:
     if isinstance(value, (list, tuple)):
         return tuple(_freeze_attr(v) for v in value)
     if isinstance(value, float) and value != value:
-        return NAN
+        return NEG_NAN if math.copysign(1.0, value) < 0 else NAN
     if isinstance(value, (bool, int, float, str)):
         return value
     # NumPy scalars (np.int64 from a shape computation, np.bool_) become plain Python values.
@@ -43,6 +47,17 @@ def _freeze_attr(value: Any) -> Attr:
     if type(value).__name__ == "bool_":
         return bool(value)
     raise TypeError(f"IR attribute values are int, float, bool, str or tuples of them; got {value!r}")
+
+
+def attr_key(value: Attr) -> Any:
+    """A hashable key equal for two attribute values only when they are bitwise the same: Python's
+    ``==`` merges 0.0 and -0.0 (and hashes them alike) and never matches NaN, so floats are keyed
+    by their IEEE bits (and kept apart from the ints and bools that equal them)."""
+    if isinstance(value, tuple):
+        return tuple(attr_key(v) for v in value)
+    if isinstance(value, float):
+        return ("float", struct.pack("<d", value))
+    return (type(value).__name__, value)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 import lark
 
 from fusec.errors import FusecSyntaxError
-from fusec.ir.function import NAN, Function, Module, Op, Value
+from fusec.ir.function import NAN, NEG_NAN, Function, Module, Op, Value
 from fusec.ir.types import TensorType, parse_elem_type
 
 
@@ -50,7 +50,7 @@ def _attr_value(tree: Any) -> Any:
         return json.loads(str(tree.children[0]))
     if kind == "list":
         return tuple(_attr_value(c) for c in tree.children if c is not None)
-    return {"inf": math.inf, "neg_inf": -math.inf, "nan": NAN, "true": True, "false": False}[kind]
+    return {"inf": math.inf, "neg_inf": -math.inf, "nan": NAN, "neg_nan": NEG_NAN, "true": True, "false": False}[kind]
 
 
 class _FunctionReader:

@@ -23,7 +23,7 @@ def format_attr(value: Attr) -> str:
         return str(value)
     if isinstance(value, float):
         if math.isnan(value):
-            return "nan"
+            return "-nan" if math.copysign(1.0, value) < 0 else "nan"
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
         return repr(value)

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from fusec.ir import Function, Module, Op, Value
+from fusec.ir import DType, Function, Module, Op, Value
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.rewrite import rewrite_forward
 
@@ -134,7 +134,39 @@ def canonicalize_function(func: Function) -> Function:
         return result
 
     # Producers are rewritten before their users, so one forward walk reaches the fixed point.
-    return rewrite_forward(func, visit)
+    return _mask_products_to_selects(rewrite_forward(func, visit))
+
+
+def _mask_products_to_selects(func: Function) -> Function:
+    """x * convert(mask) -> select(mask, 0, x) for floats, as XLA's simplifier rewrites it: the
+    gradients of max/min multiply a cotangent by such a mask, and inf * 0 would be NaN where
+    ``jax.jit`` gives 0. The zero is a new splat constant, hence a walk of its own."""
+    producers = {r.name: op for op in func.ops for r in op.results}
+    taken = {v.name for v in func.params} | set(producers)
+    ops: list[Op] = []
+    for op in func.ops:
+        mask = next((i for i, v in enumerate(op.operands) if _is_float_of_bool(producers.get(v.name))), None)
+        if op.opcode != "mul" or mask is None:
+            ops.append(op)
+            continue
+        pred = producers[op.operands[mask].name].operands[0]
+        x, out = op.operands[1 - mask], op.result
+        name = f"{out.name}.zero"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        zero = Value(name, out.type)
+        ops.append(dataclasses.replace(Op.make("constant", (), (zero,), value=0.0, dtype=str(out.type.elem),
+                                               shape=out.type.shape), loc=op.loc))
+        ops.append(dataclasses.replace(Op.make("select", (pred, zero, x), op.results), loc=op.loc))
+    return Function(func.name, func.params, tuple(ops), func.returns)
+
+
+def _is_float_of_bool(op: Op | None) -> bool:
+    if op is None or op.opcode != "convert":
+        return False
+    src, out = op.operands[0].type.elem, op.result.type.elem
+    return isinstance(src, DType) and src.is_bool and isinstance(out, DType) and out.is_float
 
 
 @register_pass

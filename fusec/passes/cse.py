@@ -1,5 +1,6 @@
 """Common-subexpression elimination: an op identical to an earlier one (opcode, operands,
-attributes, result types) is replaced by it. Opaque ops are distinct by reference and never merged."""
+attributes compared bitwise, result types) is replaced by it. Opaque ops are distinct by
+reference and never merged."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fusec.ir import Function, Module, Op, Value
+from fusec.ir.function import attr_key
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.rewrite import rewrite_forward
 
@@ -18,7 +20,9 @@ def cse_function(func: Function) -> Function:
     def visit(op: Op, producers: Mapping[str, Op]) -> Op | tuple[Value, ...]:
         if op.opcode == "opaque":
             return op
-        key = (op.opcode, tuple(v.name for v in op.operands), op.attrs, tuple(r.type for r in op.results))
+        # Attributes compare bitwise: constants 0.0 and -0.0 are different ops.
+        attrs = tuple((k, attr_key(v)) for k, v in op.attrs)
+        key = (op.opcode, tuple(v.name for v in op.operands), attrs, tuple(r.type for r in op.results))
         prior = seen.setdefault(key, op)
         return op if prior is op else prior.results
 

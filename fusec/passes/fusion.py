@@ -10,8 +10,9 @@ Three kinds of group, each over an iteration space S (a shape):
 Ops join the group of one of their operands when that is legal; groups over one space that meet at
 an op merge (sibling matmuls only when they read the same lhs, which they then load once); a join
 or merge that would make a path leave the group and come back (a cycle through an op outside it)
-is refused. Splat constants and iotas are cloned into every kernel that uses them. Ops a kernel
-cannot hold (see ``KERNEL_ELEMENTWISE``) stay outside and run through XLA.
+is refused, kernels taken whole (what any member reads). Splat constants and iotas are cloned
+into every kernel that uses them, except as a dot's operands (its K loop reads kernel inputs).
+Ops a kernel cannot hold (see ``KERNEL_ELEMENTWISE``) stay outside and run through XLA.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class _Fuser:
         self.groups: dict[int, _Group] = {}
         self.group_of: dict[str, int] = {}  # value name -> group id
         self.deps: dict[str, frozenset[int]] = {}  # value name -> groups it depends on
+        self.group_deps: dict[int, set[int]] = {}  # group id -> groups its members read from outside
         # Broadcasts left outside every group: a consumer's kernel loads their source expanded.
         self.absorbable: set[str] = set()
         self.merged_into: dict[int, int] = {}
@@ -95,7 +97,26 @@ class _Fuser:
         return gid
 
     def _depends_on(self, v: Value, gid: int) -> bool:
-        return any(self.find(x) == gid for x in self.deps.get(v.name, ()))
+        """Whether ``v`` depends on group ``gid``, kernels taken whole: a kernel computes all its
+        values at once, so a value of a group depends on everything any member of that group
+        reads, including members that joined after the value was made (``group_deps``)."""
+        todo = [self.find(x) for x in self.deps.get(v.name, ())]
+        seen: set[int] = set()
+        while todo:
+            g = todo.pop()
+            if g == gid:
+                return True
+            if g not in seen:
+                seen.add(g)
+                todo += [self.find(x) for x in self.group_deps.get(g, ())]
+        return False
+
+    def _record_reads(self, g: _Group, op: Op) -> None:
+        """Adds the groups that ``op``, now a member of ``g``, reads from outside ``g``."""
+        reads = self.group_deps.setdefault(g.id, set())
+        for v in op.operands:
+            if v.name not in g.values:
+                reads.update(self.find(x) for x in self.deps.get(v.name, ()) if self.find(x) != g.id)
 
     def _dots(self, g: _Group) -> list[Op]:
         return [self.func.ops[i] for i in g.members if self.func.ops[i].opcode == "dot"]
@@ -142,6 +163,7 @@ class _Fuser:
         for name in b.values:
             self.group_of[name] = a.id
         self.merged_into[b.id] = a.id
+        self.group_deps.setdefault(a.id, set()).update(self.group_deps.pop(b.id, set()))
         del self.groups[b.id]
         return True
 
@@ -249,6 +271,7 @@ class _Fuser:
                 for r in op.results:
                     self.deps[r.name] = deps
                 continue
+            self._record_reads(chosen, op)
             chosen.members.append(i)
             result = op.results[0]
             chosen.values.add(result.name)
@@ -301,10 +324,16 @@ def _extract(fuser: _Fuser, g: _Group, name: str, uses_outside: set[str], taken:
         return keyed[key]
 
     def operand(v: Value, role: str) -> Value:
-        if v.name in g.values or v.name in local:
+        if v.name in g.values or (v.name in local and role == "load"):
             return v
         producer = fuser.producer.get(v.name)
         if _clonable(producer):
+            # A dot's operands are read by its K loop from kernel inputs, so a splat or iota feeding
+            # a dot is materialised outside and passed in; loads recompute it in the kernel. The
+            # parameter is named apart from the clone, which keeps the value's own name.
+            if role != "load":
+                inside.add(v.name)
+                return param((role, v.name), v, v.type)
             local.add(v.name)
             body.append(producer)  # type: ignore[arg-type]
             return v

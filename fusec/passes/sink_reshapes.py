@@ -53,7 +53,7 @@ class _Sinker:
         self.ops.append(op)
         self.producers.update({r.name: op for r in op.results})
 
-    def to_rows(self, v: Value, rows: tuple[int, int], loc: str) -> Value:
+    def to_rows(self, v: Value, rows: tuple[int, ...], loc: str) -> Value:
         if v.name in self.rows:
             return self.rows[v.name]
         target = TensorType(v.type.elem, rows)
@@ -64,7 +64,9 @@ class _Sinker:
         elif op is not None and op.opcode == "constant" and not isinstance(op.attr("value"), tuple):
             out = self.fresh(v.name, target)
             self.emit(replace(Op.make("constant", (), (out,), **(op.attr_dict | {"shape": rows})), loc=op.loc))
-        elif op is not None and op.opcode == "broadcast" and self._row_broadcastable(op):
+        elif op is not None and op.opcode == "broadcast" and len(rows) == 2 and self._row_broadcastable(op):
+            # Only onto [M, N]: the row form of a reduction's result is [M], and a broadcast to
+            # [a, b] along its last axis is no broadcast along that flattened axis (a reshape is).
             out = self._broadcast_rows(op, target, loc)
         else:
             out = self.fresh(v.name, target)

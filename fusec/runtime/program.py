@@ -75,10 +75,15 @@ class Program:
 
     def __call__(self, top_consts: Sequence[Any], dyn: Sequence[Any]) -> list[Any]:
         """Runs on the jaxpr's top-level constants and the flat dynamic arguments."""
-        outs = list(_differentiable(self)(*top_consts, *dyn))
+        outs = list(_differentiable(self, [*top_consts, *dyn])())
+        # The IR carries no weak types (canonicalize drops a convert_element_type that only
+        # strengthens one as an identity), so each output gets the weak type the jaxpr declares.
         for i, aval in enumerate(self.jaxpr.out_avals):
-            if getattr(aval, "weak_type", False) and not getattr(jax.typeof(outs[i]), "weak_type", False):
+            want, have = bool(getattr(aval, "weak_type", False)), bool(getattr(jax.typeof(outs[i]), "weak_type", False))
+            if want and not have:
                 outs[i] = make_weak(outs[i])
+            elif have and not want:
+                outs[i] = jax.lax.convert_element_type(outs[i], outs[i].dtype)  # strongly typed
         return outs
 
 
@@ -94,23 +99,44 @@ def _params(program: Program, top_consts: Sequence[Any], dyn: Sequence[Any]) -> 
     return out
 
 
-def _differentiable(program: Program) -> Callable[..., tuple[Any, ...]]:
+def _has_tangent_type(x: Any) -> bool:
+    """False for a value of an extended dtype whose rules name no tangent dtype (JAX never asks
+    for one unless it is differentiated, but ``jax.custom_jvp`` asks for every input's)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or not jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+        return True
+    return hasattr(getattr(dtype, "_rules", None), "tangent_dtype")
+
+
+def _differentiable(program: Program, xs: Sequence[Any]) -> Callable[..., tuple[Any, ...]]:
+    """The program as a function of the inputs in ``xs`` that have tangent types, with a JVP from
+    the original jaxpr; the others (extended dtypes without a tangent dtype) are closed over, so
+    they stay out of the custom_jvp as they stay out of differentiation under ``jax.jit``."""
     n_consts = len(program.jaxpr.consts)
+    diff = [i for i, x in enumerate(xs) if _has_tangent_type(x)]
+
+    def full(ds: Sequence[Any]) -> list[Any]:
+        out = list(xs)
+        for i, d in zip(diff, ds):
+            out[i] = d
+        return out
 
     @jax.custom_jvp
-    def run(*xs: Any) -> tuple[Any, ...]:
-        return tuple(program.run_flat(*_params(program, xs[:n_consts], xs[n_consts:])))
+    def run(*ds: Any) -> tuple[Any, ...]:
+        args = full(ds)
+        return tuple(program.run_flat(*_params(program, args[:n_consts], args[n_consts:])))
 
-    def original(*xs: Any) -> Any:
-        closed = jcore.ClosedJaxpr(program.jaxpr.jaxpr, list(xs[:n_consts]))
-        return tuple(jcore.jaxpr_as_fun(closed)(*xs[n_consts:]))
+    def original(*ds: Any) -> Any:
+        args = full(ds)
+        closed = jcore.ClosedJaxpr(program.jaxpr.jaxpr, list(args[:n_consts]))
+        return tuple(jcore.jaxpr_as_fun(closed)(*args[n_consts:]))
 
     @run.defjvp
     def run_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
         _, tangents_out = jax.jvp(original, primals, tangents)
         return run(*primals), tangents_out
 
-    return run
+    return lambda: run(*(xs[i] for i in diff))
 
 
 def build_program(closed: Any, name: str, passes: list[Pass], backend: str, verify: bool = True,
