@@ -59,8 +59,8 @@ class Lowered:
 
     def gpu_resources(self, arch: int = 90) -> list[Any]:
         """Compiles every kernel to a cubin for ``sm_{arch}`` and returns registers and spills
-        (:class:`fusec.runtime.gpu_compile.KernelResources`). Needs kernels built for a GPU
-        (``interpret=False``) and the ``triton`` package, not a GPU."""
+        (:class:`fusec.runtime.gpu_compile.KernelResources`). Lowering for cuda always gives
+        GPU-tiled kernels, so this needs only the ``triton`` package, not a GPU."""
         from fusec.runtime.gpu_compile import compile_kernels
         return compile_kernels(self.lower_for("cuda"), arch)
 

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 
 import fusec
 from fusec import lowprec
+from fusec.passes.tiling import tile_kernel_op
 from fusec.runtime.jax_internals import triton_kernels_in
 from fusec.runtime.ttir import memory_accesses
 from tests.test_differential import programs
@@ -45,6 +46,9 @@ def _outputs_needing_masks(program) -> dict[str, set[int]]:
         space, block, squeeze = op.attr("space"), op.attr("block"), op.attr("squeeze")
         folded = {int(j) for j, _ in op.attr("out_views", ())}
         spec = program.kernels[str(op.attr("callee"))]
+        if spec.interpret:  # lowering for cuda uses the kernel's GPU tiles
+            op = tile_kernel_op(op, {f.name: f for f in program.module.functions}, "gpu")
+            space, block, squeeze = op.attr("space"), op.attr("block"), op.attr("squeeze")
         need[spec.name] = {_input_refs(spec) + j for j, result in enumerate(op.results) if j not in folded and any(
             d not in squeeze and n == space[d] and n % block[d] for d, n in enumerate(result.type.shape))}
     return need
@@ -55,7 +59,7 @@ def check_masks(fn, *args, static_argnums: tuple[int, ...] = ()) -> int:
     the kernels' Triton IR holds."""
     program = fn.lower(*args).program
     lowered = jax.jit(fn, static_argnums=static_argnums).trace(*args).lower(lowering_platforms=("cuda",))
-    specs = {_ident(name): spec for name, spec in program.kernels.items()}
+    specs = {_ident(name): spec.for_gpu() or spec for name, spec in program.kernels.items()}
     need = {_ident(name): refs for name, refs in _outputs_needing_masks(program).items()}
     masked = 0
     kernels = triton_kernels_in(lowered)
@@ -144,3 +148,19 @@ def test_random_programs_gpu_kernels_are_masked(program) -> None:
 
     args = [jnp.zeros(s, jnp.float32) for s in program[0]]
     check_masks(gpu(lambda *a: _run(program, a)), *args)
+
+
+def test_cuda_lowering_from_a_cpu_with_default_options_gets_gpu_kernels() -> None:
+    """fusec.jit's defaults on a CPU tile for the interpreter; lowering for cuda still emits every
+    kernel as GPU-tiled Triton, masked where its blocks overhang."""
+    from quickstart import example_inputs, gpt2_block
+
+    x, params = example_inputs()
+    fn = fusec.jit(gpt2_block, backend="pallas")
+    kernels = fn.lower(x, params).program.kernels
+    assert all(spec.interpret for spec in kernels.values())
+    text = jax.jit(fn).trace(x, params).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == len(kernels) == 10
+    check_masks(fn, x, params)
+    np.testing.assert_allclose(np.asarray(fn(x, params)), np.asarray(jax.jit(gpt2_block)(x, params)),
+                               rtol=2e-5, atol=2e-5)

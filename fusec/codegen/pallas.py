@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from fusec.codegen.pallas_unpack import packed_part_rows, unpack_tile
 from fusec.codegen.xla import Evaluator
 from fusec.errors import FusecError
 from fusec.ir import Function, LowBitType, Module, Op, Value
+from fusec.passes.tiling import tile_kernel_op
 from fusec.passes.views import View, value_block_dims
 
 _PRELUDE = """import jax
@@ -38,12 +39,23 @@ class KernelSpec:
     out_types: tuple[Any, ...]
     pallas: Callable[..., list[Any]]  # pallas(*args, interpret=bool)
     reference: Callable[..., list[Any]]  # the kernel's ops through XLA
-    interpret: bool  # run in interpret mode wherever it is lowered
+    interpret: bool  # tiled for Pallas's interpreter (one big block), as runs on a CPU
     masked_refs: tuple[int, ...] = ()  # positions (inputs, then outputs) of refs whose blocks can overhang
-
+    # Builds the same kernel tiled for a GPU (None if it cannot be); what lowering for cuda uses.
+    gpu_builder: Callable[[], KernelSpec | None] | None = field(default=None, repr=False)
+    _gpu: list[KernelSpec | None] = field(default_factory=list, repr=False)
 
     def __repr__(self) -> str:
         return f"KernelSpec({self.name})"
+
+    def for_gpu(self) -> KernelSpec | None:
+        """The kernel as GPU tiles (itself when it was built for a GPU); None when a view it reads
+        through cannot be addressed with GPU blocks."""
+        if not self.interpret:
+            return self
+        if not self._gpu:
+            self._gpu.append(self.gpu_builder() if self.gpu_builder is not None else None)
+        return self._gpu[0]
 
 
 def _idx(names: list[str]) -> str:
@@ -254,8 +266,16 @@ def build_kernel(op: Op, module: Module, interpret: bool) -> KernelSpec:
         return [_view_indices(out_views[j], func.returns[j].type.shape).scatter_into(o) if j in out_views else o
                 for j, o in enumerate(outs)]
 
+    def gpu_builder() -> KernelSpec | None:
+        functions = {f.name: f for f in module.functions}
+        try:
+            return build_kernel(tile_kernel_op(op, functions, "gpu"), module, False)
+        except FusecError:
+            return None  # a folded view these blocks cannot address: lowering keeps the interpreter
+
     return KernelSpec(func.name, source, tuple(v.type for v in op.operands), tuple(r.type for r in op.results),
-                      namespace[ident], reference, interpret, masked_refs(source, ident))
+                      namespace[ident], reference, interpret, masked_refs(source, ident),
+                      gpu_builder if interpret else None)
 
 
 def masked_refs(source: str, ident: str) -> tuple[int, ...]:

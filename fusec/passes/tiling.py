@@ -73,6 +73,18 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
     return attrs
 
 
+def tile_kernel_op(op: Op, functions: dict[str, Function], target: str) -> Op:
+    """``op`` (a kernel op) with the tiling attributes ``target`` gets, replacing any it had."""
+    kind, space = str(op.attr("kind")), tuple(op.attr("space"))
+    callee = functions[str(op.attr("callee"))]
+    k = _dot_k(callee) if kind == "matmul" else None
+    formats = [parse_elem_type(str(o.attr("format"))) for o in callee.ops if o.opcode == "dequantize"]
+    table_bits = max((f.bits for f in formats if getattr(f, "family", "") in ("nf", "lut")), default=0)
+    tiling = choose_tiling(kind, space, k, target, bool(formats), table_bits)
+    attrs = {key: v for key, v in op.attr_dict.items() if key not in ("bk", "strategy")} | tiling
+    return Op(op.opcode, op.operands, op.results, Op.make("kernel", **attrs).attrs, op.loc)
+
+
 @register_pass
 @dataclass(frozen=True)
 class Tile(Pass):
@@ -87,16 +99,6 @@ class Tile(Pass):
         functions = {f.name: f for f in module.functions}
         out = []
         for f in module.functions:
-            ops = []
-            for op in f.ops:
-                if op.opcode == "kernel":
-                    kind, space = str(op.attr("kind")), tuple(op.attr("space"))
-                    callee = functions[str(op.attr("callee"))]
-                    k = _dot_k(callee) if kind == "matmul" else None
-                    formats = [parse_elem_type(str(o.attr("format"))) for o in callee.ops if o.opcode == "dequantize"]
-                    table_bits = max((f.bits for f in formats if getattr(f, "family", "") in ("nf", "lut")), default=0)
-                    tiling = choose_tiling(kind, space, k, self.target, bool(formats), table_bits)
-                    op = Op.make("kernel", op.operands, op.results, **(op.attr_dict | tiling))
-                ops.append(op)
+            ops = [tile_kernel_op(op, functions, self.target) if op.opcode == "kernel" else op for op in f.ops]
             out.append(Function(f.name, f.params, tuple(ops), f.returns))
         return module.replace_functions(out)

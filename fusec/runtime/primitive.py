@@ -1,7 +1,8 @@
 """``fusec_kernel``: the JAX primitive every generated kernel is bound through.
 
-Abstract evaluation comes from the kernel's signature; lowering is the Pallas kernel (through
-Triton on ``cuda``, interpret mode on ``cpu`` or when asked); batching runs the kernel under
+Abstract evaluation comes from the kernel's signature; lowering is the Pallas kernel (on ``cuda``
+always GPU-tiled Triton kernels, even when a CPU machine traced the program; on ``cpu`` Pallas's
+interpret mode); batching runs the kernel under
 ``vmap`` (Pallas adds a grid axis); the JVP differentiates the kernel's reference (its ops run by
 XLA), so ``jax.jvp``/``jax.grad`` of a bare kernel work too.
 """
@@ -37,8 +38,11 @@ def _impl(*args: Any, spec: KernelSpec) -> list[Any]:
 
 
 def _lowering(ctx: Any, *args: Any, spec: KernelSpec, platform: str) -> Any:
-    interpret = spec.interpret or platform != "cuda"
-    fn = functools.partial(spec.pallas, interpret=interpret)
+    # Lowering for cuda always gets GPU tiles and Triton kernels, whatever machine traced the
+    # program and whatever ``interpret`` said (it decides what runs on a CPU).
+    gpu = spec.for_gpu() if platform == "cuda" else None
+    fn = functools.partial(gpu.pallas, interpret=False) if gpu is not None else \
+        functools.partial(spec.pallas, interpret=True)
     with warnings.catch_warnings():
         # JAX 0.11 deprecates Pallas's Triton lowering on every use; fusec chose it deliberately
         # (see the README), and a warning per kernel per compile would tell users nothing.
