@@ -81,7 +81,7 @@ class Access:
         mask = self.mask(slices)
         if mask is None:
             return f"{target}[...]"
-        return f"plgpu.load({target}, mask={mask}, other=0)"
+        return f"plgpu.load({target}, mask={mask}, other=jnp.zeros((), {self.ref}.dtype))"
 
     def store(self, value: str) -> str:
         mask = self.mask()
