@@ -18,5 +18,6 @@ def resolve_pipeline(passes: str | Sequence[str | Pass] | None, backend: str = "
         return parse_pipeline(passes)
     names = list(DEFAULT_PIPELINE)
     if backend == "pallas":
-        names += [*KERNEL_PASSES, "tile{target=%s}" % ("interpret" if interpret else "gpu"), "fold-views", "dce"]
+        tile = "tile{target=%s}" % ("interpret" if interpret else "gpu")
+        names += [*KERNEL_PASSES, tile, "fold-views", "dce", "to-tile"]
     return parse_pipeline(names)

@@ -42,7 +42,7 @@ def _binary(fn: Callable[[Any, Any], Any]) -> Emit:
     return lambda op, args, ev: [fn(args[0], args[1])]
 
 
-_UNARY = {
+LAX_UNARY = {
     "neg": lax.neg, "exp": lax.exp, "exp2": lax.exp2, "log": lax.log, "log1p": lax.log1p, "expm1": lax.expm1,
     "tanh": lax.tanh, "logistic": lax.logistic, "sin": lax.sin, "cos": lax.cos, "tan": lax.tan,
     "asin": lax.asin, "acos": lax.acos, "atan": lax.atan, "sinh": lax.sinh, "cosh": lax.cosh,
@@ -52,7 +52,7 @@ _UNARY = {
     "not": lax.bitwise_not, "square": lax.square, "stop_gradient": lax.stop_gradient,
     "population_count": lax.population_count, "clz": lax.clz, "is_finite": lax.is_finite,
 }
-_BINARY = {
+LAX_BINARY = {
     "add": lax.add, "sub": lax.sub, "mul": lax.mul, "div": lax.div, "rem": lax.rem, "pow": lax.pow,
     "max": lax.max, "min": lax.min, "atan2": lax.atan2, "and": lax.bitwise_and, "or": lax.bitwise_or,
     "xor": lax.bitwise_xor, "shift_left": lax.shift_left, "shift_right_logical": lax.shift_right_logical,
@@ -62,9 +62,9 @@ _BINARY = {
 _REDUCE = {"sum": lax.reduce_sum, "prod": lax.reduce_prod, "max": lax.reduce_max, "min": lax.reduce_min,
            "and": lax.reduce_and, "or": lax.reduce_or, "xor": lax.reduce_xor}
 
-for _name, _fn in _UNARY.items():
+for _name, _fn in LAX_UNARY.items():
     EMITTERS[_name] = _unary(_fn)
-for _name, _fn in _BINARY.items():
+for _name, _fn in LAX_BINARY.items():
     EMITTERS[_name] = _binary(_fn)
 
 

@@ -9,19 +9,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from fusec.frontend.types import elem_type_of
-from fusec.ir import Value
+from fusec.ir import Builder, Value
 from fusec.ir.opdefs import COMPARISONS, ELEMENTWISE_ANY, ELEMENTWISE_BINARY, ELEMENTWISE_FLOAT
 from fusec.ir.types import NUMPY_TO_FUSEC, DType
 
-if TYPE_CHECKING:
-    from fusec.frontend.jaxpr_to_ir import Lowerer
 
-Rule = Callable[["Lowerer", Any, list[Value]], Sequence[Value]]
+class Lowerer(Protocol):
+    """What a rule may ask of the jaxpr lowerer (fusec/frontend/jaxpr_to_ir.py implements it)."""
+
+    builder: Builder
+
+    def reshape(self, v: Value, shape: tuple[int, ...]) -> Value: ...
+
+    def broadcast_to(self, v: Value, shape: tuple[int, ...]) -> Value: ...
+
+    def inline(self, closed: Any, ins: Sequence[Value], top: bool = False) -> list[Value]: ...
+
+    def call_or_inline(self, closed: Any, ins: Sequence[Value], name: str) -> list[Value]: ...
+
+
+Rule = Callable[[Lowerer, Any, list[Value]], Sequence[Value]]
 RULES: dict[str, Rule] = {}
 
 

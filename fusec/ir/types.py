@@ -33,6 +33,7 @@ NUMPY_TO_FUSEC: dict[str, str] = {v: k for k, v in STANDARD_DTYPES.items()}
 LOW_BIT_FLOATS: frozenset[tuple[int, int]] = frozenset({(2, 1), (3, 2), (2, 3), (4, 3), (5, 2)})
 LOW_BIT_FAMILIES = ("int", "uint", "float", "nf", "lut")
 PER_CHANNEL = 0  # the group value that means one scale per output channel
+WORD_BITS = 32  # packed low-bit codes live in uint32 words
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,24 @@ class LowBitType:
             assert self.exp_bits is not None
             return f"e{self.exp_bits}m{self.bits - 1 - self.exp_bits}"
         return f"{self.family}{self.bits}"
+
+    @property
+    def plane_widths(self) -> tuple[int, ...]:
+        """Widths of the bit planes a code is stored in, widest (lowest bits) first: 7 -> (4, 2, 1)."""
+        return (8,) if self.bits == 8 else tuple(p for p in (4, 2, 1) if self.bits & p)
+
+    def rows_per_scale(self, k: int) -> int:
+        """Rows of a [K, ...] weight sharing one scale: the group, or K when per channel."""
+        return k if self.group in (None, PER_CHANNEL) else int(self.group)
+
+    def part_types(self, shape: tuple[int, ...]) -> list[TensorType]:
+        """The arrays a [K, N] weight of this format is stored as: one uint32 array per plane
+        (K padded to whole words), then scales and zero-points as read by a kernel (float32)."""
+        k, n = shape[0], shape[1]
+        k_pad = -(-k // WORD_BITS) * WORD_BITS
+        planes = [TensorType(DType("u32"), (k_pad * p // WORD_BITS, n)) for p in self.plane_widths]
+        groups = k // self.rows_per_scale(k)
+        return planes + [TensorType(DType("f32"), (groups, n))] * (1 + int(self.zero_point))
 
     def __str__(self) -> str:
         text = self.base_name

@@ -6,6 +6,9 @@ from fusec.errors import VerifyError
 from fusec.ir.function import Function, Module, Op
 from fusec.ir.opdefs import OPDEFS, TypeRuleError, infer_result_types
 from fusec.ir.printer import format_op
+from fusec.ir.tile_verify import is_tile_program, loop_bodies, verify_tile_program
+from fusec.ir.tiling import KernelTiling
+from fusec.ir.types import LowBitType
 
 
 def _fail(func: Function, op: Op | None, message: str) -> VerifyError:
@@ -45,24 +48,28 @@ def _verify_call(module: Module, func: Function, op: Op) -> None:
 
 def _verify_tiling(func: Function, op: Op) -> None:
     """A tiled kernel's grid covers its iteration space exactly, with power-of-two blocks."""
-    space, block, grid = (tuple(op.attr(k)) for k in ("space", "block", "grid"))
-    kernel = f"kernel {op.attr('callee')}"
-    if not len(space) == len(block) == len(grid):
-        raise _fail(func, op, f"{kernel}: space {list(space)}, block {list(block)} and grid {list(grid)} "
-                              "differ in rank")
-    for d, (n, b, g) in enumerate(zip(space, block, grid)):
-        if b < 1 or b & (b - 1):
-            raise _fail(func, op, f"{kernel}: block dimension {d} is {b}, not a power of two "
-                                  "(every Triton tile dimension must be one)")
-        if g != -(-n // b):
-            raise _fail(func, op, f"{kernel}: grid dimension {d} is {g}, but {b}-blocks cover the space's "
-                                  f"{n} in {-(-n // b)}")
-    for d in op.attr("squeeze", ()):
-        if not 0 <= d < len(block) or block[d] != 1:
-            raise _fail(func, op, f"{kernel}: squeezed dimension {d} must have a block of 1")
-    bk = op.attr("bk")
-    if bk is not None and (bk < 1 or bk & (bk - 1)):
-        raise _fail(func, op, f"{kernel}: K step bk = {bk} is not a power of two")
+    try:
+        KernelTiling.from_attrs(op.attr_dict)
+    except ValueError as e:
+        raise _fail(func, op, f"kernel {op.attr('callee')}: {e}") from None
+
+
+def _verify_tile_link(module: Module, func: Function, op: Op) -> None:
+    """A kernel's tile program takes its arrays (a low-bit weight as its parts), then its results."""
+    try:
+        program = module.function(str(op.attr("tile")))
+    except KeyError:
+        raise _fail(func, op, f"names unknown tile program @{op.attr('tile')}") from None
+    want = [t for v in op.operands for t in (v.type.elem.part_types(v.type.shape)
+                                             if isinstance(v.type.elem, LowBitType) else [v.type])]
+    want += [r.type for r in op.results]
+    if [p.type for p in program.params] != want:
+        raise _fail(func, op, f"tile program @{program.name} takes ({', '.join(str(p.type) for p in program.params)}), "
+                              f"not the kernel's arrays ({', '.join(map(str, want))})")
+    grid = verify_tile_program(module, program)
+    if "grid" in op.attr_dict and grid != tuple(op.attr("grid")):
+        raise _fail(func, op, f"tile program @{program.name} runs a grid of {list(grid)}, the kernel "
+                              f"{list(op.attr('grid'))}")
 
 
 def verify_function(func: Function, module: Module | None = None) -> None:
@@ -88,6 +95,8 @@ def verify_function(func: Function, module: Module | None = None) -> None:
             _verify_call(module, func, op)
             if op.opcode == "kernel" and "block" in op.attr_dict:
                 _verify_tiling(func, op)
+            if op.opcode == "kernel" and "tile" in op.attr_dict:
+                _verify_tile_link(module, func, op)
         elif opdef.rule is not None:
             try:
                 expected = infer_result_types(op.opcode, [v.type for v in op.operands], op.attr_dict)
@@ -121,3 +130,8 @@ def verify_module(module: Module) -> None:
             raise VerifyError(f"function @{func.name} is defined twice")
         seen.add(func.name)
         verify_function(func, module)
+    bodies = loop_bodies(module)
+    for func in module.functions:
+        # Loop bodies are proved in their loop's context (index range, captured values).
+        if func.name not in bodies and is_tile_program(func):
+            verify_tile_program(module, func)

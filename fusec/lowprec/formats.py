@@ -17,7 +17,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from fusec.ir.types import PER_CHANNEL, LowBitType
+from fusec.ir.types import LowBitType
 
 FAMILIES = ("int", "uint", "fp", "nf", "lut")
 FLOAT_LAYOUTS = {"e2m1": (2, 1), "e2m3": (2, 3), "e3m2": (3, 2), "e4m3": (4, 3), "e5m2": (5, 2)}
@@ -157,4 +157,4 @@ def format_of(t: LowBitType, lut: tuple[float, ...] | None = None) -> Format:
 
 def group_size(t: LowBitType, k: int) -> int:
     """Rows per scale of a low-bit [K, ...] value: its group, or K when it is per channel."""
-    return k if t.group in (None, PER_CHANNEL) else int(t.group)
+    return t.rows_per_scale(k)

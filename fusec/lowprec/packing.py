@@ -15,16 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-WORD_BITS = 32
+from fusec.ir.types import WORD_BITS, LowBitType
 
 
 def plane_widths(bits: int) -> tuple[int, ...]:
     """The plane widths for ``bits``, widest (lowest bits) first: 7 -> (4, 2, 1)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bit width must be in 1..8, got {bits}")
-    if bits == 8:
-        return (8,)
-    return tuple(p for p in (4, 2, 1) if bits & p)
+    return LowBitType("lut", bits).plane_widths
 
 
 @dataclass(frozen=True)

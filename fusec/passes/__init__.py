@@ -9,6 +9,7 @@ from fusec.passes import (  # noqa: F401  (registers the passes)
     inline,
     sink_reshapes,
     tiling,
+    to_tile,
     views,
 )
 from fusec.passes.base import PASSES, Pass, PassManager, parse_pipeline, register_pass

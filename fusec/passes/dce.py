@@ -1,6 +1,6 @@
 """Dead-code elimination: drops ops none of whose results is used, and uncalled functions.
 
-Opaque ops marked ``effects`` (callbacks, prints) are always kept.
+Opaque ops marked ``effects`` (callbacks, prints) and a tile program's stores are always kept.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from fusec.passes.rewrite import drop_unreferenced_functions
 
 
 def has_effects(op: Op) -> bool:
-    return op.opcode == "opaque" and bool(op.attr("effects", False))
+    return (op.opcode == "opaque" and bool(op.attr("effects", False))) or op.opcode in ("store", "atomic_add")
 
 
 def dce_function(func: Function) -> Function:

@@ -21,34 +21,27 @@ from dataclasses import dataclass, field
 
 from fusec.ir import DType, Function, LowBitType, Module, Op, TensorType, Value, parse_elem_type
 from fusec.ir.graph import op_graph, stable_toposort
-from fusec.ir.opdefs import OPDEFS
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.cost import Cost, nbytes, op_flops
+from fusec.passes.target import PALLAS_TRITON
 
-# Elementwise opcodes kernels can hold (checked by lowering each for cuda): lgamma, digamma and
-# round have no Pallas-Triton lowering, and popcount/clz on uint32 fail to compile in triton 3.9,
-# so they stay with XLA; erf and erfc have none either, and codegen writes them out (pallas_special).
-KERNEL_ELEMENTWISE = frozenset(
-    name for name, d in OPDEFS.items() if d.kind == "elementwise"
-) - {"lgamma", "digamma", "round", "population_count", "clz"}
-BOOL_OK = frozenset({"and", "or", "xor", "not", "eq", "ne", "select", "convert", "broadcast"})
-KERNEL_DTYPES = frozenset({"f32", "bf16", "f16", "i8", "i16", "i32", "u8", "u16", "u32", "bool"})
-DOT_DTYPES = frozenset({"f32", "bf16", "f16"})
-REDUCE_KINDS = frozenset({"sum", "max", "min"})  # Pallas's Triton lowering has no reduce_prod
+# What kernels can hold, from the target description (one target today: Pallas-Triton).
+TARGET = PALLAS_TRITON
+KERNEL_ELEMENTWISE = TARGET.elementwise
 KIND_PRIORITY = {"matmul": 0, "reduction": 1, "elementwise": 2}
 
 
 def _types_ok(op: Op) -> bool:
     for v in (*op.operands, *op.results):
-        if not (isinstance(v.type.elem, DType) and v.type.elem.name in KERNEL_DTYPES):
+        if not (isinstance(v.type.elem, DType) and v.type.elem.name in TARGET.dtypes):
             return False
-        if v.type.elem.name == "bool" and op.opcode not in BOOL_OK and v in op.operands:
+        if v.type.elem.name == "bool" and op.opcode not in TARGET.bool_ops and v in op.operands:
             return False
     return True
 
 
 def _space_ok(shape: tuple[int, ...]) -> bool:
-    return 1 <= len(shape) <= 4 and all(d > 0 for d in shape)
+    return 1 <= len(shape) <= TARGET.max_rank and all(d > 0 for d in shape)
 
 
 def _clonable(op: Op | None) -> bool:
@@ -193,7 +186,7 @@ class _Fuser:
         if op.opcode == "reduce":
             v = op.operands[0]
             return (rows and bool(inside) and v.type.shape == s and op.attr("axes") == (len(s) - 1,)
-                    and op.attr("kind") in REDUCE_KINDS)
+                    and op.attr("kind") in TARGET.reduce_kinds)
         return fits(out, s, rows) and all(self._loadable(v, g) for v in outside)
 
     def _start(self, op: Op) -> _Group | None:
@@ -202,7 +195,7 @@ class _Fuser:
         self.next_id += 1
         if op.opcode == "dot":
             lhs = op.operands[0].type
-            ok = (op.result.type.rank in (2, 3) and _space_ok(out) and lhs.elem.name in DOT_DTYPES  # type: ignore[union-attr]
+            ok = (op.result.type.rank in (2, 3) and _space_ok(out) and lhs.elem.name in TARGET.dot_dtypes  # type: ignore[union-attr]
                   and lhs.shape[-1] > 0 and lhs.shape[-2] > 0)
             if not ok:
                 return None
@@ -216,7 +209,7 @@ class _Fuser:
             return g
         if op.opcode == "reduce":
             s = op.operands[0].type.shape
-            ok = _space_ok(s) and op.attr("axes") == (len(s) - 1,) and op.attr("kind") in REDUCE_KINDS
+            ok = _space_ok(s) and op.attr("axes") == (len(s) - 1,) and op.attr("kind") in TARGET.reduce_kinds
             return _Group(gid, "reduction", s) if ok else None
         if op.opcode == "broadcast" or not _space_ok(out):
             return None

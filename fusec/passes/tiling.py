@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fusec.ir import Function, Module, Op, parse_elem_type
+from fusec.ir import Function, KernelTiling, Module, Op, parse_elem_type
+from fusec.ir.tiling import TILING_ATTRS, cdiv
 from fusec.passes.base import Pass, register_pass
+from fusec.passes.target import PALLAS_TRITON
 
 
 def pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _dot_k(kernel_func: Function) -> int:
@@ -30,7 +28,7 @@ def _dot_k(kernel_func: Function) -> int:
 
 
 def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str, packed: bool = False,
-                  table_bits: int = 0) -> dict:
+                  table_bits: int = 0) -> KernelTiling:
     """Block, grid, squeezed dims, K step and launch parameters for one kernel. ``packed``: the
     matmul unpacks a low-bit weight, whose K step is 32 (a whole word of 1-bit codes, and a divisor
     of every scale group); ``table_bits``: the width of a NormalFloat or lookup-table format it
@@ -40,8 +38,10 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
         block = [pow2_at_least(d) for d in space]
         bk = pow2_at_least(k) if k else None
     elif kind == "matmul":
-        block = [1] * (r - 2) + [min(64, max(16, pow2_at_least(space[-2]))), min(64, max(16, pow2_at_least(space[-1])))]
-        bk = min(32, max(16, pow2_at_least(k or 1)))
+        low = PALLAS_TRITON.min_dot_tile
+        block = [1] * (r - 2) + [min(64, max(low, pow2_at_least(space[-2]))),
+                                 min(64, max(low, pow2_at_least(space[-1])))]
+        bk = min(32, max(low, pow2_at_least(k or 1)))
     elif kind == "reduction":
         last = pow2_at_least(space[-1])
         block = [1] * r
@@ -62,15 +62,10 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
         if kind == "matmul" and target == "gpu" and space[-2] <= 16:
             # Skinny (GEMV-like) strategy: few rows, so each program takes a wider slice of the
             # packed weight and the memory system sees longer runs of words.
-            block[-1] = min(128 if table_bits <= 4 else 64, max(16, pow2_at_least(space[-1])))
-    squeeze = [d for d in range(max(0, r - 2)) if block[d] == 1]
-    attrs = {"block": tuple(block), "grid": tuple(cdiv(s, b) for s, b in zip(space, block)),
-             "squeeze": tuple(squeeze), "num_warps": 4, "num_stages": 2}
-    if packed:
-        attrs["strategy"] = "gemv" if space[-2] <= 16 else "gemm"
-    if bk is not None:
-        attrs["bk"] = bk
-    return attrs
+            block[-1] = min(128 if table_bits <= 4 else 64, max(PALLAS_TRITON.min_dot_tile, pow2_at_least(space[-1])))
+    squeeze = tuple(d for d in range(max(0, r - 2)) if block[d] == 1)
+    return KernelTiling(kind, tuple(space), tuple(block), tuple(cdiv(s, b) for s, b in zip(space, block)), squeeze,
+                        bk, strategy=("gemv" if space[-2] <= 16 else "gemm") if packed else None)
 
 
 def tile_kernel_op(op: Op, functions: dict[str, Function], target: str) -> Op:
@@ -81,7 +76,7 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str) -> Op:
     formats = [parse_elem_type(str(o.attr("format"))) for o in callee.ops if o.opcode == "dequantize"]
     table_bits = max((f.bits for f in formats if getattr(f, "family", "") in ("nf", "lut")), default=0)
     tiling = choose_tiling(kind, space, k, target, bool(formats), table_bits)
-    attrs = {key: v for key, v in op.attr_dict.items() if key not in ("bk", "strategy")} | tiling
+    attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile")} | tiling.as_attrs()
     return Op(op.opcode, op.operands, op.results, Op.make("kernel", **attrs).attrs, op.loc)
 
 

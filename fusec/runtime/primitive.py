@@ -1,14 +1,15 @@
 """``fusec_kernel``: the JAX primitive every generated kernel is bound through.
 
-Abstract evaluation comes from the kernel's signature; lowering is the Pallas kernel (on ``cuda``
-always GPU-tiled Triton kernels, even when a CPU machine traced the program; on ``cpu`` Pallas's
-interpret mode); batching runs the kernel under
-``vmap`` (Pallas adds a grid axis); the JVP differentiates the kernel's reference (its ops run by
-XLA), so ``jax.jvp``/``jax.grad`` of a bare kernel work too.
+Abstract evaluation comes from the kernel's signature; lowering is the generated kernel (on
+``cuda`` always GPU-tiled Triton kernels, even when a CPU machine traced the program; on ``cpu``
+the interpreter); batching binds the primitive again with the kernel under ``vmap`` (Pallas adds
+a grid axis), so a batched kernel still lowers per platform; the JVP differentiates the kernel's
+reference (its ops run by XLA), so ``jax.jvp``/``jax.grad`` of a bare kernel work too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any
@@ -17,7 +18,7 @@ import jax
 import jax.extend.core as jcore
 from jax.interpreters import ad, batching, mlir
 
-from fusec.codegen.pallas import KernelSpec
+from fusec.codegen.kernel_spec import KernelSpec
 from fusec.codegen.xla import numpy_dtype
 
 fusec_kernel_p = jcore.Primitive("fusec_kernel")
@@ -41,8 +42,8 @@ def _lowering(ctx: Any, *args: Any, spec: KernelSpec, platform: str) -> Any:
     # Lowering for cuda always gets GPU tiles and Triton kernels, whatever machine traced the
     # program and whatever ``interpret`` said (it decides what runs on a CPU).
     gpu = spec.for_gpu() if platform == "cuda" else None
-    fn = functools.partial(gpu.pallas, interpret=False) if gpu is not None else \
-        functools.partial(spec.pallas, interpret=True)
+    fn = functools.partial(gpu.run, interpret=False) if gpu is not None else \
+        functools.partial(spec.run, interpret=True)
     with warnings.catch_warnings():
         # JAX 0.11 deprecates Pallas's Triton lowering on every use; fusec chose it deliberately
         # (see the README), and a warning per kernel per compile would tell users nothing.
@@ -50,9 +51,29 @@ def _lowering(ctx: Any, *args: Any, spec: KernelSpec, platform: str) -> Any:
         return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
 
 
+@functools.lru_cache(maxsize=1024)
+def _batched(spec: KernelSpec, in_axes: tuple[int | None, ...], size: int) -> KernelSpec:
+    """``spec`` under ``vmap`` (its GPU twin too), as a kernel of its own."""
+
+    def run(*args: Any, interpret: bool = False) -> list[Any]:
+        return list(jax.vmap(functools.partial(spec.run, interpret=interpret), in_axes=list(in_axes))(*args))
+
+    def reference(*args: Any) -> list[Any]:
+        return list(jax.vmap(spec.reference, in_axes=list(in_axes))(*args))
+
+    def gpu_builder() -> KernelSpec | None:
+        gpu = spec.for_gpu()
+        return None if gpu is None else _batched(gpu, in_axes, size)
+
+    return dataclasses.replace(
+        spec, run=run, reference=reference, out_types=tuple(t.with_shape((size, *t.shape)) for t in spec.out_types),
+        gpu_builder=gpu_builder if spec.interpret else None, _gpu=[])
+
+
 def _batch(args: list[Any], dims: list[Any], *, spec: KernelSpec) -> tuple[list[Any], list[int]]:
-    in_axes = [d if isinstance(d, int) else None for d in dims]
-    outs = jax.vmap(functools.partial(spec.pallas, interpret=spec.interpret), in_axes=in_axes)(*args)
+    in_axes = tuple(d if isinstance(d, int) else None for d in dims)
+    size = next(a.shape[d] for a, d in zip(args, in_axes) if d is not None)
+    outs = fusec_kernel_p.bind(*args, spec=_batched(spec, in_axes, size))
     return list(outs), [0] * len(outs)
 
 

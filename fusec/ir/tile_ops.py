@@ -1,0 +1,172 @@
+"""The tile-level op vocabulary: what one program instance of a kernel does.
+
+A tile program is an IR function whose parameters are the kernel's arrays (inputs, then outputs)
+and which returns nothing. Its values are tiles (small power-of-two tensors held in registers) and
+``i32[]`` scalars (program ids, loop indices and block indices computed from them with ordinary
+scalar ops). Elementwise ops, ``broadcast``, ``reduce``, ``select``, ``convert`` and ``constant``
+keep their graph-level meaning on tiles; the ops here add what only a kernel has:
+
+- ``program_id {axis, size}``: this program's index along a grid axis of ``size`` programs;
+- ``element_index %i {block, dimension, shape}``: the i32 tile ``%i * block + iota(dimension)``,
+  the array index of each element of a block (what masks and in-kernel iotas are made of);
+- ``load %ref, %i0, ... {block, squeeze, masked, other}``: the block at block index
+  ``(%i0, ...)`` (element offset ``%i * block`` per dimension); dimensions in ``masked`` read
+  ``other`` past the array's end; ``squeeze`` drops block dimensions of 1. A low-bit weight is its
+  arrays (``LowBitType.part_types``: u32 planes, then scales and zero-points declared f32, which
+  is how kernels read them whatever dtype stores them);
+- ``store %ref, %value, %i0, ...`` and ``atomic_add %ref, %value, %i0, ...``: the same addressing,
+  writing (or adding into) the block, masked dimensions writing nothing past the end;
+- ``loop %carried..., %captured... {body, trips, carried}``: ``body(i, carried..., captured...)``
+  for ``i`` in ``0 .. trips-1``, returning the next carried values (an ``scf.for`` with
+  ``iter_args``); results are the final carried values;
+- ``dot_acc %acc, %a, %b {lhs_t, rhs_t, precision}``: ``acc + a @ b`` accumulated in acc's dtype;
+- ``unpack %planes..., %scale, [%zero] {format, shape, dtype}``: a tile of a packed low-bit weight
+  decoded in registers from its words and the tile's group scale (and zero-point).
+"""
+
+from __future__ import annotations
+
+from fusec.ir.opdefs import OPDEFS, Attrs, OpDef, Rule, TypeRuleError, _axes_attr, _elem, _shape_attr
+from fusec.ir.types import F32, I32, DType, LowBitType, TensorType
+
+SCALAR_INDEX = TensorType(I32, ())
+ACCESS_OPS = ("load", "store", "atomic_add")
+TILE_OPS = ("program_id", "element_index", *ACCESS_OPS, "loop", "dot_acc", "unpack")
+
+
+def _int_attr(attrs: Attrs, key: str, lo: int) -> int:
+    value = attrs[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise TypeRuleError(f"attribute {key}={value!r} must be an int >= {lo}")
+    return value
+
+
+def _program_id(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    _int_attr(attrs, "axis", 0)
+    _int_attr(attrs, "size", 1)
+    return [SCALAR_INDEX]
+
+
+def _index_operands(types: list[TensorType], first: int) -> None:
+    for i in range(first, len(types)):
+        if types[i] != SCALAR_INDEX:
+            raise TypeRuleError(f"has type {types[i]}, expected a block index i32[]", i)
+
+
+def _element_index(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    _index_operands(types, 0)
+    shape = _shape_attr(attrs)
+    _int_attr(attrs, "block", 1)
+    dim = attrs["dimension"]
+    if not isinstance(dim, int) or not 0 <= dim < len(shape):
+        raise TypeRuleError(f"dimension={dim!r} is not an axis of shape {list(shape)}")
+    return [TensorType(I32, shape)]
+
+
+def block_type(types: list[TensorType], attrs: Attrs, n_before_index: int) -> TensorType:
+    """The tile an access moves: the block's shape less its squeezed dimensions."""
+    array = types[0]
+    if not isinstance(array.elem, DType):
+        raise TypeRuleError(f"has type {array}; a kernel addresses arrays of standard dtypes (a low-bit "
+                            "weight's planes and scales are separate arrays)", 0)
+    if len(types) - n_before_index != array.rank:
+        raise TypeRuleError(f"takes one block index per dimension of {array} ({array.rank}), "
+                            f"got {len(types) - n_before_index}")
+    _index_operands(types, n_before_index)
+    block = _shape_attr(attrs, "block")
+    if len(block) != array.rank or not all(b >= 1 for b in block):
+        raise TypeRuleError(f"block={list(block)} must give a size >= 1 for each of the {array.rank} dimensions "
+                            f"of {array}")
+    squeeze = _axes_attr(attrs, "squeeze", array.rank) if "squeeze" in attrs else ()
+    masked = _axes_attr(attrs, "masked", array.rank) if "masked" in attrs else ()
+    for d in squeeze:
+        if block[d] != 1:
+            raise TypeRuleError(f"squeezed dimension {d} has block {block[d]}, not 1")
+        if d in masked:
+            raise TypeRuleError(f"squeezed dimension {d} cannot be masked: a squeezed index is always in bounds")
+    return TensorType(array.elem, tuple(b for d, b in enumerate(block) if d not in squeeze))
+
+
+def _load(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    tile = block_type(types, attrs, 1)
+    if attrs.get("masked") and "other" not in attrs:
+        raise TypeRuleError("a masked load needs attribute other, the value read past the array's end")
+    return [tile]
+
+
+def _store(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    tile = block_type(types, attrs, 2)
+    if types[1] != tile:
+        raise TypeRuleError(f"has type {types[1]}, but the block written is {tile}", 1)
+    return []
+
+
+def _atomic_add(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    elem = types[0].elem
+    if not (isinstance(elem, DType) and (elem.is_float or elem.is_int)):
+        raise TypeRuleError(f"has type {types[0]}; atomic adds take float or integer arrays", 0)
+    return _store(types, attrs)
+
+
+def _loop(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    if not isinstance(attrs["body"], str):
+        raise TypeRuleError(f"attribute body={attrs['body']!r} must name a function")
+    _int_attr(attrs, "trips", 0)
+    carried = _int_attr(attrs, "carried", 0)
+    if carried > len(types):
+        raise TypeRuleError(f"carries {carried} values but has {len(types)} operands")
+    return types[:carried]
+
+
+def _dot_acc(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    acc, a, b = types
+    if a.rank != 2 or b.rank != 2 or acc.rank != 2:
+        raise TypeRuleError(f"tile dots take 2-d tiles, got {acc}, {a} and {b}", 0 if acc.rank != 2 else 1)
+    m, k = (a.shape[1], a.shape[0]) if attrs["lhs_t"] else a.shape
+    k2, n = (b.shape[1], b.shape[0]) if attrs["rhs_t"] else b.shape
+    if k != k2:
+        raise TypeRuleError(f"contracting size {k2} differs from the lhs's {k}", 2)
+    if a.elem != b.elem:
+        raise TypeRuleError(f"has element type {b.elem}, expected {a.elem}", 2)
+    if acc.shape != (m, n):
+        raise TypeRuleError(f"accumulator {acc} is not [{m},{n}]", 0)
+    want = I32 if isinstance(a.elem, DType) and a.elem.is_int else F32
+    if acc.elem != want:
+        raise TypeRuleError(f"accumulates in {acc.elem}; {a.elem} products accumulate in {want}", 0)
+    return [acc]
+
+
+def _unpack(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    fmt = _elem(attrs, "format")
+    if not isinstance(fmt, LowBitType) or fmt.group is None:
+        raise TypeRuleError(f"format={attrs['format']!r} is not a grouped low-bit format such as i3g128")
+    rows, cols = _shape_attr(attrs)
+    widths = fmt.plane_widths
+    want = len(widths) + 1 + int(fmt.zero_point)
+    if len(types) != want:
+        raise TypeRuleError(f"{fmt} unpacks from {len(widths)} plane tile(s) and {want - len(widths)} scale "
+                            f"tile(s), got {len(types)} operands")
+    for i, p in enumerate(widths):
+        words = TensorType(DType("u32"), (rows * p // 32, cols))
+        if rows * p % 32 or types[i] != words:
+            raise TypeRuleError(f"has type {types[i]}; {rows} rows of {p}-bit codes are {words}", i)
+    for i in range(len(widths), want):
+        if types[i] != TensorType(F32, (1, cols)):
+            raise TypeRuleError(f"has type {types[i]}, expected the tile's f32[1,{cols}] scale row", i)
+    if fmt.family == "lut" and len(attrs.get("lut", ())) != 2**fmt.bits:
+        raise TypeRuleError(f"a {fmt.bits}-bit lookup table needs {2**fmt.bits} values in attribute lut")
+    return [TensorType(_elem(attrs, "dtype"), (rows, cols))]
+
+
+_TILE_DEFS: list[tuple[str, int, int | None, tuple[str, ...], Rule]] = [
+    ("program_id", 0, 0, ("axis", "size"), _program_id),
+    ("element_index", 1, 1, ("block", "dimension", "shape"), _element_index),
+    ("load", 1, None, ("block",), _load),
+    ("store", 2, None, ("block",), _store),
+    ("atomic_add", 2, None, ("block",), _atomic_add),
+    ("loop", 0, None, ("body", "trips", "carried"), _loop),
+    ("dot_acc", 3, 3, ("lhs_t", "rhs_t"), _dot_acc),
+    ("unpack", 2, None, ("format", "shape", "dtype"), _unpack),
+]
+for _opcode, _lo, _hi, _attrs, _rule in _TILE_DEFS:
+    OPDEFS[_opcode] = OpDef(_opcode, _lo, _hi, _attrs, _rule, "tile")

@@ -1,0 +1,427 @@
+"""``to-tile``: each tiled kernel's graph-level callee becomes a tile program (fusec/ir/tile_ops.py).
+
+Every decision the kernel's code depends on is made here, once, and written down as IR: which
+arrays are loaded whole per block and which stream through the matmul's K loop, the block index of
+every access (folded views included), the mask on every dimension whose blocks can overhang their
+array (found by the same interval arithmetic the verifier proves bounds with), the accumulators
+and their initial values, sibling dots sharing one load of their lhs, where a packed weight is
+unpacked, and the padding a partial row's reduction must not see. Codegen only translates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fusec.errors import FusecError
+from fusec.ir import Function, KernelTiling, LowBitType, Module, Op, ScalarIntervals, TensorType, Value, overhangs
+from fusec.ir.types import BOOL, F32, I32, DType
+from fusec.passes.base import Pass, register_pass
+from fusec.passes.views import View, block_spec_through_view, value_block_dims
+
+SCALAR = TensorType(I32, ())
+# Block index of one array dimension: constant + sum(coefficient * program id of grid axis).
+IndexExpr = tuple[int, tuple[tuple[int, int], ...]]
+
+
+@dataclass(frozen=True)
+class ArrayMapping:
+    """How a kernel addresses one array: per dimension, the block (None: squeezed, one element per
+    program) and the block index as an affine function of program ids (Pallas's BlockMapping)."""
+
+    blocks: tuple[int | None, ...]
+    index: tuple[IndexExpr, ...]
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        self.check_invariants()
+
+    def check_invariants(self) -> None:
+        if not len(self.blocks) == len(self.index) == len(self.shape):
+            raise ValueError(f"blocks {self.blocks}, index {self.index} and shape {self.shape} differ in rank")
+        if any(b is not None and b < 1 for b in self.blocks):
+            raise ValueError(f"blocks {self.blocks} must be positive")
+
+    @staticmethod
+    def of(dims: list[tuple[int | None, int | None]], shape: tuple[int, ...], view: View | None,
+           output: bool) -> ArrayMapping:
+        if view is None:
+            return ArrayMapping(tuple(b for b, _ in dims), tuple((0, ((1, a),)) if a is not None else (0, ())
+                                                                for _, a in dims), tuple(shape))
+        through = block_spec_through_view(view, shape, dims, output)
+        if through is None:
+            raise FusecError(f"a folded view {view} cannot be addressed blockwise")
+        blocks, index = through
+        return ArrayMapping(tuple(blocks), tuple((c, tuple(terms)) for c, terms in index), tuple(view.base_shape))
+
+
+def _identity(kind: str, elem: Any) -> Any:
+    """The reduction identity as an IR constant of ``elem``."""
+    if kind == "sum":
+        return 0.0 if elem.is_float else 0
+    if kind == "prod":
+        return 1.0 if elem.is_float else 1
+    high = kind == "min"
+    if elem.is_float:
+        return float("inf") if high else float("-inf")
+    if elem.is_unsigned:
+        return 2**elem.bits - 1 if high else 0
+    return 2 ** (elem.bits - 1) - 1 if high else -(2 ** (elem.bits - 1))
+
+
+@dataclass
+class _Builder:
+    """Emits one tile function's ops, with fresh names and the intervals of its scalars."""
+
+    name: str
+    tiling: KernelTiling
+    params: list[Value] = field(default_factory=list)
+    ops: list[Op] = field(default_factory=list)
+    taken: set[str] = field(default_factory=set)
+    scalars: ScalarIntervals = field(default_factory=ScalarIntervals)
+    memo: dict[Any, Value] = field(default_factory=dict)
+    k_steps: int = 1  # trips of the K loop this function is the body of
+
+    def fresh(self, hint: str) -> str:
+        name, n = hint, 0
+        while name in self.taken:
+            n += 1
+            name = f"{hint}.{n}"
+        self.taken.add(name)
+        return name
+
+    def param(self, hint: str, t: TensorType) -> Value:
+        v = Value(self.fresh(hint), t)
+        self.params.append(v)
+        return v
+
+    def emit(self, opcode: str, operands: list[Value], result: TensorType | None, hint: str = "t",
+             **attrs: Any) -> Value | None:
+        results = [Value(self.fresh(hint), result)] if result is not None else []
+        op = Op.make(opcode, operands, results, **attrs)
+        self.ops.append(op)
+        self.scalars.add(op)
+        return results[0] if results else None
+
+    def value(self, opcode: str, operands: list[Value], result: TensorType, hint: str = "t", **attrs: Any) -> Value:
+        v = self.emit(opcode, operands, result, hint, **attrs)
+        assert v is not None
+        return v
+
+    def const(self, value: Any, t: TensorType = SCALAR) -> Value:
+        key = ("const", value, t)
+        if key not in self.memo:
+            self.memo[key] = self.value("constant", [], t, "c", value=value, dtype=str(t.elem), shape=t.shape)
+        return self.memo[key]
+
+    def program_id(self, axis: int) -> Value:
+        key = ("pid", axis)
+        if key not in self.memo:
+            self.memo[key] = self.value("program_id", [], SCALAR, f"g{axis}", axis=axis, size=self.tiling.grid[axis])
+        return self.memo[key]
+
+    def index(self, expr: IndexExpr, pids: dict[int, Value] | None = None) -> Value:
+        """The block index ``const + sum(coef * program id)`` as scalar ops (shared when repeated)."""
+        const, terms = expr
+        key = ("index", expr, tuple(sorted((pids or {}).items(), key=lambda kv: kv[0])) if pids else None)
+        if key in self.memo:
+            return self.memo[key]
+        acc: Value | None = None
+        for coef, axis in terms:
+            g = pids[axis] if pids is not None else self.program_id(axis)
+            term = g if coef == 1 else self.value("mul", [g, self.const(coef)], SCALAR, "i")
+            acc = term if acc is None else self.value("add", [acc, term], SCALAR, "i")
+        if acc is None:
+            acc = self.const(const)
+        elif const:
+            acc = self.value("add", [acc, self.const(const)], SCALAR, "i")
+        self.memo[key] = acc
+        return acc
+
+    def access(self, opcode: str, ref: Value, indices: list[Value], blocks: tuple[int | None, ...],
+               array: TensorType, value: Value | None = None, hint: str = "t", **attrs: Any) -> Value | None:
+        """A load (returning the tile) or store of the block at ``indices``, masked on every
+        dimension whose blocks can reach past ``array``'s end."""
+        masked = []
+        for d, (index, block) in enumerate(zip(indices, blocks)):
+            interval = self.scalars.of(index)
+            if block is not None and (interval is None or overhangs(interval[1], block, array.shape[d])):
+                masked.append(d)
+        squeeze = [d for d, b in enumerate(blocks) if b is None]
+        block_attr = [1 if b is None else b for b in blocks]
+        if masked:
+            attrs["masked"] = masked
+            if opcode == "load":
+                attrs.setdefault("other", False if array.elem == BOOL else 0.0 if array.elem.is_float else 0)
+        if squeeze:
+            attrs["squeeze"] = squeeze
+        tile = TensorType(array.elem, tuple(b for b in blocks if b is not None))
+        operands = [ref] + ([value] if value is not None else []) + indices
+        return self.emit(opcode, operands, tile if opcode == "load" else None, hint, block=block_attr, **attrs)
+
+    def function(self, returns: list[Value]) -> Function:
+        return Function(self.name, tuple(self.params), tuple(self.ops), tuple(returns))
+
+
+def _param_roles(func: Function) -> dict[str, str]:
+    roles: dict[str, str] = {}
+    for dot in (op for op in func.ops if op.opcode == "dot"):
+        roles[dot.operands[0].name] = "lhs"
+        roles[dot.operands[1].name] = "rhs"
+    for dq in (op for op in func.ops if op.opcode == "dequantize"):
+        roles.update({v.name: "packed" for v in dq.operands})
+    return roles
+
+
+def _check_fits(v: Value, space: tuple[int, ...], name: str) -> None:
+    shape = v.type.shape
+    if not ((len(shape) == len(space) and all(a in (1, b) for a, b in zip(shape, space))) or shape == space[:-1]):
+        raise FusecError(f"kernel {name}: {v}: {v.type} has no block in the space {list(space)}")
+
+
+class _KernelLowering:
+    """Lowers one kernel op's callee to its tile program (and the K loop's body)."""
+
+    def __init__(self, op: Op, callee: Function) -> None:
+        self.op, self.callee = op, callee
+        self.tiling = KernelTiling.from_attrs(op.attr_dict)
+        self.b = _Builder(f"{callee.name}.tile", self.tiling)
+        self.tiles: dict[str, Value] = {}  # callee value name -> its tile
+        self.refs: dict[str, list[Value]] = {}  # callee parameter name -> its arrays in the program
+        self.mappings: dict[str, ArrayMapping] = {}
+        self.extra: list[Function] = []
+
+    def tile_type(self, t: TensorType) -> TensorType:
+        space, block, squeeze = self.tiling.space, self.tiling.block, self.tiling.squeeze
+        dims = [(None if d in squeeze else (block[d] if n == space[d] else 1)) for d, n in enumerate(t.shape)]
+        return t.with_shape(tuple(b for b in dims if b is not None))
+
+    def lower(self) -> list[Function]:
+        op, callee, b = self.op, self.callee, self.b
+        in_views = {int(i): View.decode(v) for i, v in op.attr("in_views", ())}
+        out_views = {int(j): View.decode(v) for j, v in op.attr("out_views", ())}
+        roles = _param_roles(callee)
+        space = self.tiling.space
+        for i, (operand, p) in enumerate(zip(op.operands, callee.params)):
+            if isinstance(p.type.elem, LowBitType):
+                self.refs[p.name] = [b.param(f"in{i}_{j}", t) for j, t in
+                                     enumerate(p.type.elem.part_types(p.type.shape))]
+                continue
+            ref = b.param(f"in{i}", operand.type)
+            self.refs[p.name] = [ref]
+            self.mappings[p.name] = ArrayMapping.of(value_block_dims(op, callee, p), p.type.shape,
+                                                    in_views.get(i), False)
+            if p.name not in roles:
+                _check_fits(p, space, callee.name)
+        outs = []
+        for j, (result, v) in enumerate(zip(op.results, callee.returns)):
+            _check_fits(v, space, callee.name)
+            outs.append((b.param(f"out{j}", result.type), v,
+                         ArrayMapping.of(value_block_dims(op, callee, v), v.type.shape, out_views.get(j), True)))
+        for p in callee.params:
+            if p.name not in roles and p.name in self.mappings:
+                self.tiles[p.name] = self.load(p, b)
+        dots = [o for o in callee.ops if o.opcode == "dot"]
+        for o in callee.ops:
+            if o.opcode == "dot" and o is dots[0]:
+                self.k_loop(dots)
+            elif o.opcode not in ("dot", "dequantize"):  # dots run in the first one's K loop
+                self.translate(o)
+        for ref, v, mapping in outs:
+            tile = self.tiles[v.name]
+            indices = [b.index(e) for e in mapping.index]
+            b.access("store", ref, indices, mapping.blocks, ref.type, tile)
+        return [b.function([]), *self.extra]
+
+    def load(self, p: Value, b: _Builder, slices: dict[int, tuple[Value, int]] | None = None,
+             pids: dict[int, Value] | None = None) -> Value:
+        """Loads parameter ``p``'s block; ``slices`` replaces the block and index of some
+        dimensions (the K loop's)."""
+        mapping, ref = self.mappings[p.name], self.refs[p.name][0]
+        slices = slices or {}
+        blocks = [slices[d][1] if d in slices else blk for d, blk in enumerate(mapping.blocks)]
+        indices = [b.index(e, pids) if d not in slices else self.k_index(b, e, pids, *slices[d])
+                   for d, e in enumerate(mapping.index)]
+        tile = b.access("load", ref, indices, tuple(blocks), ref.type, hint=p.name)
+        assert tile is not None
+        return tile
+
+    @staticmethod
+    def k_index(b: _Builder, expr: IndexExpr, pids: dict[int, Value] | None, kk: Value, bk: int) -> Value:
+        """The block index (in K steps) of step ``kk`` within the K block that ``expr`` picks (in
+        units of the whole K block of ``steps * bk``, where a folded view puts it)."""
+        if expr == (0, ()):
+            return kk
+        steps = b.k_steps
+        outer = b.index(expr, pids)
+        scaled = outer if steps == 1 else b.value("mul", [outer, b.const(steps)], SCALAR, "i")
+        return b.value("add", [scaled, kk], SCALAR, "i")
+
+    def translate(self, o: Op) -> None:
+        """A graph-level op of the kernel body, on tiles."""
+        b, t = self.b, self.tiling
+        attrs = o.attr_dict
+        operands = [self.tiles[v.name] for v in o.operands]
+        result = self.tile_type(o.result.type)
+        if o.opcode in ("reshape", "transpose", "slice", "concatenate", "argmax", "argmin", "opaque", "call"):
+            raise FusecError(f"the Pallas backend cannot put op {o.opcode!r} in a kernel")
+        if o.opcode == "broadcast":
+            dims, kept = attrs["dims"], [i for i in range(o.operands[0].type.rank) if i not in t.squeeze]
+            attrs |= {"shape": result.shape, "dims": tuple(t.tile_axis(dims[i]) for i in kept)}
+        elif o.opcode in ("constant",):
+            attrs["shape"] = result.shape
+        elif o.opcode == "iota":
+            self.tiles[o.result.name] = self.iota(o, result)
+            return
+        elif o.opcode == "reduce":
+            axes = attrs["axes"]
+            attrs["axes"] = tuple(t.tile_axis(a) for a in axes)
+            if t.space[-1] != t.block[-1] and len(t.space) - 1 in axes:
+                operands = [self.mask_padding(operands[0], str(attrs["kind"]))]
+        self.tiles[o.result.name] = b.value(o.opcode, operands, result, o.result.name, **attrs)
+
+    def mask_padding(self, x: Value, kind: str) -> Value:
+        """``x`` with the columns past the space's end replaced by the reduction's identity."""
+        b, t = self.b, self.tiling
+        last = len(t.space) - 1
+        cols = b.value("element_index", [b.program_id(last)], TensorType(I32, x.type.shape), "cols",
+                       block=t.block[last], dimension=x.type.rank - 1, shape=x.type.shape)
+        inside = b.value("lt", [cols, b.const(t.space[last], TensorType(I32, x.type.shape))],
+                         TensorType(BOOL, x.type.shape), "inside")
+        identity = b.const(_identity(kind, x.type.elem), x.type)
+        return b.value("select", [inside, identity, x], x.type, "masked")
+
+    def iota(self, o: Op, result: TensorType) -> Value:
+        b, t = self.b, self.tiling
+        d = int(o.attr("dimension"))
+        if o.result.type.shape[d] == 1:
+            return b.const(0 if o.result.type.elem != F32 else 0.0, result)
+        i32 = result.with_elem(I32)
+        if d in t.squeeze:
+            index = b.value("broadcast", [b.program_id(d)], i32, "iota", dims=(), shape=result.shape)
+        else:
+            index = b.value("element_index", [b.program_id(d)], i32, "iota", block=t.block[d],
+                            dimension=t.tile_axis(d), shape=result.shape)
+        if result.elem == I32:
+            return index
+        return b.value("convert", [index], result, o.result.name, dtype=str(result.elem))
+
+    def k_loop(self, dots: list[Op]) -> None:
+        """The matmul's K loop: a loop whose body loads K slices (the lhs once for all sibling
+        dots), unpacks packed weights and accumulates each dot in f32 (i32 for integer dots)."""
+        outer, t, callee = self.b, self.tiling, self.callee
+        first = dots[0]
+        lhs_t = bool(first.attr("lhs_t"))
+        lhs = first.operands[0]
+        k = lhs.type.shape[-2] if lhs_t else lhs.type.shape[-1]
+        bk = int(t.bk or k)
+        steps = -(-k // bk)
+        bm, bn = t.block[-2], t.block[-1]
+        producers = {r.name: o for o in callee.ops for r in o.results}
+        elem = lhs.type.elem
+        acc_type = TensorType(I32 if isinstance(elem, DType) and elem.is_int else F32, (bm, bn))
+        inits = [outer.const(0 if acc_type.elem == I32 else 0.0, acc_type) for _ in dots]
+        # The body takes the loop index, the accumulators, then every array and program id it uses.
+        captured_refs = [r for name in self.refs for r in self.refs[name]]
+        pid_axes = list(range(len(t.space)))
+        captured = captured_refs + [outer.program_id(a) for a in pid_axes]
+        body = _Builder(f"{callee.name}.tile.k", t)
+        kk = body.param("kk", SCALAR)
+        body.k_steps = steps
+        body.scalars.intervals[kk.name] = (0, steps - 1)
+        accs = [body.param(f"acc{n}", acc_type) for n in range(len(dots))]
+        inner: dict[str, Value] = {}
+        for v in captured:
+            inner[v.name] = body.param(v.name, v.type)
+            if outer.scalars.of(v) is not None:
+                body.scalars.intervals[inner[v.name].name] = outer.scalars.of(v)  # type: ignore[assignment]
+        pids = {a: inner[outer.program_id(a).name] for a in pid_axes}
+        saved_refs = self.refs
+        self.refs = {name: [inner[r.name] for r in rs] for name, rs in self.refs.items()}
+        a_k = 0 if lhs_t else 1
+        # The K dimension's position among the lhs array's dimensions (its kept ones, in order).
+        a = self.load(lhs, body, {self._array_dim(lhs, a_k): (kk, bk)}, pids)
+        new_accs = []
+        for n, dot in enumerate(dots):
+            rhs_t = bool(dot.attr("rhs_t"))
+            dq = producers.get(dot.operands[1].name)
+            if dq is not None and dq.opcode == "dequantize":
+                rhs = self.unpack(dq, body, kk, bk, bn, pids)
+            else:
+                rhs = self.load(dot.operands[1], body, {self._array_dim(dot.operands[1], 1 if rhs_t else 0): (kk, bk)},
+                                pids)
+            precision = {key: dot.attr(key) for key in ("precision", "precision_pair", "algorithm")
+                         if dot.attr(key) is not None}
+            new_accs.append(body.value("dot_acc", [accs[n], a, rhs], acc_type, f"acc{n}", lhs_t=lhs_t, rhs_t=rhs_t,
+                                       **precision))
+        self.refs = saved_refs
+        self.extra.append(body.function(new_accs))
+        results = [Value(outer.fresh(f"acc{n}.out"), acc_type) for n in range(len(dots))]
+        outer.ops.append(Op.make("loop", [*inits, *captured], results, body=body.name, trips=steps,
+                                 carried=len(dots)))
+        for dot, acc in zip(dots, results):
+            out = self.tile_type(dot.result.type)
+            self.tiles[dot.result.name] = acc if out == acc.type else outer.value(
+                "convert", [acc], out, dot.result.name, dtype=str(out.elem))
+
+    def _array_dim(self, p: Value, kept_pos: int) -> int:
+        """The array dimension holding position ``kept_pos`` of ``p``'s block value."""
+        kept = [d for d, blk in enumerate(self.mappings[p.name].blocks) if blk is not None]
+        return kept[kept_pos]
+
+    def unpack(self, dq: Op, b: _Builder, kk: Value, bk: int, bn: int, pids: dict[int, Value]) -> Value:
+        """Loads the words of a [bk, bn] tile of a packed weight, its scale row (and zero-points),
+        and unpacks them."""
+        weight = dq.operands[0]
+        fmt = weight.type.elem
+        assert isinstance(fmt, LowBitType)
+        k = weight.type.shape[0]
+        parts = self.refs[weight.name]
+        col = pids[len(self.tiling.space) - 1]
+        tiles = []
+        for j, p in enumerate(fmt.plane_widths):
+            rows = bk * p // 32
+            tiles.append(b.access("load", parts[j], [kk, col], (rows, bn), parts[j].type, hint=f"words{j}"))
+        group = fmt.rows_per_scale(k)
+        row = b.const(0) if group >= k else b.value("div", [b.value("mul", [kk, b.const(bk)], SCALAR, "i"),
+                                                            b.const(group)], SCALAR, "row")
+        for j in range(len(fmt.plane_widths), len(parts)):
+            tiles.append(b.access("load", parts[j], [row, col], (1, bn), parts[j].type, hint="scale"))
+        attrs = {"format": str(fmt), "shape": (bk, bn), "dtype": str(dq.result.type.elem)}
+        if dq.attr("lut") is not None:
+            attrs["lut"] = dq.attr("lut")
+        return b.value("unpack", [t for t in tiles if t is not None], TensorType(dq.result.type.elem, (bk, bn)),
+                       dq.result.name, **attrs)
+
+
+def lower_kernel(op: Op, callee: Function) -> list[Function]:
+    """The tile program of a tiled kernel op (first) and the bodies of its loops."""
+    return _KernelLowering(op, callee).lower()
+
+
+@register_pass
+@dataclass(frozen=True)
+class ToTile(Pass):
+    """Adds each tiled kernel's tile program to the module and names it in the op's ``tile``."""
+
+    name = "to-tile"
+
+    def run(self, module: Module) -> Module:
+        added: list[Function] = []
+        out = []
+        for f in module.functions:
+            ops = []
+            for op in f.ops:
+                if op.opcode == "kernel" and "block" in op.attr_dict:
+                    try:
+                        programs = lower_kernel(op, module.function(str(op.attr("callee"))))
+                    except FusecError:
+                        programs = []  # left to codegen, which reports why it cannot build it
+                    if programs:
+                        added += programs
+                        op = Op(op.opcode, op.operands, op.results,
+                                Op.make("kernel", **(op.attr_dict | {"tile": programs[0].name})).attrs, op.loc)
+                ops.append(op)
+            out.append(Function(f.name, f.params, tuple(ops), f.returns))
+        existing = {f.name for f in out}
+        return module.replace_functions(out + [f for f in added if f.name not in existing])
