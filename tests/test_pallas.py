@@ -287,3 +287,25 @@ def test_f32_dot_precision_reaches_the_triton_dot(precision, want) -> None:
     (ttir, _), = triton_kernels_in(jax.jit(fn).trace(x, w).lower(lowering_platforms=("cuda",)))
     (dot,) = [line for line in ttir.splitlines() if "tt.dot" in line]
     assert (want in dot) if want else ("inputPrecision" not in dot), dot
+
+
+def test_a_traceback_inside_a_kernel_shows_its_source_lines() -> None:
+    import traceback
+
+    f = fusec.jit(lambda x: (x << 2) + 1, backend="pallas", interpret=True)
+    spec = next(iter(f.lower(jnp.ones((4, 8), jnp.int32)).program.kernels.values()))
+    assert spec.tile_program.startswith("func @") and spec.source.startswith("# func @")
+    with pytest.raises(Exception) as e:  # float input to an integer kernel: fails in the body
+        spec.run(jnp.ones((4, 8), jnp.float32), interpret=True)
+    text = "".join(traceback.format_exception(e.value))
+    assert "<fusec kernel" in text and "lax.shift_left(" in text, text[-2000:]
+
+
+def test_vmapped_kernels_lower_to_triton_kernels_for_cuda() -> None:
+    from fusec.runtime.jax_internals import triton_kernels_in
+
+    f = fusec.jit(lambda x: jnp.tanh(x) * 2.0, backend="pallas", interpret=True)
+    x = jnp.ones((3, 5, 40))
+    np.testing.assert_allclose(jax.vmap(f)(x), jnp.tanh(x) * 2.0, rtol=1e-6)
+    lowered = jax.jit(jax.vmap(f)).trace(x).lower(lowering_platforms=("cuda",))
+    assert triton_kernels_in(lowered)

@@ -40,7 +40,8 @@ def _write(w: BodyWriter, programs: Module, func: Function, plans: dict[str, Ref
             n_values = 1 if op.opcode == "load" else 2
             indices = [w.index_name(v) for v in op.operands[n_values:]]
             if op.opcode == "load":
-                cast = f".astype({jnp_dtype(op.result)})"  # scales are read as f32, whatever stores them
+                # A low-bit weight's scales are declared f32: read as f32, whatever dtype stores them.
+                cast = ".astype(jnp.float32)" if str(op.result.type.elem) == "f32" else ""
                 w.line(f"{w.name(op.result)} = {access_source(plan, op, indices)}{cast}  "
                        f"# {op.result.name}: {op.result.type}")
             else:

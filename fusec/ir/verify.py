@@ -66,10 +66,11 @@ def _verify_tile_link(module: Module, func: Function, op: Op) -> None:
     if [p.type for p in program.params] != want:
         raise _fail(func, op, f"tile program @{program.name} takes ({', '.join(str(p.type) for p in program.params)}), "
                               f"not the kernel's arrays ({', '.join(map(str, want))})")
-    grid = verify_tile_program(module, program)
-    if "grid" in op.attr_dict and grid != tuple(op.attr("grid")):
-        raise _fail(func, op, f"tile program @{program.name} runs a grid of {list(grid)}, the kernel "
-                              f"{list(op.attr('grid'))}")
+    grid = tuple(op.attr("grid", ()))
+    for axis, size in verify_tile_program(module, program).items():
+        if axis >= len(grid) or grid[axis] != size:
+            raise _fail(func, op, f"tile program @{program.name} runs {size} programs along grid axis {axis}, "
+                                  f"but the kernel's grid is {list(grid)}")
 
 
 def verify_function(func: Function, module: Module | None = None) -> None:

@@ -284,10 +284,13 @@ class _KernelLowering:
         """``x`` with the columns past the space's end replaced by the reduction's identity."""
         b, t = self.b, self.tiling
         last = len(t.space) - 1
-        cols = b.value("element_index", [b.program_id(last)], TensorType(I32, x.type.shape), "cols",
-                       block=t.block[last], dimension=x.type.rank - 1, shape=x.type.shape)
-        inside = b.value("lt", [cols, b.const(t.space[last], TensorType(I32, x.type.shape))],
-                         TensorType(BOOL, x.type.shape), "inside")
+        key = ("inside", x.type.shape)
+        if key not in b.memo:
+            cols = b.value("element_index", [b.program_id(last)], TensorType(I32, x.type.shape), "cols",
+                           block=t.block[last], dimension=x.type.rank - 1, shape=x.type.shape)
+            b.memo[key] = b.value("lt", [cols, b.const(t.space[last], TensorType(I32, x.type.shape))],
+                                  TensorType(BOOL, x.type.shape), "inside")
+        inside = b.memo[key]
         identity = b.const(_identity(kind, x.type.elem), x.type)
         return b.value("select", [inside, identity, x], x.type, "masked")
 
