@@ -50,6 +50,18 @@ def test_dump_every_stage_of_the_quickstart(capsys) -> None:
     assert " dot " in chunks[-1]
 
 
+def test_dump_tile_programs(capsys) -> None:
+    assert main(["dump", str(REPO / "examples" / "quickstart.py") + ":layer_norm", "--backend", "pallas",
+                 "--args", "x=f32[6,768] scale=f32[768] bias=f32[768]", "--stage", "to-tile"]) == 0
+    module = parse_module(capsys.readouterr().out)
+    verify_module(module)
+    program = module.function("layer_norm.k0.tile")
+    opcodes = [op.opcode for op in program.ops]
+    assert {"program_id", "load", "element_index", "reduce", "store"} <= set(opcodes)
+    loads = [op for op in program.ops if op.opcode == "load"]
+    assert all(op.attr("masked") for op in loads)  # 768 columns in a 1024 block
+
+
 def test_dump_with_args_spec(tmp_path: Path, capsys) -> None:
     src = tmp_path / "model.py"
     src.write_text("import jax.numpy as jnp\n\ndef f(x, w):\n    return jnp.tanh(x @ w)\n")

@@ -10,157 +10,14 @@ unpacked, and the padding a partial row's reduction must not see. Codegen only t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from fusec.errors import FusecError
-from fusec.ir import Function, KernelTiling, LowBitType, Module, Op, ScalarIntervals, TensorType, Value, overhangs
+from fusec.ir import Function, KernelTiling, LowBitType, Module, Op, TensorType, Value
 from fusec.ir.types import BOOL, F32, I32, DType
 from fusec.passes.base import Pass, register_pass
-from fusec.passes.views import View, block_spec_through_view, value_block_dims
-
-SCALAR = TensorType(I32, ())
-# Block index of one array dimension: constant + sum(coefficient * program id of grid axis).
-IndexExpr = tuple[int, tuple[tuple[int, int], ...]]
-
-
-@dataclass(frozen=True)
-class ArrayMapping:
-    """How a kernel addresses one array: per dimension, the block (None: squeezed, one element per
-    program) and the block index as an affine function of program ids (Pallas's BlockMapping)."""
-
-    blocks: tuple[int | None, ...]
-    index: tuple[IndexExpr, ...]
-    shape: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        self.check_invariants()
-
-    def check_invariants(self) -> None:
-        if not len(self.blocks) == len(self.index) == len(self.shape):
-            raise ValueError(f"blocks {self.blocks}, index {self.index} and shape {self.shape} differ in rank")
-        if any(b is not None and b < 1 for b in self.blocks):
-            raise ValueError(f"blocks {self.blocks} must be positive")
-
-    @staticmethod
-    def of(dims: list[tuple[int | None, int | None]], shape: tuple[int, ...], view: View | None,
-           output: bool) -> ArrayMapping:
-        if view is None:
-            return ArrayMapping(tuple(b for b, _ in dims), tuple((0, ((1, a),)) if a is not None else (0, ())
-                                                                for _, a in dims), tuple(shape))
-        through = block_spec_through_view(view, shape, dims, output)
-        if through is None:
-            raise FusecError(f"a folded view {view} cannot be addressed blockwise")
-        blocks, index = through
-        return ArrayMapping(tuple(blocks), tuple((c, tuple(terms)) for c, terms in index), tuple(view.base_shape))
-
-
-def _identity(kind: str, elem: Any) -> Any:
-    """The reduction identity as an IR constant of ``elem``."""
-    if kind == "sum":
-        return 0.0 if elem.is_float else 0
-    if kind == "prod":
-        return 1.0 if elem.is_float else 1
-    high = kind == "min"
-    if elem.is_float:
-        return float("inf") if high else float("-inf")
-    if elem.is_unsigned:
-        return 2**elem.bits - 1 if high else 0
-    return 2 ** (elem.bits - 1) - 1 if high else -(2 ** (elem.bits - 1))
-
-
-@dataclass
-class _Builder:
-    """Emits one tile function's ops, with fresh names and the intervals of its scalars."""
-
-    name: str
-    tiling: KernelTiling
-    params: list[Value] = field(default_factory=list)
-    ops: list[Op] = field(default_factory=list)
-    taken: set[str] = field(default_factory=set)
-    scalars: ScalarIntervals = field(default_factory=ScalarIntervals)
-    memo: dict[Any, Value] = field(default_factory=dict)
-    k_steps: int = 1  # trips of the K loop this function is the body of
-
-    def fresh(self, hint: str) -> str:
-        name, n = hint, 0
-        while name in self.taken:
-            n += 1
-            name = f"{hint}.{n}"
-        self.taken.add(name)
-        return name
-
-    def param(self, hint: str, t: TensorType) -> Value:
-        v = Value(self.fresh(hint), t)
-        self.params.append(v)
-        return v
-
-    def emit(self, opcode: str, operands: list[Value], result: TensorType | None, hint: str = "t",
-             **attrs: Any) -> Value | None:
-        results = [Value(self.fresh(hint), result)] if result is not None else []
-        op = Op.make(opcode, operands, results, **attrs)
-        self.ops.append(op)
-        self.scalars.add(op)
-        return results[0] if results else None
-
-    def value(self, opcode: str, operands: list[Value], result: TensorType, hint: str = "t", **attrs: Any) -> Value:
-        v = self.emit(opcode, operands, result, hint, **attrs)
-        assert v is not None
-        return v
-
-    def const(self, value: Any, t: TensorType = SCALAR) -> Value:
-        key = ("const", value, t)
-        if key not in self.memo:
-            self.memo[key] = self.value("constant", [], t, "c", value=value, dtype=str(t.elem), shape=t.shape)
-        return self.memo[key]
-
-    def program_id(self, axis: int) -> Value:
-        key = ("pid", axis)
-        if key not in self.memo:
-            self.memo[key] = self.value("program_id", [], SCALAR, f"g{axis}", axis=axis, size=self.tiling.grid[axis])
-        return self.memo[key]
-
-    def index(self, expr: IndexExpr, pids: dict[int, Value] | None = None) -> Value:
-        """The block index ``const + sum(coef * program id)`` as scalar ops (shared when repeated)."""
-        const, terms = expr
-        key = ("index", expr, tuple(sorted((pids or {}).items(), key=lambda kv: kv[0])) if pids else None)
-        if key in self.memo:
-            return self.memo[key]
-        acc: Value | None = None
-        for coef, axis in terms:
-            g = pids[axis] if pids is not None else self.program_id(axis)
-            term = g if coef == 1 else self.value("mul", [g, self.const(coef)], SCALAR, "i")
-            acc = term if acc is None else self.value("add", [acc, term], SCALAR, "i")
-        if acc is None:
-            acc = self.const(const)
-        elif const:
-            acc = self.value("add", [acc, self.const(const)], SCALAR, "i")
-        self.memo[key] = acc
-        return acc
-
-    def access(self, opcode: str, ref: Value, indices: list[Value], blocks: tuple[int | None, ...],
-               array: TensorType, value: Value | None = None, hint: str = "t", **attrs: Any) -> Value | None:
-        """A load (returning the tile) or store of the block at ``indices``, masked on every
-        dimension whose blocks can reach past ``array``'s end."""
-        masked = []
-        for d, (index, block) in enumerate(zip(indices, blocks)):
-            interval = self.scalars.of(index)
-            if block is not None and (interval is None or overhangs(interval[1], block, array.shape[d])):
-                masked.append(d)
-        squeeze = [d for d, b in enumerate(blocks) if b is None]
-        block_attr = [1 if b is None else b for b in blocks]
-        if masked:
-            attrs["masked"] = masked
-            if opcode == "load":
-                attrs.setdefault("other", False if array.elem == BOOL else 0.0 if array.elem.is_float else 0)
-        if squeeze:
-            attrs["squeeze"] = squeeze
-        tile = TensorType(array.elem, tuple(b for b in blocks if b is not None))
-        operands = [ref] + ([value] if value is not None else []) + indices
-        return self.emit(opcode, operands, tile if opcode == "load" else None, hint, block=block_attr, **attrs)
-
-    def function(self, returns: list[Value]) -> Function:
-        return Function(self.name, tuple(self.params), tuple(self.ops), tuple(returns))
+from fusec.passes.tile_builder import SCALAR, ArrayMapping, IndexExpr, TileBuilder, reduction_identity
+from fusec.passes.views import View, value_block_dims
 
 
 def _param_roles(func: Function) -> dict[str, str]:
@@ -185,7 +42,7 @@ class _KernelLowering:
     def __init__(self, op: Op, callee: Function) -> None:
         self.op, self.callee = op, callee
         self.tiling = KernelTiling.from_attrs(op.attr_dict)
-        self.b = _Builder(f"{callee.name}.tile", self.tiling)
+        self.b = TileBuilder(f"{callee.name}.tile", self.tiling)
         self.tiles: dict[str, Value] = {}  # callee value name -> its tile
         self.refs: dict[str, list[Value]] = {}  # callee parameter name -> its arrays in the program
         self.mappings: dict[str, ArrayMapping] = {}
@@ -233,7 +90,7 @@ class _KernelLowering:
             b.access("store", ref, indices, mapping.blocks, ref.type, tile)
         return [b.function([]), *self.extra]
 
-    def load(self, p: Value, b: _Builder, slices: dict[int, tuple[Value, int]] | None = None,
+    def load(self, p: Value, b: TileBuilder, slices: dict[int, tuple[Value, int]] | None = None,
              pids: dict[int, Value] | None = None) -> Value:
         """Loads parameter ``p``'s block; ``slices`` replaces the block and index of some
         dimensions (the K loop's)."""
@@ -247,7 +104,7 @@ class _KernelLowering:
         return tile
 
     @staticmethod
-    def k_index(b: _Builder, expr: IndexExpr, pids: dict[int, Value] | None, kk: Value, bk: int) -> Value:
+    def k_index(b: TileBuilder, expr: IndexExpr, pids: dict[int, Value] | None, kk: Value, bk: int) -> Value:
         """The block index (in K steps) of step ``kk`` within the K block that ``expr`` picks (in
         units of the whole K block of ``steps * bk``, where a folded view puts it)."""
         if expr == (0, ()):
@@ -291,7 +148,7 @@ class _KernelLowering:
             b.memo[key] = b.value("lt", [cols, b.const(t.space[last], TensorType(I32, x.type.shape))],
                                   TensorType(BOOL, x.type.shape), "inside")
         inside = b.memo[key]
-        identity = b.const(_identity(kind, x.type.elem), x.type)
+        identity = b.const(reduction_identity(kind, x.type.elem), x.type)
         return b.value("select", [inside, identity, x], x.type, "masked")
 
     def iota(self, o: Op, result: TensorType) -> Value:
@@ -328,7 +185,7 @@ class _KernelLowering:
         captured_refs = [r for name in self.refs for r in self.refs[name]]
         pid_axes = list(range(len(t.space)))
         captured = captured_refs + [outer.program_id(a) for a in pid_axes]
-        body = _Builder(f"{callee.name}.tile.k", t)
+        body = TileBuilder(f"{callee.name}.tile.k", t)
         kk = body.param("kk", SCALAR)
         body.k_steps = steps
         body.scalars.intervals[kk.name] = (0, steps - 1)
@@ -372,7 +229,7 @@ class _KernelLowering:
         kept = [d for d, blk in enumerate(self.mappings[p.name].blocks) if blk is not None]
         return kept[kept_pos]
 
-    def unpack(self, dq: Op, b: _Builder, kk: Value, bk: int, bn: int, pids: dict[int, Value]) -> Value:
+    def unpack(self, dq: Op, b: TileBuilder, kk: Value, bk: int, bn: int, pids: dict[int, Value]) -> Value:
         """Loads the words of a [bk, bn] tile of a packed weight, its scale row (and zero-points),
         and unpacks them."""
         weight = dq.operands[0]
