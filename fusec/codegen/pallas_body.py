@@ -107,20 +107,28 @@ def _broadcast(w: BodyWriter, op: Op, a: list[str]) -> str:
     return f"lax.broadcast_in_dim({a[0]}, {tuple(op.attr('shape'))}, {tuple(op.attr('dims'))})"
 
 
+def _over(fn: str, x: str, axes: list[int]) -> str:
+    """``fn`` reduced over each of ``axes`` in turn, the highest first (Triton reduces one axis
+    at a time)."""
+    for axis in sorted(axes, reverse=True):
+        x = f"{fn}({x}, axis={axis})"
+    return x
+
+
 def _reduce(w: BodyWriter, op: Op, a: list[str]) -> str:
     kind = str(op.attr("kind"))
-    (axis,) = op.attr("axes")
+    axes = list(op.attr("axes"))
     x = a[0]
     elem = op.operands[0].type.elem
     wide = isinstance(elem, DType) and elem.name in ("bf16", "f16")
     if wide:
         x = f"{x}.astype(jnp.float32)"
-    out = f"{_REDUCE[kind]}({x}, axis={axis})"
+    out = _over(_REDUCE[kind], x, axes)
     if kind in ("max", "min") and isinstance(elem, DType) and elem.is_float:
         # XLA's max/min propagate NaN; Triton's row reductions and XLA:CPU's vectorised ones (rows
         # of 32, say) may drop it, so a row holding a NaN is made NaN explicitly.
         # (A count, not jnp.any: Pallas-Triton has no reduce_or.)
-        out = f"jnp.where(jnp.sum(jnp.where({x} != {x}, 1, 0), axis={axis}) > 0, jnp.nan, {out})"
+        out = f"jnp.where({_over('jnp.sum', f'jnp.where({x} != {x}, 1, 0)', axes)} > 0, jnp.nan, {out})"
     return f"{out}.astype({jnp_dtype(op.result)})" if wide else out
 
 

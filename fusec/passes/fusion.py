@@ -51,12 +51,31 @@ def _clonable(op: Op | None) -> bool:
     return op.opcode == "iota" or (op.opcode == "constant" and not isinstance(op.attr("value"), tuple))
 
 
-def fits(shape: tuple[int, ...], space: tuple[int, ...], rows: bool) -> bool:
+def row_shape(space: tuple[int, ...], reduce_axes: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of a reduction kernel's row values: the space less its reduced axes."""
+    return tuple(n for d, n in enumerate(space) if d not in reduce_axes)
+
+
+def fits(shape: tuple[int, ...], space: tuple[int, ...], rows: bool, reduce_axes: tuple[int, ...] | None = None
+         ) -> bool:
     """Whether a value of ``shape`` has a block in ``space``: same rank with each dimension 1 or the
-    space's, or (``rows``) the space less its last dimension."""
+    space's, or (``rows``) the space less its reduced axes (its last one unless given)."""
     if len(shape) == len(space):
         return all(a in (1, b) for a, b in zip(shape, space))
-    return rows and shape == space[:-1]
+    return rows and shape == row_shape(space, reduce_axes if reduce_axes is not None else (len(space) - 1,))
+
+
+# Reduced axes of a kernel hold whole in one block: at most this many elements of them.
+MAX_REDUCED_ELEMENTS = 4096
+
+
+def _reducible(space: tuple[int, ...], axes: tuple[int, ...]) -> bool:
+    if not axes or len(axes) == len(space) or list(axes) != sorted(axes):
+        return False
+    extent = 1
+    for d in axes:
+        extent *= 1 << max(0, space[d] - 1).bit_length()
+    return extent <= MAX_REDUCED_ELEMENTS
 
 
 @dataclass
@@ -66,6 +85,11 @@ class _Group:
     space: tuple[int, ...]
     members: list[int] = field(default_factory=list)
     values: set[str] = field(default_factory=set)
+    reduce_axes: tuple[int, ...] | None = None  # a reduction group's reduced axes (its first reduce's)
+
+    @property
+    def row_axes(self) -> tuple[int, ...]:
+        return self.reduce_axes if self.reduce_axes is not None else (len(self.space) - 1,)
 
 
 class _Fuser:
@@ -127,6 +151,8 @@ class _Fuser:
         kinds = {a.kind, b.kind}
         if a.space != b.space or kinds == {"matmul", "reduction"}:
             return False
+        if None not in (a.reduce_axes, b.reduce_axes) and a.reduce_axes != b.reduce_axes:
+            return False
         if kinds == {"matmul"} and not self._share_lhs(a, b):
             return False
         if len(a.members) + len(b.members) > self.max_ops:
@@ -151,6 +177,7 @@ class _Fuser:
                             not all(self._loadable(v, probe) for v in op.operands if v.name not in both):
                         return False
         a.kind = kind
+        a.reduce_axes = a.reduce_axes if a.reduce_axes is not None else b.reduce_axes
         a.members = sorted(a.members + b.members)
         a.values = both
         for name in b.values:
@@ -167,7 +194,7 @@ class _Fuser:
             return True
         if v.name in self.absorbable:
             return v.type.rank == len(g.space) and fits(v.type.shape, g.space, False)
-        return fits(v.type.shape, g.space, g.kind != "matmul")
+        return fits(v.type.shape, g.space, g.kind != "matmul", g.row_axes)
 
     def _joins(self, op: Op, g: _Group) -> bool:
         s, out = g.space, op.results[0].type.shape
@@ -181,13 +208,21 @@ class _Fuser:
             if not inside or not fits(out, s, False):
                 return False
             same_rank = src.type.rank == len(out) and op.attr("dims") == tuple(range(len(out)))
-            row_to_full = rows and src.type.shape == s[:-1] and op.attr("dims") == tuple(range(len(s) - 1))
+            kept = tuple(d for d in range(len(s)) if d not in g.row_axes)
+            row_to_full = rows and src.type.shape == row_shape(s, g.row_axes) and op.attr("dims") == kept
             return same_rank or row_to_full
         if op.opcode == "reduce":
             v = op.operands[0]
-            return (rows and bool(inside) and v.type.shape == s and op.attr("axes") == (len(s) - 1,)
-                    and op.attr("kind") in TARGET.reduce_kinds)
-        return fits(out, s, rows) and all(self._loadable(v, g) for v in outside)
+            axes = tuple(op.attr("axes"))
+            # A group without reduced axes yet takes any, if it holds no rows of the default (last) one.
+            free = g.reduce_axes is None and not self._has_rows(g)
+            return (rows and bool(inside) and v.type.shape == s and (axes == g.row_axes or free)
+                    and _reducible(s, axes) and op.attr("kind") in TARGET.reduce_kinds)
+        return fits(out, s, rows, g.row_axes) and all(self._loadable(v, g) for v in outside)
+
+    def _has_rows(self, g: _Group) -> bool:
+        ops = [self.func.ops[i] for i in g.members]
+        return any(v.type.rank != len(g.space) for op in ops for v in (*op.operands, *op.results))
 
     def _start(self, op: Op) -> _Group | None:
         out = op.results[0].type.shape
@@ -209,8 +244,9 @@ class _Fuser:
             return g
         if op.opcode == "reduce":
             s = op.operands[0].type.shape
-            ok = _space_ok(s) and op.attr("axes") == (len(s) - 1,) and op.attr("kind") in TARGET.reduce_kinds
-            return _Group(gid, "reduction", s) if ok else None
+            axes = tuple(op.attr("axes"))
+            ok = _space_ok(s) and _reducible(s, axes) and op.attr("kind") in TARGET.reduce_kinds
+            return _Group(gid, "reduction", s, reduce_axes=axes) if ok else None
         if op.opcode == "broadcast" or not _space_ok(out):
             return None
         g = _Group(gid, "elementwise", out)
@@ -270,6 +306,7 @@ class _Fuser:
             chosen.values.add(result.name)
             if op.opcode == "reduce":
                 chosen.kind = "reduction"
+                chosen.reduce_axes = tuple(op.attr("axes"))
             self.group_of[result.name] = chosen.id
             self.deps[result.name] = frozenset(self.find(x) for x in deps) | {chosen.id}
 
@@ -350,8 +387,9 @@ def _extract(fuser: _Fuser, g: _Group, name: str, uses_outside: set[str], taken:
     outputs = [ops[i].results[0] for i in g.members if ops[i].results[0].name in uses_outside]
     func = Function(name, tuple(params), tuple(body), tuple(outputs))
     cost = Cost(sum(nbytes(v.type) for v in inputs), sum(nbytes(v.type) for v in outputs), flops)
+    extra = {"reduce_axes": g.reduce_axes} if g.kind == "reduction" and g.row_axes != (len(g.space) - 1,) else {}
     kernel = Op.make("kernel", inputs, outputs, callee=name, kind=g.kind, space=g.space,
-                     bytes_read=cost.bytes_read, bytes_written=cost.bytes_written, flops=cost.flops)
+                     bytes_read=cost.bytes_read, bytes_written=cost.bytes_written, flops=cost.flops, **extra)
     return pre, kernel, func
 
 

@@ -28,7 +28,7 @@ def _dot_k(kernel_func: Function) -> int:
 
 
 def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str, packed: bool = False,
-                  table_bits: int = 0) -> KernelTiling:
+                  table_bits: int = 0, reduce_axes: tuple[int, ...] | None = None) -> KernelTiling:
     """Block, grid, squeezed dims, K step and launch parameters for one kernel. ``packed``: the
     matmul unpacks a low-bit weight, whose K step is 32 (a whole word of 1-bit codes, and a divisor
     of every scale group); ``table_bits``: the width of a NormalFloat or lookup-table format it
@@ -43,11 +43,17 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
                                  min(64, max(low, pow2_at_least(space[-1])))]
         bk = min(32, max(low, pow2_at_least(k or 1)))
     elif kind == "reduction":
-        last = pow2_at_least(space[-1])
+        # The reduced axes whole in one block; the rest of a 4096-element budget goes to the
+        # innermost other axis (the last axis is the contiguous one).
+        axes = reduce_axes if reduce_axes is not None else (r - 1,)
         block = [1] * r
-        block[-1] = last
-        if r >= 2:
-            block[-2] = min(pow2_at_least(space[-2]), max(1, 4096 // last))
+        budget = 4096
+        for d in axes:
+            block[d] = pow2_at_least(space[d])
+            budget //= block[d]
+        kept = [d for d in range(r) if d not in axes]
+        if kept:
+            block[kept[-1]] = min(pow2_at_least(space[kept[-1]]), max(1, budget))
         bk = None
     else:
         block = [1] * r
@@ -63,7 +69,7 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
             # Skinny (GEMV-like) strategy: few rows, so each program takes a wider slice of the
             # packed weight and the memory system sees longer runs of words.
             block[-1] = min(128 if table_bits <= 4 else 64, max(PALLAS_TRITON.min_dot_tile, pow2_at_least(space[-1])))
-    squeeze = tuple(d for d in range(max(0, r - 2)) if block[d] == 1)
+    squeeze = tuple(d for d in range(max(0, r - 2)) if block[d] == 1 and d not in (reduce_axes or ()))
     return KernelTiling(kind, tuple(space), tuple(block), tuple(cdiv(s, b) for s, b in zip(space, block)), squeeze,
                         bk, strategy=("gemv" if space[-2] <= 16 else "gemm") if packed else None)
 
@@ -75,7 +81,8 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str) -> Op:
     k = _dot_k(callee) if kind == "matmul" else None
     formats = [parse_elem_type(str(o.attr("format"))) for o in callee.ops if o.opcode == "dequantize"]
     table_bits = max((f.bits for f in formats if getattr(f, "family", "") in ("nf", "lut")), default=0)
-    tiling = choose_tiling(kind, space, k, target, bool(formats), table_bits)
+    reduce_axes = tuple(op.attr("reduce_axes")) if op.attr("reduce_axes") is not None else None
+    tiling = choose_tiling(kind, space, k, target, bool(formats), table_bits, reduce_axes)
     attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile")} | tiling.as_attrs()
     return Op(op.opcode, op.operands, op.results, Op.make("kernel", **attrs).attrs, op.loc)
 

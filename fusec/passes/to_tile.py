@@ -17,7 +17,7 @@ from fusec.ir import Function, KernelTiling, LowBitType, Module, Op, TensorType,
 from fusec.ir.types import BOOL, F32, I32, DType
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.tile_builder import SCALAR, ArrayMapping, IndexExpr, TileBuilder, reduction_identity
-from fusec.passes.views import View, value_block_dims
+from fusec.passes.views import View, value_block_dims, value_space_dims
 
 
 def _param_roles(func: Function) -> dict[str, str]:
@@ -30,9 +30,11 @@ def _param_roles(func: Function) -> dict[str, str]:
     return roles
 
 
-def _check_fits(v: Value, space: tuple[int, ...], name: str) -> None:
+def _check_fits(v: Value, space: tuple[int, ...], name: str, reduce_axes: tuple[int, ...] | None) -> None:
     shape = v.type.shape
-    if not ((len(shape) == len(space) and all(a in (1, b) for a, b in zip(shape, space))) or shape == space[:-1]):
+    axes = reduce_axes if reduce_axes is not None else (len(space) - 1,)
+    rows = tuple(n for d, n in enumerate(space) if d not in axes)
+    if not ((len(shape) == len(space) and all(a in (1, b) for a, b in zip(shape, space))) or shape == rows):
         raise FusecError(f"kernel {name}: {v}: {v.type} has no block in the space {list(space)}")
 
 
@@ -42,6 +44,8 @@ class _KernelLowering:
     def __init__(self, op: Op, callee: Function) -> None:
         self.op, self.callee = op, callee
         self.tiling = KernelTiling.from_attrs(op.attr_dict)
+        axes = op.attr("reduce_axes")
+        self.reduce_axes = tuple(axes) if axes is not None else None
         self.b = TileBuilder(f"{callee.name}.tile", self.tiling)
         self.tiles: dict[str, Value] = {}  # callee value name -> its tile
         self.refs: dict[str, list[Value]] = {}  # callee parameter name -> its arrays in the program
@@ -50,7 +54,8 @@ class _KernelLowering:
 
     def tile_type(self, t: TensorType) -> TensorType:
         space, block, squeeze = self.tiling.space, self.tiling.block, self.tiling.squeeze
-        dims = [(None if d in squeeze else (block[d] if n == space[d] else 1)) for d, n in enumerate(t.shape)]
+        dims = [(None if d in squeeze else (block[d] if n == space[d] else 1))
+                for d, n in zip(value_space_dims(space, t.shape, self.reduce_axes), t.shape)]
         return t.with_shape(tuple(b for b in dims if b is not None))
 
     def lower(self) -> list[Function]:
@@ -69,10 +74,10 @@ class _KernelLowering:
             self.mappings[p.name] = ArrayMapping.of(value_block_dims(op, callee, p), p.type.shape,
                                                     in_views.get(i), False)
             if p.name not in roles:
-                _check_fits(p, space, callee.name)
+                _check_fits(p, space, callee.name, self.reduce_axes)
         outs = []
         for j, (result, v) in enumerate(zip(op.results, callee.returns)):
-            _check_fits(v, space, callee.name)
+            _check_fits(v, space, callee.name, self.reduce_axes)
             outs.append((b.param(f"out{j}", result.type), v,
                          ArrayMapping.of(value_block_dims(op, callee, v), v.type.shape, out_views.get(j), True)))
         for p in callee.params:
@@ -123,7 +128,8 @@ class _KernelLowering:
         if o.opcode in ("reshape", "transpose", "slice", "concatenate", "argmax", "argmin", "opaque", "call"):
             raise FusecError(f"the Pallas backend cannot put op {o.opcode!r} in a kernel")
         if o.opcode == "broadcast":
-            dims, kept = attrs["dims"], [i for i in range(o.operands[0].type.rank) if i not in t.squeeze]
+            dims = attrs["dims"]
+            kept = [i for i in range(o.operands[0].type.rank) if dims[i] not in t.squeeze]
             attrs |= {"shape": result.shape, "dims": tuple(t.tile_axis(dims[i]) for i in kept)}
         elif o.opcode in ("constant",):
             attrs["shape"] = result.shape
@@ -133,23 +139,29 @@ class _KernelLowering:
         elif o.opcode == "reduce":
             axes = attrs["axes"]
             attrs["axes"] = tuple(t.tile_axis(a) for a in axes)
-            if t.space[-1] != t.block[-1] and len(t.space) - 1 in axes:
-                operands = [self.mask_padding(operands[0], str(attrs["kind"]))]
+            partial = [d for d in axes if t.space[d] != t.block[d]]
+            if partial:
+                operands = [self.mask_padding(operands[0], str(attrs["kind"]), partial)]
         self.tiles[o.result.name] = b.value(o.opcode, operands, result, o.result.name, **attrs)
 
-    def mask_padding(self, x: Value, kind: str) -> Value:
-        """``x`` with the columns past the space's end replaced by the reduction's identity."""
+    def mask_padding(self, x: Value, kind: str, axes: list[int]) -> Value:
+        """``x`` with the elements past the space's end along the reduced ``axes`` replaced by the
+        reduction's identity."""
         b, t = self.b, self.tiling
-        last = len(t.space) - 1
-        key = ("inside", x.type.shape)
+        shape = x.type.shape
+        key = ("inside", shape, tuple(axes))
         if key not in b.memo:
-            cols = b.value("element_index", [b.program_id(last)], TensorType(I32, x.type.shape), "cols",
-                           block=t.block[last], dimension=x.type.rank - 1, shape=x.type.shape)
-            b.memo[key] = b.value("lt", [cols, b.const(t.space[last], TensorType(I32, x.type.shape))],
-                                  TensorType(BOOL, x.type.shape), "inside")
-        inside = b.memo[key]
+            inside: Value | None = None
+            for d in axes:
+                index = b.value("element_index", [b.program_id(d)], TensorType(I32, shape), "cols",
+                                block=t.block[d], dimension=t.tile_axis(d), shape=shape)
+                here = b.value("lt", [index, b.const(t.space[d], TensorType(I32, shape))], TensorType(BOOL, shape),
+                               "inside")
+                inside = here if inside is None else b.value("and", [inside, here], here.type, "inside")
+            assert inside is not None
+            b.memo[key] = inside
         identity = b.const(reduction_identity(kind, x.type.elem), x.type)
-        return b.value("select", [inside, identity, x], x.type, "masked")
+        return b.value("select", [b.memo[key], identity, x], x.type, "masked")
 
     def iota(self, o: Op, result: TensorType) -> Value:
         b, t = self.b, self.tiling

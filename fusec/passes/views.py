@@ -142,12 +142,23 @@ def block_spec_through_view(view: View, shape: tuple[int, ...], dims: list[Block
     return base_blocks, index
 
 
+def value_space_dims(space: tuple[int, ...], shape: tuple[int, ...], reduce_axes: tuple[int, ...] | None = None
+                     ) -> list[int]:
+    """The space dimension each dimension of a value of ``shape`` lies along: all of them for a
+    value of the space's rank, the space less its reduced axes (its last unless given) for a row."""
+    if len(shape) == len(space):
+        return list(range(len(space)))
+    axes = reduce_axes if reduce_axes is not None else (len(space) - 1,)
+    return [d for d in range(len(space)) if d not in axes][:len(shape)]
+
+
 def space_block_dims(space: tuple[int, ...], block: tuple[int, ...], squeeze: tuple[int, ...],
-                     shape: tuple[int, ...]) -> list[BlockDim]:
+                     shape: tuple[int, ...], reduce_axes: tuple[int, ...] | None = None) -> list[BlockDim]:
     """Block dims of a value of ``shape`` laid on the iteration space: the space's rank with 1s
-    where it is broadcast, or the space less its last dimension (a row value)."""
+    where it is broadcast, or the space less its reduced axes (a row value)."""
+    dims = value_space_dims(space, shape, reduce_axes)
     return [(None if d in squeeze else (block[d] if n == space[d] else 1),
-             d if n == space[d] and n != 1 else None) for d, n in enumerate(shape)]
+             d if n == space[d] and n != 1 else None) for d, n in zip(dims, shape)]
 
 
 def value_block_dims(kernel: Op, func: Function, value: Value) -> list[BlockDim]:
@@ -168,7 +179,9 @@ def value_block_dims(kernel: Op, func: Function, value: Value) -> list[BlockDim]
         other: BlockDim = (block[-2], r - 2) if lhs else (block[-1], r - 1)
         inner = [other, (kp, None)] if lhs != transposed else [(kp, None), other]
         return [(None, d) for d in range(r - 2)] + inner
-    return space_block_dims(space, block, squeeze, value.type.shape)
+    reduce_axes = kernel.attr("reduce_axes")
+    return space_block_dims(space, block, squeeze, value.type.shape,
+                            tuple(reduce_axes) if reduce_axes is not None else None)
 
 
 def _single_user(func: Function, value: Value) -> Op | None:
