@@ -2,8 +2,9 @@
 
 Three kinds of group, each over an iteration space S (a shape):
 - ``elementwise``: elementwise ops of shape S, with broadcasts of their inputs folded into loads;
-- ``reduction``: adds reductions over S's last axis, elementwise work on the reduced rows
-  ("row space", shape S[:-1]) and broadcasts of rows back to S: softmax, layernorm, rmsnorm;
+- ``reduction``: adds reductions over a set of S's axes (its last by default; any, held whole in
+  one block), elementwise work on the reduced rows ("row space", S less those axes) and
+  broadcasts of rows back to S: softmax on any axis, layernorm, rmsnorm, GroupNorm statistics;
 - ``matmul``: a ``dot`` of shape S with its elementwise epilogue (bias, activation, residual, cast)
   and, as prologue, the ``dequantize`` of a packed low-bit weight, unpacked inside the K loop.
 
