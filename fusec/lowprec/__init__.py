@@ -1,11 +1,23 @@
 """Low precision: formats (tables of 2^b values), bit packing and group quantization (NumPy), and
-quantized parameters for JAX (``QuantizedArray``, ``quantize``, ``dequantize``, ``report``)."""
+quantized parameters for JAX (``QuantizedArray``, ``quantize``, ``plan``, ``dequantize``, ``report``)."""
 
+from fusec.lowprec.axes import contraction_axes
 from fusec.lowprec.formats import FLOAT_LAYOUTS, Format, fp_format, int_format, normal_float_table
 from fusec.lowprec.packing import Packed, pack, plane_widths, unpack
-from fusec.lowprec.qarray import QuantizedArray, QuantSpec, dequantize, is_quantized, quantize, report
+from fusec.lowprec.qarray import (
+    LeafPlan,
+    QuantizedArray,
+    QuantSpec,
+    dequantize,
+    is_quantized,
+    plan,
+    plan_summary,
+    quantize,
+    report,
+)
 from fusec.lowprec.quantize import QuantizedCodes, dequantize_codes, error_bound, quantize_codes
 
-__all__ = ["FLOAT_LAYOUTS", "Format", "Packed", "QuantSpec", "QuantizedArray", "QuantizedCodes", "dequantize",
-           "is_quantized", "quantize", "report", "dequantize_codes", "error_bound", "fp_format",
-           "int_format", "normal_float_table", "pack", "plane_widths", "quantize_codes", "unpack"]
+__all__ = ["FLOAT_LAYOUTS", "Format", "LeafPlan", "Packed", "QuantSpec", "QuantizedArray", "QuantizedCodes",
+           "contraction_axes", "dequantize", "dequantize_codes", "error_bound", "fp_format", "int_format",
+           "is_quantized", "normal_float_table", "pack", "plan", "plan_summary", "plane_widths", "quantize",
+           "quantize_codes", "report", "unpack"]

@@ -9,7 +9,7 @@ exactly where each low-bit weight is used.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,10 @@ class QuantSpec:
     """How to quantize: ``bits`` 1..8; ``fmt`` int | uint | fp | nf | lut (``layout`` picks the
     small float for fp, default the one with ``bits`` bits; ``lut`` gives the 2^bits values);
     ``group`` rows per scale along the reduction axis, or None for one per output channel;
-    ``scale_dtype`` f32 | bf16 | f16."""
+    ``scale_dtype`` f32 | bf16 | f16; ``axis`` the axis matmuls contract (0 for ``x @ w`` with
+    ``w`` [in, out], as Flax and Haiku store it; 1 for ``x @ w.T`` and ``W @ x`` with ``W``
+    [out, in], as Equinox stores it and tied embeddings are used): groups run along it, so the
+    fused kernel unpacks the weight in its K loop."""
 
     bits: int
     group: int | None = 128
@@ -37,6 +40,7 @@ class QuantSpec:
     layout: str | None = None
     lut: tuple[float, ...] | None = None
     scale_dtype: str = "bf16"
+    axis: int = 0
 
     def format(self) -> Format:
         layout = self.layout
@@ -48,7 +52,10 @@ class QuantSpec:
 @jax.tree_util.register_pytree_node_class
 @dataclass(frozen=True)
 class QuantizedArray:
-    """A [K, N] weight stored as packed b-bit codes (uint32 planes), scales and zero-points."""
+    """A weight stored as packed b-bit codes (uint32 planes), scales and zero-points, grouped along
+    the axes its matmuls contract (``contract``: axis 1 of a matrix, or leading axes). ``shape`` is
+    the weight's own; the codes are laid out [K, N] with K the contracted axes (a matrix transposed
+    when ``contract`` is (1,); a 3-D or 4-D weight reshaped)."""
 
     planes: tuple[Any, ...]
     scales: Any
@@ -57,18 +64,24 @@ class QuantizedArray:
     group: int
     shape: tuple[int, int]
     dtype: Any  # the dtype dequantization produces
+    contract: tuple[int, ...] = (0,)
 
     def tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         children = (*self.planes, self.scales) + ((self.zeros,) if self.zeros is not None else ())
         return children, (len(self.planes), self.zeros is not None, self.fmt, self.group, self.shape,
-                          np.dtype(self.dtype).name)
+                          np.dtype(self.dtype).name, self.contract)
 
     @classmethod
     def tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> QuantizedArray:
-        n_planes, has_zeros, fmt, group, shape, dtype = aux
+        n_planes, has_zeros, fmt, group, shape, dtype, contract = aux
         planes = tuple(children[:n_planes])
         zeros = children[n_planes + 1] if has_zeros else None
-        return cls(planes, children[n_planes], zeros, fmt, group, shape, jnp.dtype(dtype))
+        return cls(planes, children[n_planes], zeros, fmt, group, shape, jnp.dtype(dtype), contract)
+
+    @property
+    def packed_shape(self) -> tuple[int, int]:
+        """[K, N]: the contracted axis first."""
+        return packed_shape(tuple(self.shape), self.contract)
 
     @property
     def nbytes(self) -> int:
@@ -76,12 +89,30 @@ class QuantizedArray:
         return int(sum(np.asarray(x).nbytes for x in leaves))
 
     def dequantize(self) -> jax.Array:
-        return dequantize_p.bind(*self.tree_flatten()[0], **_params(self))
+        # A transpose of the [K, N] values: matmuls contracting axis 1 then read [K, N] directly
+        # (canonicalize folds the transposes into the dot), so the fused kernel still unpacks them.
+        values = dequantize_p.bind(*self.tree_flatten()[0], **_params(self))
+        if self.contract == (1,):
+            return values.T
+        return values.reshape(self.shape) if len(self.shape) != 2 else values
+
+
+def packed_shape(shape: tuple[int, ...], contract: tuple[int, ...]) -> tuple[int, int]:
+    """[K, N] of a weight of ``shape`` contracted over ``contract``: a matrix's axis 0 or 1, or
+    leading axes of a larger weight. Raises ValueError for any other layout."""
+    size = int(np.prod(shape))
+    if len(shape) == 2 and contract == (1,):
+        return (shape[1], shape[0])
+    if len(shape) >= 2 and contract == tuple(range(len(contract))) and 0 < len(contract) < len(shape):
+        k = int(np.prod(shape[:len(contract)]))
+        return (k, size // k)
+    raise ValueError(f"a weight of shape {list(shape)} contracted over axes {list(contract)} has no [K, N] "
+                     "layout (axis 1 of a matrix, or leading axes)")
 
 
 def _params(q: QuantizedArray) -> dict[str, Any]:
     return {"family": q.fmt.family, "bits": q.fmt.bits, "layout": q.fmt.layout, "lut": q.fmt.lut,
-            "group": q.group, "shape": tuple(q.shape), "dtype": np.dtype(q.dtype).name,
+            "group": q.group, "shape": q.packed_shape, "dtype": np.dtype(q.dtype).name,
             "has_zeros": q.zeros is not None}
 
 
@@ -145,50 +176,108 @@ def _path_name(path: tuple[Any, ...]) -> str:
     return jax.tree_util.keystr(path) or "<root>"
 
 
-def _quantize_leaf(path: str, w: Any, spec: QuantSpec) -> QuantizedArray:
+def _quantize_leaf(path: str, w: Any, spec: QuantSpec, contract: tuple[int, ...]) -> QuantizedArray:
     try:
         fmt = spec.format()
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     arr = np.asarray(w)
-    if arr.ndim != 2:
-        raise ValueError(f"{path}: only 2-D weights can be quantized, got shape {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16"):
         raise ValueError(f"{path}: only float weights can be quantized, got {arr.dtype}")
     if spec.scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"{path}: scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {spec.scale_dtype!r}")
     try:
-        q = quantize_codes(arr.astype(np.float32), fmt, spec.group, spec.scale_dtype)
+        k, n = packed_shape(arr.shape, contract)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    matrix = arr.T if contract == (1,) else arr.reshape(k, n)
+    try:
+        q = quantize_codes(matrix.astype(np.float32), fmt, spec.group, spec.scale_dtype)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     packed = pack(q.codes, fmt.bits)
     return QuantizedArray(tuple(jnp.asarray(p) for p in packed.planes), jnp.asarray(q.scales),
                           None if q.zeros is None else jnp.asarray(q.zeros), fmt, q.group, arr.shape,
-                          jnp.dtype(arr.dtype))
+                          jnp.dtype(arr.dtype), contract)
 
 
-def _quantizable(leaf: Any, spec: QuantSpec) -> bool:
-    """A 2-D float weight whose reduction axis (the first) splits into whole groups."""
+@dataclass(frozen=True)
+class LeafPlan:
+    """What ``quantize`` does with one leaf: ``quantized``, or the ``reason`` it is left alone."""
+
+    path: str
+    quantized: bool
+    reason: str  # "" when quantized
+    nbytes: int
+    contract: tuple[int, ...]  # the axes groups run along
+
+
+def _contract_of(value: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (value,) if isinstance(value, int) else tuple(value)
+
+
+def _skip_reason(leaf: Any, spec: QuantSpec, contract: tuple[int, ...]) -> str:
+    """Why a leaf is not quantized by default ("" if it is)."""
     dtype = getattr(leaf, "dtype", None)
-    if getattr(leaf, "ndim", 0) != 2 or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        return False
-    return spec.group is None or leaf.shape[0] % spec.group == 0
+    if dtype is None or not hasattr(leaf, "shape"):
+        return "not an array"
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return f"{jnp.dtype(dtype).name}, not a float weight"
+    if leaf.ndim < 2:
+        return f"{leaf.ndim}-D; only matrices and larger weights are quantized"
+    try:
+        k, _ = packed_shape(tuple(leaf.shape), contract)
+    except ValueError as e:
+        return str(e)
+    if spec.group is not None and k % spec.group:
+        return f"its contracted size {k} is not a whole number of {spec.group}-row groups"
+    return ""
 
 
-def quantize(params: Any, spec: QuantSpec, where: Callable[[str, Any], bool] | None = None) -> Any:
+def plan(params: Any, spec: QuantSpec, where: Callable[[str, Any], bool] | None = None,
+         axes: Mapping[str, int | tuple[int, ...]] | None = None) -> list[LeafPlan]:
+    """Every leaf of ``params`` with what :func:`quantize` does to it and why."""
+    axes = axes or {}
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = _path_name(path)
+        contract = _contract_of(axes.get(name, spec.axis))
+        reason = _skip_reason(leaf, spec, contract)
+        if where is not None:
+            chosen = where(name, leaf)
+            reason = "" if chosen else (reason or "not selected by where")
+        size = int(np.asarray(leaf).nbytes) if hasattr(leaf, "dtype") else 0
+        out.append(LeafPlan(name, not reason, reason, size, contract))
+    return out
+
+
+def plan_summary(entries: list[LeafPlan]) -> str:
+    """A table of :func:`plan`'s decisions with the share of parameter bytes each way."""
+    total = max(1, sum(e.nbytes for e in entries))
+    done = sum(e.nbytes for e in entries if e.quantized)
+    lines = [f"quantized {sum(e.quantized for e in entries)} of {len(entries)} leaves, "
+             f"{done / total:.1%} of parameter bytes"]
+    lines += [f"  {e.path}: " + (f"quantized along axes {list(e.contract)}" if e.quantized else f"left: {e.reason}")
+              for e in entries]
+    return "\n".join(lines)
+
+
+def quantize(params: Any, spec: QuantSpec, where: Callable[[str, Any], bool] | None = None,
+             axes: Mapping[str, int | tuple[int, ...]] | None = None) -> Any:
     """``params`` with each selected 2-D float leaf replaced by a :class:`QuantizedArray`.
 
-    ``where(path, leaf)`` selects leaves (default: every 2-D float array whose first axis, the
-    reduction axis of ``x @ w``, is a whole number of groups); paths are written as
-    ``jax.tree_util.keystr`` writes them, e.g. ``['layer0']['w']``. Every selected leaf is checked
-    before any is quantized: a bad spec or weight raises ``ValueError`` naming the path, and no
-    partial pytree is returned.
+    ``where(path, leaf)`` selects leaves (default: every float weight of 2 or more dimensions whose
+    contracted axes, ``spec.axis`` or ``axes[path]`` (an axis or a tuple of leading axes), hold a
+    whole number of groups); paths are written as
+    ``jax.tree_util.keystr`` writes them, e.g. ``['layer0']['w']``; :func:`contraction_axes` finds
+    each weight's axis from a function using it. :func:`plan` says what is left and why. Every
+    selected leaf is checked before any is quantized: a bad spec or weight raises ``ValueError``
+    naming the path, and no partial pytree is returned.
     """
-    where = where or (lambda path, leaf: _quantizable(leaf, spec))
+    decisions = plan(params, spec, where, axes)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    chosen = {i for i, (path, leaf) in enumerate(leaves) if where(_path_name(path), leaf)}
-    out = [_quantize_leaf(_path_name(path), leaf, spec) if i in chosen else leaf
-           for i, (path, leaf) in enumerate(leaves)]
+    out = [_quantize_leaf(d.path, leaf, spec, d.contract) if d.quantized else leaf
+           for d, (_, leaf) in zip(decisions, leaves)]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

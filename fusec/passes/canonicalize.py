@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from fusec.ir import DType, Function, Module, Op, Value
+from fusec.ir import OPDEFS, DType, Function, Module, Op, Value
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.rewrite import rewrite_forward
 
@@ -134,7 +134,42 @@ def canonicalize_function(func: Function) -> Function:
         return result
 
     # Producers are rewritten before their users, so one forward walk reaches the fixed point.
-    return _mask_products_to_selects(rewrite_forward(func, visit))
+    return _mask_products_to_selects(rewrite_forward(_transposes_into_dots(func), visit))
+
+
+def _transposes_into_dots(func: Function) -> Function:
+    """transpose(e(dot(a, b), splat)) -> e(dot(b, a) flipped, splat'), for an elementwise ``e``
+    whose only user is the transpose and whose other operands are splats: vmapped ``W @ x + c``
+    takes this form, and the transpose would keep the matmul from its epilogue (and a low-bit
+    weight from its fused kernel)."""
+    producers, uses = func.producers(), func.uses()
+    replaced: dict[int, list[Op]] = {}
+    for t in func.ops:
+        e = producers.get(t.operands[0].name) if t.opcode == "transpose" else None
+        if e is None or OPDEFS[e.opcode].kind != "elementwise" or uses.get(e.result.name) != 1 \
+                or not _swaps_last_two(t.attr("perm")) or len(e.results) != 1:
+            continue
+        new_ops: list[Op] = []
+        operands = []
+        for v in e.operands:
+            p = producers.get(v.name)
+            tv = Value(f"{v.name}.t{t.result.name}", v.type.with_shape(t.result.type.shape))
+            if p is not None and p.opcode == "dot" and uses.get(v.name) == 1 and \
+                    all(u.type.rank == v.type.rank for u in p.operands):
+                attrs = p.attr_dict | {"lhs_t": not p.attr("rhs_t"), "rhs_t": not p.attr("lhs_t")}
+                new_ops.append(dataclasses.replace(Op.make("dot", p.operands[::-1], [tv], **attrs), loc=p.loc))
+            elif p is not None and p.opcode == "broadcast" and p.attr("dims") == ():
+                new_ops.append(Op.make("broadcast", p.operands, [tv], dims=(), shape=tv.type.shape))
+            else:
+                break
+            operands.append(tv)
+        else:
+            if any(op.opcode == "dot" for op in new_ops):
+                replaced[id(t)] = new_ops + [dataclasses.replace(e.with_operands(tuple(operands)), results=t.results)]
+    if not replaced:
+        return func
+    ops = [new for op in func.ops for new in replaced.get(id(op), [op])]
+    return Function(func.name, func.params, tuple(ops), func.returns)
 
 
 def _mask_products_to_selects(func: Function) -> Function:

@@ -106,6 +106,7 @@ class _Fuser:
         self.group_deps: dict[int, set[int]] = {}  # group id -> groups its members read from outside
         # Broadcasts left outside every group: a consumer's kernel loads their source expanded.
         self.absorbable: set[str] = set()
+        self.cloned_dequantize: set[str] = set()  # low-bit weights a matmul kernel unpacks from its own copy
         self.merged_into: dict[int, int] = {}
         self.next_id = 0
 
@@ -238,10 +239,14 @@ class _Fuser:
             g = _Group(gid, "matmul", out)
             dq = self.producer.get(op.operands[1].name)
             if dq is not None and self._dequantize_prologue(op, dq):
-                # The packed weight is unpacked in registers inside the matmul's K loop.
-                g.members.append(self.position[id(dq)])
-                g.values.add(dq.result.name)
-                self.group_of[dq.result.name] = gid
+                # The packed weight is unpacked in registers inside the matmul's K loop; a weight
+                # other ops also read (a tied embedding's gather) is unpacked by a copy in the kernel.
+                if self.uses.get(dq.result.name) == 1:
+                    g.members.append(self.position[id(dq)])
+                    g.values.add(dq.result.name)
+                    self.group_of[dq.result.name] = gid
+                else:
+                    self.cloned_dequantize.add(dq.result.name)
             return g
         if op.opcode == "reduce":
             s = op.operands[0].type.shape
@@ -255,10 +260,8 @@ class _Fuser:
 
     def _dequantize_prologue(self, dot: Op, dq: Op) -> bool:
         """Whether ``dq`` (a dequantize feeding ``dot``'s rhs) can be unpacked inside the matmul:
-        a [K, N] weight read untransposed and used by this dot alone (any format)."""
+        a [K, N] weight read untransposed (any format)."""
         if dq.opcode != "dequantize" or dot.attr("rhs_t") or dot.result.type.rank != 2:
-            return False
-        if self.uses.get(dq.result.name) != 1:  # its only use is this dot
             return False
         return isinstance(parse_elem_type(str(dq.attr("format"))), LowBitType)
 
@@ -358,6 +361,10 @@ def _extract(fuser: _Fuser, g: _Group, name: str, uses_outside: set[str], taken:
         if v.name in g.values or (v.name in local and role == "load"):
             return v
         producer = fuser.producer.get(v.name)
+        if role == "dot" and v.name in fuser.cloned_dequantize and producer is not None:
+            local.add(v.name)
+            body.append(producer.with_operands(tuple(operand(u, "dq") for u in producer.operands)))
+            return v
         if _clonable(producer):
             # A dot's operands are read by its K loop from kernel inputs, so a splat or iota feeding
             # a dot is materialised outside and passed in; loads recompute it in the kernel. The
