@@ -83,7 +83,17 @@ for _op, _fn in {**_CALLS, **SPECIAL_FUNCTIONS}.items():
 
 EMITTERS["stop_gradient"] = lambda w, op, a: a[0]
 EMITTERS["integer_pow"] = lambda w, op, a: _widened(op, f"(lambda x: lax.integer_pow(x, {op.attr('y')}))", a)
-EMITTERS["select"] = lambda w, op, a: f"jnp.where({a[0]}, {a[2]}, {a[1]})"
+def _select(w: BodyWriter, op: Op, a: list[str]) -> str:
+    elem = op.result.type.elem
+    if isinstance(elem, DType) and elem.name in ("bf16", "f16"):
+        # Selected as bit patterns: a 16-bit float select that the compiler widens to float32 (XLA's
+        # CPU backend, under interpret mode) flushes subnormals to zero; a select must not round.
+        bits = lambda x: f"lax.bitcast_convert_type({x}, jnp.uint16)"  # noqa: E731
+        return f"lax.bitcast_convert_type(jnp.where({a[0]}, {bits(a[2])}, {bits(a[1])}), {jnp_dtype(op.result)})"
+    return f"jnp.where({a[0]}, {a[2]}, {a[1]})"
+
+
+EMITTERS["select"] = _select
 EMITTERS["clamp"] = lambda w, op, a: f"lax.clamp({a[0]}, {a[1]}, {a[2]})"
 EMITTERS["convert"] = lambda w, op, a: f"{a[0]}.astype({jnp_dtype(op.result)})"
 EMITTERS["program_id"] = lambda w, op, a: f"pl.program_id({op.attr('axis')})"
