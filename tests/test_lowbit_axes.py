@@ -3,6 +3,9 @@ such matmul runs in a fused low-bit kernel; quantize says what it left float and
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +13,8 @@ import pytest
 
 import fusec
 from fusec import lowprec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from fusec.ir import LowBitType
 
 SPEC = lowprec.QuantSpec(4, 128)
@@ -99,3 +104,17 @@ def test_a_leaf_named_by_where_that_cannot_be_quantized_raises_naming_it() -> No
         lowprec.quantize(params, SPEC, where=lambda path, leaf: True)
     with pytest.raises(ValueError, match=r"\['odd'\]: a weight of shape \[100, 8\] contracted over axes \[2\]"):
         lowprec.quantize(params, SPEC, where=lambda path, leaf: True, axes={"['odd']": 2})
+
+
+@pytest.mark.parametrize("module", ["equinox_block", "linen_block"])
+def test_example_models_put_their_matrices_in_low_bit_kernels(module: str) -> None:
+    """Every matrix a matmul contracts is quantized and read by a fused low-bit kernel; the
+    matrices left float are named with a reason (bench/lowbit_coverage.py prints the table)."""
+    pytest.importorskip({"equinox_block": "equinox", "linen_block": "flax"}[module])
+    from bench.lowbit_coverage import coverage
+
+    ex = __import__(module)
+    params, x = ex.example_inputs()
+    c = coverage(ex.forward, params, x, 0)
+    assert c["low_bit_kernel_share"] == pytest.approx(c["quantized_share"]) and c["quantized_share"] > 0.95
+    assert all(reason for _, reason in c["matrices_left"])

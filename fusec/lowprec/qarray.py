@@ -236,13 +236,17 @@ def _skip_reason(leaf: Any, spec: QuantSpec, contract: tuple[int, ...]) -> str:
 
 def plan(params: Any, spec: QuantSpec, where: Callable[[str, Any], bool] | None = None,
          axes: Mapping[str, int | tuple[int, ...]] | None = None) -> list[LeafPlan]:
-    """Every leaf of ``params`` with what :func:`quantize` does to it and why."""
+    """Every leaf of ``params`` with what :func:`quantize` does to it and why. With ``axes`` (from
+    :func:`fusec.lowprec.contraction_axes`), a leaf no matmul contracts is left float."""
+    given = axes is not None
     axes = axes or {}
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = _path_name(path)
         contract = _contract_of(axes.get(name, spec.axis))
         reason = _skip_reason(leaf, spec, contract)
+        if given and name not in axes and (not reason or reason.startswith("its contracted")):
+            reason = "no matmul contracts it (along one set of axes)"
         if where is not None:
             chosen = where(name, leaf)
             reason = "" if chosen else (reason or "not selected by where")
