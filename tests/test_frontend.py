@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from jax import lax
@@ -79,9 +80,10 @@ def test_unknown_primitive_becomes_opaque_with_reason() -> None:
 
 
 def test_unsupported_parameters_fall_back() -> None:
-    # A dot_general with mixed operand dtypes is valid JAX but not a canonical dot: XLA runs it.
+    # A dot_general of an integer and a float operand is valid JAX but not a canonical dot (float
+    # operands of different widths are widened exactly; these are not): XLA runs it.
     f = lambda a, b: lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)  # noqa: E731
-    a, b = jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 2), jnp.float32)
+    a, b = jnp.ones((2, 3), jnp.int8), jnp.ones((3, 2), jnp.float32)
     lowered = fusec.jit(f).lower(a, b)
     assert [fb.primitive for fb in lowered.fallbacks] == ["dot_general"]
     assert "different dtypes" in lowered.fallbacks[0].reason
@@ -119,3 +121,34 @@ def test_sub_byte_integer_dtypes() -> None:
     lowered = fusec.jit(f).lower(x)
     assert 'dtype = "i4", shape = [8], value = 1}' in lowered.as_text()
     assert_trees_close(fusec.jit(f)(x), jax.jit(f)(x))
+
+
+_SHAPE_CASES = {
+    "reshape_dimensions": lambda x: jax.lax.reshape(x, (6, 4), dimensions=(1, 0)),
+    "tile": lambda x: jnp.tile(x, (2, 3)),
+    "tile_adds_axes": lambda x: jnp.tile(x[0], (2, 2)),
+    "dynamic_slice_literal": lambda x: jax.lax.dynamic_slice(x, (1, 2), (2, 3)),
+    "dynamic_slice_clamped": lambda x: jax.lax.dynamic_slice(x, (3, 5), (2, 3)),
+    "stack": lambda x: jnp.stack([x, x * 2], axis=1),
+    "unstack": lambda x: sum(jnp.unstack(x, axis=1)),
+    "mixed_dtype_dot": lambda x: jax.lax.dot_general(x.astype(jnp.bfloat16), x.T, (((1,), (0,)), ((), ())),
+                                                     preferred_element_type=jnp.float32),
+}
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+@pytest.mark.parametrize("name", sorted(_SHAPE_CASES))
+def test_shape_primitives_and_mixed_dots_have_rules(name: str, backend: str) -> None:
+    fn = _SHAPE_CASES[name]
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 6)), jnp.float32)
+    f = fusec.jit(fn, backend=backend)
+    assert not f.lower(x).fallbacks
+    np.testing.assert_allclose(np.asarray(f(x)), np.asarray(jax.jit(fn)(x)), rtol=2e-5, atol=2e-5)
+
+
+def test_dynamic_slice_at_a_run_time_offset_falls_back_visibly() -> None:
+    fn = lambda x: jax.lax.dynamic_slice(x, (jnp.argmax(x[0]), 0), (2, 3))  # noqa: E731
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 6)), jnp.float32)
+    low = fusec.jit(fn).lower(x)
+    assert [f.primitive for f in low.fallbacks] == ["dynamic_slice"]
+    np.testing.assert_allclose(fusec.jit(fn)(x), jax.jit(fn)(x))

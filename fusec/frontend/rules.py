@@ -147,10 +147,15 @@ def _broadcast(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
 
 @register("reshape")
 def _reshape(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
-    require_defaults(eqn, sharding=None, dimensions=None)
+    require_defaults(eqn, sharding=None)
     if len(ins) != 1:
         raise NoRule("dynamic shapes are not supported")
-    return [ctx.builder.op("reshape", ins, shape=tuple(eqn.params["new_sizes"]))]
+    x = ins[0]
+    dims = eqn.params.get("dimensions")
+    if dims is not None and tuple(dims) != tuple(range(x.type.rank)):
+        # reshape(x, dimensions=p) reads x in the order p: a transpose, then the reshape.
+        x = ctx.builder.op("transpose", [x], perm=tuple(int(d) for d in dims))
+    return [ctx.reshape(x, tuple(eqn.params["new_sizes"]))]
 
 
 @register("squeeze", "expand_dims")
@@ -266,13 +271,26 @@ def _precision_attrs(precision: Any, operand_elem: str) -> dict[str, Any]:
     return {"precision": min(names, key=_PRECISION_ORDER.index), "precision_pair": tuple(names)}
 
 
+_WIDENS_EXACTLY = {("bf16", "f32"), ("f16", "f32"), ("bf16", "f64"), ("f16", "f64"), ("f32", "f64")}
+
+
+def _common_float(ctx: Lowerer, lhs: Value, rhs: Value) -> tuple[Value, Value]:
+    """Mixed-dtype float operands: the narrower one converted to the wider (exact), as XLA does."""
+    a, b = str(lhs.type.elem), str(rhs.type.elem)
+    if (a, b) in _WIDENS_EXACTLY:
+        return ctx.builder.op("convert", [lhs], dtype=b), rhs
+    if (b, a) in _WIDENS_EXACTLY:
+        return lhs, ctx.builder.op("convert", [rhs], dtype=a)
+    raise NoRule(f"operands of different dtypes ({a}, {b})")
+
+
 @register("dot_general")
 def _dot_general(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
     """Normalises any dot_general to ``dot`` on [B..., M, K] x [B..., K, N] plus transposes/reshapes."""
     require_defaults(eqn, out_sharding=None)
     lhs, rhs = ins
     if lhs.type.elem != rhs.type.elem:
-        raise NoRule(f"operands of different dtypes ({lhs.type.elem}, {rhs.type.elem})")
+        lhs, rhs = _common_float(ctx, lhs, rhs)
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     lc, rc, lb, rb = (tuple(int(d) for d in x) for x in (lc, rc, lb, rb))
     lf = tuple(d for d in range(lhs.type.rank) if d not in lc and d not in lb)
