@@ -6,12 +6,12 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fusec.ir import DType, LowBitType, Module
-from fusec.passes.cost import FREE_OPS, function_cost, nbytes, op_cost
+from fusec.ir import DType, Function, LowBitType, Module
+from fusec.passes.cost import FREE_OPS, nbytes, op_cost
 from fusec.roofline import gpu as gpu_spec
 from fusec.roofline import modeled_time
 
-REPORT_VERSION = 2  # 2: equation counts and each kernel's primitives
+REPORT_VERSION = 3  # 2: equation counts and each kernel's primitives; 3: bodies, trips, fallback bytes
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,10 @@ class KernelReport:
     flops: int
     arithmetic_intensity: float  # FLOPs per byte moved
     bits_per_weight: float | None  # for kernels reading a low-bit weight
-    modeled_time_s: float
+    modeled_time_s: float  # one run; a body's kernel runs ``trips`` times per call
     source: str
+    body: str = ""  # the loop or branch body it belongs to ("" at the top level), outer bodies first
+    trips: int | None = 1  # runs per call of the program (None: a while loop's, not static)
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Report:
     num_fused_eqns: int  # of those, the ones with work inside a fusec kernel
     num_xla_eqns: int  # the ones with an op XLA runs; the rest became views or constants, or were removed
     xla_ops: list[str]  # ops left outside kernels (XLA runs them), reshapes and constants aside
-    fallbacks: list[dict[str, str]]
+    fallbacks: list[dict[str, Any]]  # primitive, reason, body, bytes, share
     bytes_op_by_op: int
     bytes_fused: int
     modeled_time_op_by_op_s: float
@@ -57,14 +59,16 @@ class Report:
                  f"{'flop/B':>7s} {'bits/w':>6s} {'model us':>9s}"]
         for k in self.kernels:
             bits = f"{k.bits_per_weight:.2f}" if k.bits_per_weight is not None else "-"
+            runs = "" if not k.body else f"  in {k.body} x {k.trips if k.trips is not None else '?'}"
             lines.append(f"{k.name[:24]:24s} {k.kind:11s} {len(k.ops):4d} {str(k.grid):>12s} "
                          f"{k.bytes_read + k.bytes_written:12d} {k.flops:14d} {k.arithmetic_intensity:7.2f} "
-                         f"{bits:>6s} {k.modeled_time_s * 1e6:9.2f}")
+                         f"{bits:>6s} {k.modeled_time_s * 1e6:9.2f}{runs}")
         lines.append(f"jaxpr equations: {self.num_eqns}: {self.num_fused_eqns} inside kernels, {self.num_xla_eqns} run "
                      f"by XLA, the rest folded into views or constants or removed")
         lines.append(f"XLA ops outside kernels: {len(self.xla_ops)} {self.xla_ops if self.xla_ops else ''}".rstrip())
-        lines.append(f"fallbacks: {len(self.fallbacks)}" + "".join(f"\n  {f['primitive']}: {f['reason']}"
-                                                                  for f in self.fallbacks))
+        lines.append(f"fallbacks: {len(self.fallbacks)}" + "".join(
+            f"\n  {f['primitive']}{' in ' + f['body'] if f['body'] else ''}: {f['bytes']} bytes "
+            f"({f['share']:.1%}): {f['reason']}" for f in self.fallbacks))
         lines.append(f"bytes moved: {self.bytes_fused} fused vs {self.bytes_op_by_op} op by op "
                      f"({self.bytes_fused / max(self.bytes_op_by_op, 1):.1%}); modeled time "
                      f"{self.modeled_time_fused_s * 1e6:.1f} us vs {self.modeled_time_op_by_op_s * 1e6:.1f} us")
@@ -83,42 +87,84 @@ def _eqn_primitive(loc: str) -> str:
     return loc[loc.rfind("(") + 1:-1] if loc.endswith(")") else ""
 
 
+@dataclass(frozen=True)
+class _Site:
+    """A function the program runs: the entry, or a loop or branch body (``body`` names it, with the
+    bodies it sits in), ``trips`` times per call of the program (None: not static, as in a while loop)."""
+
+    func: Function
+    body: str
+    trips: int | None
+
+
+def _sites(module: Module) -> list[_Site]:
+    """The entry and every compiled body of a loop or conditional under it, nested ones included.
+    A scan body runs ``length`` times; a while loop's cond and body an unknown number; each branch
+    of a cond is counted as if it ran (at most one does)."""
+    out: list[_Site] = []
+
+    def walk(func: Function, body: str, trips: int | None) -> None:
+        out.append(_Site(func, body, trips))
+        for op in func.ops:
+            bodies = [str(b) for b in op.attr("bodies", ())] if op.opcode == "opaque" else []
+            n = op.attr("trips", None)
+            inner = None if trips is None or (n is None and op.attr("primitive") != "cond") else trips * int(n or 1)
+            for b in bodies:
+                walk(module.function(b), f"{body}/{b}" if body else b, inner)
+
+    walk(module.entry, "", 1)
+    return out
+
+
+def _times(site: _Site) -> int:
+    """How many times the report counts one run of the site's ops (once where it is not static)."""
+    return 1 if site.trips is None else site.trips
+
+
 def build_report(lowered: Any, gpu: str = "h100") -> Report:
-    """The report for a ``Lowered`` (see :meth:`fusec.FusecFunction.lower`)."""
+    """The report for a ``Lowered`` (see :meth:`fusec.FusecFunction.lower`). Kernels of loop and
+    branch bodies are listed with their body and trip count; bytes and modeled times count each
+    iteration (a loop's own op counts the slices and carries it moves, once)."""
     spec = gpu_spec(gpu)
     program = lowered.program
     module = program.module
     kernels = []
     fused_locs: set[str] = set()
-    for op in module.entry.ops:
-        if op.opcode != "kernel":
-            continue
-        name = str(op.attr("callee"))
-        func = module.function(name)
-        read, written, flops = int(op.attr("bytes_read")), int(op.attr("bytes_written")), int(op.attr("flops"))
-        low_bit = [v for v in op.operands if isinstance(v.type.elem, LowBitType)]
-        bits = (8.0 * sum(nbytes(v.type) for v in low_bit) / sum(v.type.size for v in low_bit)) if low_bit else None
-        source = program.kernels[name].source if name in program.kernels else ""
-        locs = list(dict.fromkeys(o.loc for o in func.ops if _eqn_primitive(o.loc)))
-        fused_locs.update(locs)
-        kernels.append(KernelReport(
-            name, str(op.attr("kind")), program.backend, [o.opcode for o in func.ops],
-            [_eqn_primitive(loc) for loc in locs], list(op.attr("grid", ())),
-            list(op.attr("block", ())), read, written, flops, flops / max(read + written, 1), bits,
-            modeled_time(spec, read + written, flops, _dtype_of(module, name)), source))
-    outside = [op for op in module.entry.ops if op.opcode != "kernel" and op.opcode not in FREE_OPS]
-    xla_ops = [op.opcode for op in outside]
-    xla_locs = {op.loc for op in outside if _eqn_primitive(op.loc)} - fused_locs
-    before = program.module_before("fuse").entry
-    op_by_op = function_cost(before)
-    fused = function_cost(module.entry)
+    sites = _sites(module)
+    for site in sites:
+        for op in site.func.ops:
+            if op.opcode != "kernel":
+                continue
+            name = str(op.attr("callee"))
+            func = module.function(name)
+            read, written, flops = int(op.attr("bytes_read")), int(op.attr("bytes_written")), int(op.attr("flops"))
+            low_bit = [v for v in op.operands if isinstance(v.type.elem, LowBitType)]
+            bits = (8.0 * sum(nbytes(v.type) for v in low_bit) / sum(v.type.size for v in low_bit)) if low_bit else None
+            source = program.kernels[name].source if name in program.kernels else ""
+            locs = list(dict.fromkeys(o.loc for o in func.ops if _eqn_primitive(o.loc)))
+            fused_locs.update(locs)
+            kernels.append(KernelReport(
+                name, str(op.attr("kind")), program.backend, [o.opcode for o in func.ops],
+                [_eqn_primitive(loc) for loc in locs], list(op.attr("grid", ())),
+                list(op.attr("block", ())), read, written, flops, flops / max(read + written, 1), bits,
+                modeled_time(spec, read + written, flops, _dtype_of(module, name)), source, site.body, site.trips))
+    outside = [(op, site) for site in sites for op in site.func.ops
+               if op.opcode != "kernel" and op.opcode not in FREE_OPS]
+    xla_ops = [op.opcode for op, _ in outside]
+    xla_locs = {op.loc for op, _ in outside if _eqn_primitive(op.loc)} - fused_locs
+    before = _sites(program.module_before("fuse"))
+    op_by_op = sum(op_cost(op).bytes * _times(site) for site in before for op in site.func.ops)
+    fused = sum(op_cost(op).bytes * _times(site) for site in sites for op in site.func.ops)
     # Outside kernels every op is its own kernel (f32 peak: the conservative class).
-    time_op_by_op = sum(modeled_time(spec, c.bytes, c.flops, "f32")
-                        for c in (op_cost(op) for op in before.ops if op.opcode not in FREE_OPS))
-    time_fused = sum(k.modeled_time_s for k in kernels) + sum(
-        modeled_time(spec, c.bytes, c.flops, "f32")
-        for c in (op_cost(op) for op in module.entry.ops if op.opcode not in FREE_OPS | {"kernel"}))
-    fallbacks = [{"primitive": f.primitive, "reason": f.reason} for f in program.fallbacks]
+    time_op_by_op = sum(modeled_time(spec, c.bytes, c.flops, "f32") * _times(site)
+                        for site in before for c in (op_cost(op) for op in site.func.ops if op.opcode not in FREE_OPS))
+    time_fused = sum(k.modeled_time_s * (k.trips or 1) for k in kernels) + sum(
+        modeled_time(spec, op_cost(op).bytes, op_cost(op).flops, "f32") * _times(site) for op, site in outside)
+    fallbacks = []
+    for op, site in outside:
+        if op.opcode == "opaque":
+            moved = op_cost(op).bytes * _times(site)
+            fallbacks.append({"primitive": str(op.attr("primitive")), "reason": str(op.attr("reason")),
+                              "body": site.body, "bytes": moved, "share": moved / max(fused, 1)})
     return Report(spec.name, program.backend, kernels, program.num_eqns, len(fused_locs), len(xla_locs), xla_ops,
-                  fallbacks, op_by_op.bytes, fused.bytes,
-                  time_op_by_op, time_fused)
+                  fallbacks, op_by_op, fused, time_op_by_op, time_fused)

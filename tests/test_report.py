@@ -57,7 +57,7 @@ def test_report_json_matches_the_kernels(quickstart) -> None:
     args = quickstart.example_inputs()
     report = fn.inspect(*args, gpu="a100")
     data = json.loads(report.to_json())
-    assert data["version"] == 2 and data["gpu"] == "NVIDIA A100 SXM 80GB"
+    assert data["version"] == 3 and data["gpu"] == "NVIDIA A100 SXM 80GB"
     kernel_ops = [op for op in fn.lower(*args).program.module.entry.ops if op.opcode == "kernel"]
     assert [k["name"] for k in data["kernels"]] == [str(op.attr("callee")) for op in kernel_ops]
     for k, op in zip(data["kernels"], kernel_ops):
@@ -138,3 +138,68 @@ def test_gpt2_equation_counts(quickstart) -> None:
     assert report.num_xla_eqns == 0 and 0.5 * report.num_eqns < report.num_fused_eqns < report.num_eqns
     assert sum(len(set(k.primitives)) > 0 for k in report.kernels) == len(report.kernels)
     assert any(k.primitives[:2] == ["dot_general", "add"] for k in report.kernels)
+
+
+def test_scan_body_kernels_are_listed_with_their_trip_count() -> None:
+    def layers(h, ws):
+        return jax.lax.scan(lambda h, w: (jax.nn.gelu(h @ w) + h, None), h, ws)[0]
+
+    h, ws = jnp.ones((8, 64)), jnp.ones((3, 64, 64))
+    report = fusec.inspect(layers, h, ws, backend="pallas", interpret=True)
+    (kernel,) = report.kernels
+    assert (kernel.body, kernel.trips, kernel.kind) == ("scan_body", 3, "matmul")
+    assert kernel.primitives[:2] == ["dot_general", "integer_pow"]
+    # Each step reads h and one 64x64 weight and h again for the residual, and writes h.
+    assert kernel.bytes_read + kernel.bytes_written == (8 * 64 + 64 * 64 + 8 * 64 + 8 * 64) * 4
+    (loop,) = report.fallbacks
+    # The loop itself moves its carry in and out, the stacked weights, and the final carry.
+    loop_bytes = (8 * 64 + 3 * 64 * 64 + 8 * 64) * 4
+    assert (loop["primitive"], loop["body"], loop["bytes"]) == ("scan", "", loop_bytes)
+    assert report.bytes_fused == loop_bytes + 3 * (kernel.bytes_read + kernel.bytes_written)
+    assert loop["share"] == pytest.approx(loop_bytes / report.bytes_fused)
+    assert report.modeled_time_fused_s > 3 * kernel.modeled_time_s
+    assert report.num_eqns == 1 + len(jax.make_jaxpr(lambda h, w: jax.nn.gelu(h @ w) + h)(h, ws[0]).eqns)
+    assert report.num_fused_eqns == report.num_eqns - 1
+    assert "in scan_body x 3" in str(report)
+    data = json.loads(report.to_json())
+    assert data["kernels"][0]["trips"] == 3 and data["fallbacks"][0]["bytes"] == loop_bytes
+
+
+def test_while_and_cond_bodies_are_listed() -> None:
+    def f(x):
+        x = jax.lax.while_loop(lambda c: c[0] < 4, lambda c: (c[0] + 1, jnp.tanh(c[1]) * 2.0), (0, x))[1]
+        return jax.lax.cond(x.sum() > 0, lambda v: jnp.exp(v) + 1.0, lambda v: v * v - 1.0, x)
+
+    x = jnp.ones((16, 128))
+    report = fusec.inspect(f, x, backend="pallas", interpret=True)
+    assert [(k.body, k.trips) for k in report.kernels] == [("while_body", None), ("cond_branch0", 1),
+                                                           ("cond_branch1", 1)]
+    assert any("x ?" in line for line in str(report).splitlines() if "while_body" in line)
+    assert [f["primitive"] for f in report.fallbacks] == ["while", "cond"]
+    assert all(f["bytes"] > 0 and 0 < f["share"] < 1 for f in report.fallbacks)
+
+
+def test_fallbacks_give_their_bytes_and_share() -> None:
+    x, w, b = jnp.ones((8, 16)), jnp.ones((16, 32)), jnp.ones(32)
+    report = fusec.inspect(lambda x, w, b: jax.lax.round(jnp.tanh(x @ w + b)) * 2.0, x, w, b,
+                           backend="pallas", interpret=True)
+    assert report.xla_ops == ["round"] and report.fallbacks == []  # round is an XLA op, not a fallback
+
+    def with_sort(x):
+        return jnp.sort(jnp.exp(x), axis=-1) * 2.0
+
+    report = fusec.inspect(with_sort, jnp.ones((8, 16)), backend="pallas", interpret=True)
+    (sort,) = report.fallbacks
+    assert sort["primitive"] == "sort" and sort["bytes"] == 2 * 8 * 16 * 4 and sort["body"] == ""
+    assert sort["share"] == pytest.approx(sort["bytes"] / report.bytes_fused)
+    assert "sort: 1024 bytes (" in str(report)
+
+
+def test_nested_scans_multiply_their_trip_counts() -> None:
+    def outer(h, ws):
+        inner = lambda h, w: (jnp.tanh(h @ w), None)  # noqa: E731
+        return jax.lax.scan(lambda h, w2: (jax.lax.scan(inner, h, w2)[0], None), h, ws)[0]
+
+    report = fusec.inspect(outer, jnp.ones((8, 32)), jnp.ones((2, 3, 32, 32)), backend="pallas", interpret=True)
+    (kernel,) = report.kernels
+    assert kernel.body == "scan_body/scan_body_1" and kernel.trips == 6

@@ -184,19 +184,25 @@ class Lowerer:
         if bodies:
             attrs["bodies"] = bodies
             attrs["reason"] = f"{reason}; its body runs fusec's code"
+            if eqn.primitive.name == "scan":
+                attrs["trips"] = int(eqn.params["length"])  # the report counts the body this many times
+            self.call_sites.extend(bodies)  # the bodies' equations count in the program's
         return self.builder.op_multi("opaque", ins, result_types=types, **attrs)
 
     def _bodies(self, eqn: Any) -> list[str]:
         """IR functions for the bodies of a loop or conditional (the loop itself stays JAX's), so
         the passes and backends compile them; [] where a body captures constants."""
-        params = CONTROL_FLOW_BODIES.get(eqn.primitive.name, ())
-        closed = [c for p in params for c in (eqn.params[p] if isinstance(eqn.params[p], tuple) else (eqn.params[p],))]
-        if not closed or any(_has_consts(c) for c in closed):
+        prim = eqn.primitive.name
+        named = []  # (function name, body): scan_body, while_cond, while_body, cond_branch0, ...
+        for p in CONTROL_FLOW_BODIES.get(prim, ()):
+            value = eqn.params[p]
+            if isinstance(value, tuple):
+                named.extend((f"{prim}_branch{i}", c) for i, c in enumerate(value))
+            else:
+                named.append((f"{prim}_{p.removesuffix('_jaxpr').replace('jaxpr', 'body')}", value))
+        if not named or any(_has_consts(c) for _, c in named):
             return []
-        names = []
-        for c in closed:
-            names.append(self.state.function_for(c, f"{eqn.primitive.name}_body", fresh=True).name)
-        return names
+        return [self.state.function_for(c, name, fresh=True).name for name, c in named]
 
     def _bind(self, eqn: Any, outs: list[Value]) -> None:
         for var, v in zip(eqn.outvars, outs):
