@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -27,9 +28,28 @@ PassSpec = str | Sequence[str | Pass] | None
 class Lowered:
     """What ``FusecFunction.lower`` returns: the program fusec built for one set of arguments."""
 
-    def __init__(self, program: Program, jax_traced: Any) -> None:
+    def __init__(self, program: Program, jax_traced: Any, trace_seconds: float = 0.0) -> None:
         self.program = program
         self._jax_traced = jax_traced
+        self._trace_seconds = trace_seconds
+
+    @property
+    def jax_traced(self) -> Any:
+        """The whole program as ``jax.jit`` traced it (``jax.stages.Traced``: ``.lower()``, ``.jaxpr``)."""
+        return self._jax_traced
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds spent building this program: ``trace`` (the user's function to a jaxpr),
+        ``frontend``, ``passes`` (all of them; ``program.stage_seconds`` has each), ``codegen`` (kernel
+        sources), and ``emit`` (the rest of ``jax.jit``'s trace: running the generated code on tracers,
+        which is where Pallas traces each kernel body). XLA's lowering and compile come after."""
+        stages = dict(self.program.stage_seconds)
+        out = {"trace": stages.pop("trace", 0.0), "frontend": stages.pop("frontend", 0.0),
+               "codegen": stages.pop("codegen", 0.0)}
+        out["passes"] = sum(s for _, s in self.program.stage_seconds if _ in stages)
+        out["emit"] = max(self._trace_seconds - sum(out.values()), 0.0)
+        return out
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -149,9 +169,12 @@ class FusecFunction:
         for i in dynamic:
             aval = jax.typeof(leaves[i])
             structs.append(jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type))
+        t0 = time.perf_counter()
         closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*structs)
+        trace_seconds = time.perf_counter() - t0
         name = getattr(self._fun, "__name__", "main")
-        program = build_program(closed, name, self._passes, self._backend, self._verify, self._interpret)
+        program = build_program(closed, name, self._passes, self._backend, self._verify, self._interpret,
+                                trace_seconds=trace_seconds)
         return program, jax.tree.structure(out_shape)
 
     # -- looking inside --------------------------------------------------------------------------
@@ -161,11 +184,13 @@ class FusecFunction:
         fresh = jax.jit(functools.wraps(self._fun)(lambda *a, **k: self._traced(*a, **k)), **self._jax_options)
         self._capture.programs = []
         try:
+            t0 = time.perf_counter()
             traced = fresh.trace(*args, **kwargs)
+            seconds = time.perf_counter() - t0
             programs = self._capture.programs
         finally:
             self._capture.programs = None
-        return Lowered(programs[-1], traced)
+        return Lowered(programs[-1], traced, seconds)
 
     def inspect(self, *args: Any, gpu: str = "h100", **kwargs: Any) -> Any:
         """The :class:`fusec.report.Report` for these arguments, modeled on ``gpu``."""

@@ -162,6 +162,19 @@ def masked_refs(source: str, ident: str) -> tuple[int, ...]:
     return tuple(i for i, n in enumerate(names) if re.search(rf"plgpu\.(load|store|atomic_add)\({n}\b", source))
 
 
+def kernel_fingerprint(op: Op, module: Module) -> str:
+    """The kernel op with its names taken out (functions and values renamed in order): two kernel
+    ops with the same fingerprint run the same code on the same types."""
+    funcs = [module.function(str(op.attr("callee"))), *tile_programs(op, module)]
+    attrs = sorted((k, v) for k, v in op.attr_dict.items() if k not in ("callee", "tile"))
+    text = "\n".join(print_function(f) for f in funcs) + f"\n{attrs!r}\n" + \
+        ", ".join(str(v.type) for v in (*op.operands, *op.results))
+    for i, name in enumerate(sorted({f.name for f in funcs}, key=len, reverse=True)):
+        text = text.replace(name, f"F{i}")  # longest first: k1 must not rename inside k1.tile
+    values: dict[str, str] = {}
+    return re.sub(r"%[\w.$]+", lambda m: values.setdefault(m.group(0), f"%v{len(values)}"), text)
+
+
 def kernel_ops(module: Module) -> list[Op]:
     return [op for op in module.entry.ops if op.opcode == "kernel"] + [
         op for f in module.functions[1:] for op in f.ops if op.opcode == "kernel"]
@@ -174,7 +187,15 @@ def module_to_callable(module: Module, interpret: bool, call_kernel: KernelCalle
                        make_weak: Callable[[Any], Any] | None = None
                        ) -> tuple[Callable[..., list[Any]], dict[str, KernelSpec]]:
     """The entry function as a callable whose kernel ops run as Pallas kernels, and the kernels."""
-    specs = {str(op.attr("callee")): build_kernel(op, module, interpret) for op in kernel_ops(module)}
+    built: dict[str, KernelSpec] = {}
+    specs: dict[str, KernelSpec] = {}
+    for op in kernel_ops(module):
+        # The kernels of repeated layers are one kernel: built once, and one primitive parameter,
+        # so JAX lowers it once and calls it from each place.
+        fingerprint = kernel_fingerprint(op, module)
+        if fingerprint not in built:
+            built[fingerprint] = build_kernel(op, module, interpret)
+        specs[str(op.attr("callee"))] = built[fingerprint]
     caller = call_kernel or (lambda spec, args: spec.run(*args, interpret=spec.interpret))
 
     def emit_kernel(op: Op, args: list[Any], ev: Evaluator) -> list[Any]:

@@ -38,17 +38,24 @@ def _impl(*args: Any, spec: KernelSpec) -> list[Any]:
     return jax.jit(functools.partial(call_kernel, spec))(list(args))
 
 
-def _lowering(ctx: Any, *args: Any, spec: KernelSpec, platform: str) -> Any:
+@functools.lru_cache(maxsize=4096)
+def _kernel_function(spec: KernelSpec, platform: str) -> Any:
+    """The kernel as a jitted function, one per kernel and platform: a kernel bound at several
+    places (repeated layers) is traced once and lowered once, as one function the program calls."""
     # Lowering for cuda always gets GPU tiles and Triton kernels, whatever machine traced the
     # program and whatever ``interpret`` said (it decides what runs on a CPU).
     gpu = spec.for_gpu() if platform == "cuda" else None
-    fn = functools.partial(gpu.run, interpret=False) if gpu is not None else \
+    run = functools.partial(gpu.run, interpret=False) if gpu is not None else \
         functools.partial(spec.run, interpret=True)
+    return jax.jit(lambda *args: list(run(*args)))
+
+
+def _lowering(ctx: Any, *args: Any, spec: KernelSpec, platform: str) -> Any:
     with warnings.catch_warnings():
         # JAX 0.11 deprecates Pallas's Triton lowering on every use; fusec chose it deliberately
         # (see the README), and a warning per kernel per compile would tell users nothing.
         warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
-        return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+        return mlir.lower_fun(_kernel_function(spec, platform), multiple_results=True)(ctx, *args)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -45,6 +45,12 @@ class Program:
     num_eqns: int = 0  # the jaxpr's equations (nested jit bodies once per call site)
 
     @property
+    def distinct_kernels(self) -> list[Any]:
+        """Each kernel once, in order: kernels that are the same code on the same types (repeated
+        layers) share one spec, built and lowered once."""
+        return list({id(spec): spec for spec in self.kernels.values()}.values())
+
+    @property
     def module(self) -> Module:
         return self.stages[-1][1]
 
@@ -140,9 +146,10 @@ def _differentiable(program: Program, xs: Sequence[Any]) -> Callable[..., tuple[
 
 
 def build_program(closed: Any, name: str, passes: list[Pass], backend: str, verify: bool = True,
-                  interpret: bool = True) -> Program:
-    """Frontend, passes and codegen for one ClosedJaxpr."""
-    timings: list[tuple[str, float]] = []
+                  interpret: bool = True, trace_seconds: float | None = None) -> Program:
+    """Frontend, passes and codegen for one ClosedJaxpr (``trace_seconds``: how long tracing it took,
+    recorded first in ``stage_seconds``)."""
+    timings: list[tuple[str, float]] = [] if trace_seconds is None else [("trace", trace_seconds)]
     t0 = time.perf_counter()
     front = jaxpr_to_module(closed, name)
     timings.append(("frontend", time.perf_counter() - t0))
