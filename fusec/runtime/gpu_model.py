@@ -118,7 +118,8 @@ class Modeled:
     latency_s: float  # Little's law: bytes the busiest SM loads x latency / bytes it has in flight
     fill_s: float
     time_s: float
-    bound_by: str  # "issue", "conversions", "mma", "bandwidth" or "latency"
+    bound_by: str  # the largest term: "issue", "conversions", "mma", "bandwidth" or "latency" (also when
+    # every term is below one memory latency)
     bandwidth_share: float  # bandwidth_s / time_s: the share of HBM peak the kernel reaches
 
 
@@ -150,8 +151,8 @@ def model(work: KernelWork, spec: GpuModelSpec) -> Modeled:
     terms = {"issue": issue, "conversions": conversions, "mma": mma, "bandwidth": bandwidth,
              "latency": max(latency - fill, 0.0)}
     bound = max(terms, key=lambda k: terms[k])
-    if terms[bound] == 0.0:
-        bound = "latency"
     time = fill + terms[bound]
+    if terms[bound] < fill:
+        bound = "latency"  # one memory round trip is most of the time
     return Modeled(occ, busiest, resident, active, inflight, issue, conversions, mma, bandwidth, latency, fill,
                    time, bound, bandwidth / time)
