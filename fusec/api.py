@@ -84,6 +84,13 @@ class Lowered:
         from fusec.runtime.gpu_compile import compile_kernels
         return compile_kernels(self.lower_for("cuda"), arch)
 
+    def gpu_profile(self, arch: int = 90, gpu: str = "h100") -> Any:
+        """The static performance report of every kernel (:class:`fusec.gpu_profile.GpuProfile`):
+        compiled for ``sm_{arch}`` on any machine, its SASS read and modeled on ``gpu`` ("h100" or
+        "h200"; docs/gpu-model.md). Needs the ``triton`` package and its ``nvdisasm``, not a GPU."""
+        from fusec.gpu_profile import build_gpu_profile
+        return build_gpu_profile(self, arch, gpu)
+
     def compile(self) -> Any:
         """The XLA-compiled executable of the whole program (``jax.stages.Compiled``)."""
         return self._jax_traced.lower().compile()

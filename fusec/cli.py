@@ -2,7 +2,8 @@
 
     fusec check FILE.fir                      parse and verify a textual IR file
     fusec dump FILE.py:FUNCTION [--stage S]   print the IR of a Python function after a pass
-    fusec inspect FILE.py:FUNCTION [--gpu G]  kernels, bytes, FLOPs, roofline estimate (--json)
+    fusec inspect FILE.py:FUNCTION [--gpu G]  kernels, bytes, FLOPs, roofline estimate (--json);
+                                 [--sass]   with --sass: each kernel's sm_90 SASS profile and modeled time
     fusec source FILE.py:FUNCTION [--kernel]  the generated Pallas source
     fusec graph FILE.py:FUNCTION -o OUT       a picture of the fused graph (.html, .svg or .dot)
 
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +119,13 @@ def _lowered(ns: argparse.Namespace) -> Any:
 def _cmd_inspect(ns: argparse.Namespace) -> int:
     from fusec.report import build_report
 
+    lowered = _lowered(ns)
     try:
-        report = build_report(_lowered(ns), ns.gpu)
+        if ns.sass:
+            profile = lowered.gpu_profile(90, ns.gpu)
+            print(json.dumps(asdict(profile), indent=1, sort_keys=True) if ns.json else profile)
+            return 0
+        report = build_report(lowered, ns.gpu)
     except ValueError as e:
         raise CliError(str(e)) from None
     print(report.to_json() if ns.json else report)
@@ -185,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     _program_options(inspect, "pallas")
     inspect.add_argument("--gpu", default="h100", help="a100, h100, h200, l4 or rtx4090")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.add_argument("--sass", action="store_true",
+                         help="compile every kernel for sm_90, read its SASS and print the static profile "
+                              "(occupancy, instruction mix, modeled time; --gpu h100 or h200)")
     inspect.set_defaults(run=_cmd_inspect)
     source = sub.add_parser("source", help="the generated kernel source",
                             epilog="example: fusec source examples/quickstart.py:gpt2_block --kernel gpt2_block.k0")

@@ -1,14 +1,17 @@
 """Compiling fusec's kernels all the way to GPU machine code on any machine, GPU or not.
 
 The Pallas Triton lowering embeds each kernel's Triton IR in the lowered program; the ``triton``
-package compiles it to PTX and a cubin for a chosen NVIDIA architecture, and ptxas reports the
-registers and spills of each kernel.
+package compiles it to PTX and a cubin for a chosen NVIDIA architecture, ptxas reports the
+registers and spills of each kernel, and ``nvdisasm`` / ``cuobjdump`` (shipped in the same wheel)
+give its SASS and resource usage (read by :mod:`fusec.runtime.sass`).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -33,14 +36,62 @@ class KernelResources:
         return self.spill_store_bytes + self.spill_load_bytes
 
 
+@dataclass(frozen=True)
+class CompiledKernel:
+    """One kernel compiled for ``sm_{arch}``: its launch, resources, cubin and SASS text."""
+
+    resources: KernelResources
+    num_warps: int
+    num_stages: int
+    grid: tuple[int, int, int]
+    shared_dynamic: int  # bytes of dynamic shared memory Triton launches it with
+    shared_static: int  # bytes of static shared memory in the cubin (cuobjdump), 0 if unknown
+    cubin: bytes
+    sass: str  # ``nvdisasm -c`` output, "" when nvdisasm is missing
+
+    @property
+    def name(self) -> str:
+        return self.resources.name
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+
+def tool(name: str) -> str | None:
+    """Path of a CUDA tool (``ptxas-blackwell``, ``nvdisasm``, ``cuobjdump``): the triton wheel's
+    copy first, then ``PATH``, then ``/usr/local/cuda*/bin``; None when there is none."""
+    try:
+        import triton
+
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+        if os.path.isfile(path):
+            return path
+    except ImportError:  # pragma: no cover - triton is a dependency of the GPU path
+        pass
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/local/cuda*/bin/{name}"))
+    return candidates[-1] if candidates else None
+
+
 def _ptxas() -> str:
-    import triton
+    path = tool("ptxas-blackwell")
+    if path is None:
+        raise RuntimeError("ptxas-blackwell not found (it ships in the triton wheel)")
+    return path
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+
+def _run(args: list[str]) -> str:
+    return subprocess.run(args, capture_output=True, text=True, check=True).stdout
 
 
-def compile_kernels(lowered_for_cuda: Any, arch: int = 90) -> list[KernelResources]:
-    """Compiles every Triton kernel in a program lowered for ``cuda`` to a cubin for ``sm_{arch}``."""
+def compile_kernel_artifacts(lowered_for_cuda: Any, arch: int = 90, sass: bool = True) -> list[CompiledKernel]:
+    """Compiles every Triton kernel in a program lowered for ``cuda`` to a cubin for ``sm_{arch}``;
+    with ``sass``, also disassembles it (``nvdisasm -c``) and reads ``cuobjdump -res-usage``."""
+    from fusec.runtime.sass import parse_resource_usage
+
     with tempfile.TemporaryDirectory(prefix="fusec-triton-") as tmp:
         # triton writes a cache; keep it out of the user's home directory.
         os.environ["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")
@@ -55,7 +106,7 @@ def compile_kernels(lowered_for_cuda: Any, arch: int = 90) -> list[KernelResourc
             with open(path, "w") as f:
                 f.write(ttir)
             # FMA contraction on, as XLA's GPU backend does (and said explicitly: triton warns otherwise).
-            options = launch | {"enable_fp_fusion": True}
+            options = {"num_warps": launch["num_warps"], "num_stages": launch["num_stages"], "enable_fp_fusion": True}
             compiled = triton.compile(path, target=GPUTarget("cuda", arch, 32), options=options)
             ptx_path = os.path.join(tmp, f"k{i}.ptx")
             with open(ptx_path, "w") as f:
@@ -65,7 +116,27 @@ def compile_kernels(lowered_for_cuda: Any, arch: int = 90) -> list[KernelResourc
                                     capture_output=True, text=True, check=True).stderr
             regs = re.search(r"Used (\d+) registers", report)
             spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-            results.append(KernelResources(name, arch, int(regs.group(1)) if regs else 0,
-                                           int(spill.group(1)) if spill else 0, int(spill.group(2)) if spill else 0,
-                                           len(compiled.asm["cubin"])))
+            cubin = compiled.asm["cubin"]
+            resources = KernelResources(name, arch, int(regs.group(1)) if regs else 0,
+                                        int(spill.group(1)) if spill else 0, int(spill.group(2)) if spill else 0,
+                                        len(cubin))
+            text, static = "", 0
+            if sass:
+                cubin_path = os.path.join(tmp, f"k{i}.cubin")
+                with open(cubin_path, "wb") as f:
+                    f.write(cubin)
+                nvdisasm, cuobjdump = tool("nvdisasm"), tool("cuobjdump")
+                text = _run([nvdisasm, "-c", cubin_path]) if nvdisasm else ""
+                if cuobjdump:
+                    usage = parse_resource_usage(_run([cuobjdump, "-res-usage", cubin_path]))
+                    static = usage[name].shared if name in usage else 0
+            grid = tuple(launch.get("grid", (1, 1, 1)))
+            results.append(CompiledKernel(resources, launch["num_warps"], launch["num_stages"],
+                                          (grid[0], grid[1], grid[2]), int(compiled.metadata.shared), static,
+                                          cubin, text))
         return results
+
+
+def compile_kernels(lowered_for_cuda: Any, arch: int = 90) -> list[KernelResources]:
+    """Compiles every Triton kernel in a program lowered for ``cuda`` to a cubin for ``sm_{arch}``."""
+    return [k.resources for k in compile_kernel_artifacts(lowered_for_cuda, arch, sass=False)]

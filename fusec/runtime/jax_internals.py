@@ -23,7 +23,7 @@ def make_weak(x: Any) -> Any:
 
 def triton_kernels_in(lowered: Any) -> list[tuple[str, dict[str, Any]]]:
     """The Triton IR text (TTIR) and launch parameters of every Pallas-Triton kernel in a program
-    lowered for ``cuda``: [(ttir_text, {"num_warps": .., "num_stages": ..})]."""
+    lowered for ``cuda``: [(ttir_text, {"num_warps": .., "num_stages": .., "grid": (x, y, z)})]."""
     from jax._src.lib import triton as jax_triton_dialect
     from jax._src.lib.mlir import ir
 
@@ -46,5 +46,7 @@ def triton_kernels_in(lowered: Any) -> list[tuple[str, dict[str, Any]]]:
             jax_triton_dialect.dialect.register_dialect(ctx)
             ctx.allow_unregistered_dialects = True
             ttir = ir.Module.parse(config["ir"].value_bytes).operation.get_asm(enable_debug_info=False)
-        out.append((ttir, {"num_warps": int(config["num_warps"].value), "num_stages": int(config["num_stages"].value)}))
+        grid = tuple(int(config[f"grid_{axis}"].value) if f"grid_{axis}" in config else 1 for axis in "xyz")
+        out.append((ttir, {"num_warps": int(config["num_warps"].value), "num_stages": int(config["num_stages"].value),
+                           "grid": grid}))
     return out
