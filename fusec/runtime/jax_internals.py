@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from typing import Any
+
+import jax
 
 try:  # jax 0.10 / 0.11
     from jax._src.lax.lax import _convert_element_type as _convert_with_weak_type
@@ -48,3 +52,63 @@ def triton_kernels_in(lowered: Any) -> list[tuple[str, dict[str, Any]]]:
             ttir = ir.Module.parse(config["ir"].value_bytes).operation.get_asm(enable_debug_info=False)
         out.append((ttir, {"num_warps": int(config["num_warps"].value), "num_stages": int(config["num_stages"].value)}))
     return out
+
+
+def varying_axes(aval: Any) -> frozenset[Any]:
+    """The manual mesh axes ``aval`` varies over inside ``shard_map`` (its "vma"): jax 0.10 keeps
+    them in ``aval.manual_axis_type.varying``, earlier releases in ``aval.vma``."""
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(getattr(mat, "varying", ()))
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def kernel_result_aval(shape: tuple[int, ...], dtype: Any, in_avals: Sequence[Any]) -> Any:
+    """A kernel result's aval: inside ``shard_map`` (``check_vma=True``) it varies over every manual
+    axis some input varies over, on the inputs' (abstract) mesh; elsewhere a plain ShapedArray."""
+    vma = frozenset().union(*(varying_axes(a) for a in in_avals))
+    plain = jax.core.ShapedArray(shape, dtype)
+    if not vma:
+        return plain
+    template = next(a for a in in_avals if varying_axes(a))
+    if getattr(template, "manual_axis_type", None) is None:  # a JAX that keeps them in ``vma``
+        return plain.update(vma=vma)
+    mesh = template.sharding.mesh
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*([None] * len(shape))))
+    return plain.update(sharding=sharding, manual_axis_type=template.manual_axis_type.update(varying=vma))
+
+
+def lowering_mesh(ctx: Any) -> tuple[int, bool]:
+    """How many devices a lowering rule's context partitions over, and whether every mesh axis is
+    manual there (inside ``shard_map``, where a kernel already sees one shard's arrays)."""
+    axis_context = getattr(ctx.module_context, "axis_context", None)
+    mesh = getattr(axis_context, "mesh", None)
+    manual = frozenset(getattr(axis_context, "manual_axes", ()) or ())
+    if mesh is not None:
+        names = tuple(getattr(mesh, "axis_names", ()))
+        return int(getattr(mesh, "size", 1)), bool(names) and set(names) <= manual
+    devices = getattr(axis_context, "device_assignment", None)
+    return (len(devices) if devices else 1), False
+
+
+def without_manual_axes(ctx: Any) -> Any:
+    """A lowering rule's context with its avals stripped of varying manual axes and mesh. A
+    kernel's lowering traces its ``pallas_call`` again, which inside ``shard_map`` would want vma
+    on every output shape and carry; the kernel's abstract evaluation gave its results theirs."""
+    def plain(aval: Any) -> Any:
+        if not isinstance(aval, jax.core.ShapedArray):
+            return aval
+        return jax.core.ShapedArray(aval.shape, aval.dtype, aval.weak_type)
+
+    if not any(varying_axes(a) for a in (*ctx.avals_in, *ctx.avals_out)):
+        return ctx
+    return ctx.replace(avals_in=[plain(a) for a in ctx.avals_in], avals_out=[plain(a) for a in ctx.avals_out])
+
+
+def without_vma_checks() -> Any:
+    """A context in which JAX does not check varying manual axes (used with
+    :func:`without_manual_axes` while a kernel's ``pallas_call`` is traced for lowering)."""
+    from jax._src import config
+
+    flag = getattr(config, "_check_vma", None)
+    return flag(False) if flag is not None else contextlib.nullcontext()

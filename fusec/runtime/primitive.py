@@ -20,6 +20,7 @@ from jax.interpreters import ad, batching, mlir
 
 from fusec.codegen.kernel_spec import KernelSpec
 from fusec.codegen.xla import numpy_dtype
+from fusec.runtime.jax_internals import kernel_result_aval, without_manual_axes, without_vma_checks
 
 fusec_kernel_p = jcore.Primitive("fusec_kernel")
 fusec_kernel_p.multiple_results = True
@@ -31,7 +32,8 @@ def call_kernel(spec: KernelSpec, args: list[Any]) -> list[Any]:
 
 
 def _abstract_eval(*avals: Any, spec: KernelSpec) -> list[Any]:
-    return [jax.core.ShapedArray(t.shape, numpy_dtype(t.elem)) for t in spec.out_types]
+    # Inside shard_map (check_vma=True) results vary over every manual axis some input varies over.
+    return [kernel_result_aval(t.shape, numpy_dtype(t.elem), avals) for t in spec.out_types]
 
 
 def _impl(*args: Any, spec: KernelSpec) -> list[Any]:
@@ -44,11 +46,11 @@ def _lowering(ctx: Any, *args: Any, spec: KernelSpec, platform: str) -> Any:
     gpu = spec.for_gpu() if platform == "cuda" else None
     fn = functools.partial(gpu.run, interpret=False) if gpu is not None else \
         functools.partial(spec.run, interpret=True)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), without_vma_checks():
         # JAX 0.11 deprecates Pallas's Triton lowering on every use; fusec chose it deliberately
         # (see the README), and a warning per kernel per compile would tell users nothing.
         warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
-        return mlir.lower_fun(fn, multiple_results=True)(ctx, *args)
+        return mlir.lower_fun(fn, multiple_results=True)(without_manual_axes(ctx), *args)
 
 
 @functools.lru_cache(maxsize=1024)
