@@ -79,16 +79,23 @@ def kernel_result_aval(shape: tuple[int, ...], dtype: Any, in_avals: Sequence[An
 
 
 def lowering_mesh(ctx: Any) -> tuple[int, bool]:
-    """How many devices a lowering rule's context partitions over, and whether every mesh axis is
-    manual there (inside ``shard_map``, where a kernel already sees one shard's arrays)."""
+    """How many devices a lowering rule's context partitions over, and whether some mesh axis is
+    manual there (inside ``shard_map``, where a kernel sees one shard's arrays along it)."""
     axis_context = getattr(ctx.module_context, "axis_context", None)
     mesh = getattr(axis_context, "mesh", None)
     manual = frozenset(getattr(axis_context, "manual_axes", ()) or ())
     if mesh is not None:
         names = tuple(getattr(mesh, "axis_names", ()))
-        return int(getattr(mesh, "size", 1)), bool(names) and set(names) <= manual
-    devices = getattr(axis_context, "device_assignment", None)
-    return (len(devices) if devices else 1), False
+        return int(getattr(mesh, "size", 1)), bool(names) and bool(manual)
+    return int(getattr(axis_context, "num_devices", 1) or 1), False
+
+
+def require_devices_during_lowering(primitive: Any) -> None:
+    """Asks JAX to give ``primitive``'s lowering the device assignment and mesh (as it does for
+    ``custom_partitioning``, which a partitioned kernel lowers to)."""
+    from jax._src import dispatch
+
+    dispatch.prim_requires_devices_during_lowering.add(primitive)
 
 
 def without_manual_axes(ctx: Any) -> Any:

@@ -69,7 +69,7 @@ def _batched(spec: KernelSpec, in_axes: tuple[int | None, ...], size: int) -> Ke
 
     return dataclasses.replace(
         spec, run=run, reference=reference, out_types=tuple(t.with_shape((size, *t.shape)) for t in spec.out_types),
-        gpu_builder=gpu_builder if spec.interpret else None, _gpu=[])
+        gpu_builder=gpu_builder if spec.interpret else None, _gpu=[], batched=(spec, in_axes, size))
 
 
 def _batch(args: list[Any], dims: list[Any], *, spec: KernelSpec) -> tuple[list[Any], list[int]]:
