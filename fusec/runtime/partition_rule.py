@@ -34,6 +34,13 @@ class PartitionRule:
     contracted: frozenset[str]
     additive: tuple[int, ...] | None
 
+    def factors(self) -> list[str]:
+        """Every factor, in order of first appearance (the order Shardy numbers them in)."""
+        seen: dict[str, None] = {}
+        for row in (*self.operands, *self.results):
+            seen.update(dict.fromkeys(row))
+        return list(seen)
+
     def splittable(self, factor: str) -> bool:
         if factor in self.blocked or self.sizes[factor] <= 1:
             return False
@@ -207,6 +214,7 @@ def partition_rule(op: Op, callee: Function) -> PartitionRule | None:
         out = []
         for i, (outer, v) in enumerate(zip(values, inner)):
             view_map = _view_map(views[i], v.type.shape) if i in views else {k: k for k in range(v.type.rank)}
+            unmapped.extend((v.name, k) for k in range(v.type.rank) if k not in view_map)
             base_of = {a: k for k, a in view_map.items()}
             row = []
             for d in range(outer.type.rank):
@@ -220,9 +228,10 @@ def partition_rule(op: Op, callee: Function) -> PartitionRule | None:
             out.append(tuple(row))
         return out
 
+    unmapped: list[Key] = []  # callee dimensions a view strides or offsets: their factors stay whole
     operands = dims(op.operands, callee.params, _views(op, "in_views"), "in")
     results = dims(op.results, callee.returns, _views(op, "out_views"), "out")
-    for k in f.blocked:
+    for k in (*f.blocked, *unmapped):
         if f.find(k) in roots:
             blocked.add(roots[f.find(k)])
     for k in f.contracted:

@@ -141,8 +141,8 @@ def partitioned(spec: KernelSpec) -> Any:
         return tuple(fusec_kernel_p.bind(*args, spec=spec))
 
     fn = custom_partitioning(kernel)
-    whole = sorted(x for x in rule.sizes if not rule.splittable(x))
-    summed = sorted(x for x in rule.contracted if rule.splittable(x))
+    whole = [x for x in rule.factors() if not rule.splittable(x)]
+    summed = [x for x in rule.factors() if x in rule.contracted and rule.splittable(x)]
     fn.def_partition(partition=functools.partial(_partition, spec, rule),
                      infer_sharding_from_operands=functools.partial(_infer, spec, rule),
                      sharding_rule=rule.einsum(), reduction_factors=tuple(summed),
