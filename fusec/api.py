@@ -21,6 +21,7 @@ from fusec.lowprec import dequantize
 from fusec.passes import Pass
 from fusec.pipeline import resolve_pipeline
 from fusec.runtime import Fallback, Program, build_program
+from fusec.runtime.jax_internals import abstract_struct, varying_axes
 
 PassSpec = str | Sequence[str | Pass] | None
 
@@ -96,7 +97,8 @@ def jax_jit_options(options: dict[str, Any], jax_backend: str | None) -> dict[st
 
 def _abstract_key(leaf: Any) -> Any:
     aval = jax.typeof(leaf)
-    return (tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False)))
+    return (tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False)),
+            tuple(sorted(map(str, varying_axes(aval)))))
 
 
 class FusecFunction:
@@ -166,10 +168,7 @@ class FusecFunction:
             args, kwargs = dequantize((args, kwargs))
             return self._fun(*args, **kwargs)
 
-        structs = []
-        for i in dynamic:
-            aval = jax.typeof(leaves[i])
-            structs.append(jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type))
+        structs = [abstract_struct(leaves[i]) for i in dynamic]
         closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*structs)
         name = getattr(self._fun, "__name__", "main")
         program = build_program(closed, name, self._passes, self._backend, self._verify, self._interpret)

@@ -119,3 +119,24 @@ def without_vma_checks() -> Any:
 
     flag = getattr(config, "_check_vma", None)
     return flag(False) if flag is not None else contextlib.nullcontext()
+
+
+def abstract_struct(x: Any) -> Any:
+    """A ``jax.ShapeDtypeStruct`` of ``x`` that keeps its weak type and, inside ``shard_map``, the
+    manual axes it varies over (so a program traced from it inserts the same ``pvary``s)."""
+    aval = jax.typeof(x)
+    vma = varying_axes(aval)
+    if not vma:
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type, manual_axis_type=mat,
+                                    sharding=aval.sharding)
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type, vma=vma)
+
+
+def lowering_for_export(ctx: Any) -> bool:
+    """Whether a lowering rule runs for ``jax.export`` (whose artifacts cannot hold the Python
+    callback ``custom_partitioning`` leaves for the partitioner)."""
+    params = getattr(ctx.module_context, "lowering_parameters", None)
+    return bool(getattr(params, "for_export", False))

@@ -5,8 +5,9 @@ call whose rule (:mod:`fusec.runtime.partition_rule`) says which axes split free
 contracts. The partitioner keeps the operands' shardings on the parallel axes and each shard runs
 the kernel rebuilt for its own shapes; a contraction split over devices becomes per-shard kernels
 plus a ``psum``; axes the rule keeps whole are gathered. One device, or all mesh axes manual
-(inside ``shard_map``), lowers the kernel plainly. ``FUSEC_PARTITION_KERNELS=0`` turns this off
-(the partitioner then sees the kernel's own code, and usually gathers its operands).
+(inside ``shard_map``), lowers the kernel plainly, as does ``jax.export`` (its artifacts cannot
+hold the partitioner's Python callback). ``FUSEC_PARTITION_KERNELS=0`` turns this off (the
+partitioner then sees the kernel's own code, and usually gathers its operands).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from fusec.codegen.kernel_spec import KernelSpec
 from fusec.codegen.pallas import build_kernel
 from fusec.ir import Module
 from fusec.passes.tiling import tile_kernel_op
-from fusec.runtime.jax_internals import lowering_mesh, require_devices_during_lowering
+from fusec.runtime.jax_internals import lowering_for_export, lowering_mesh, require_devices_during_lowering
 from fusec.runtime.partition_rule import PartitionRule, local_kernel_op, partition_rule
 from fusec.runtime.primitive import _batched, _lowering, call_kernel, fusec_kernel_p
 
@@ -152,7 +153,10 @@ def partitioned(spec: KernelSpec) -> Any:
 
 def _partitioned_lowering(ctx: Any, *args: Any, spec: KernelSpec, platform: str) -> Any:
     devices, manual = lowering_mesh(ctx)
-    fn = partitioned(spec) if enabled() and devices > 1 and not manual else None
+    # jax.export cannot serialise the partitioner's Python callback: exported programs lower the
+    # kernel plainly (XLA's partitioner then gathers what the kernel reads; results stay right).
+    plain = not enabled() or devices <= 1 or manual or lowering_for_export(ctx)
+    fn = None if plain else partitioned(spec)
     if fn is None:
         return _lowering(ctx, *args, spec=spec, platform=platform)
     return mlir.lower_fun(lambda *a: fn(*a), multiple_results=True)(ctx, *args)
