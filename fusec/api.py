@@ -200,6 +200,17 @@ class FusecFunction:
         return f"<fusec.jit of {getattr(self._fun, '__qualname__', self._fun)!r}>"
 
 
+# The custom-call targets fusec's GPU kernels lower to (Pallas's Triton lowering); jax.export
+# accepts them only when told to, since XLA gives them no compatibility guarantee.
+GPU_CUSTOM_CALLS: tuple[str, ...] = ("__gpu$xla.gpu.triton",)
+
+
+def export_disabled_checks() -> list[Any]:
+    """What ``jax.export.export(..., platforms=("cuda",), disabled_checks=...)`` needs for fusec's
+    GPU kernels: ``DisabledSafetyCheck.custom_call`` for each of :data:`GPU_CUSTOM_CALLS`."""
+    return [jax.export.DisabledSafetyCheck.custom_call(t) for t in GPU_CUSTOM_CALLS]
+
+
 def inspect(fun: Callable[..., Any], *args: Any, gpu: str = "h100", **options: Any) -> Any:
     """``fusec.jit(fun, **options).inspect(*args, gpu=gpu)``: what fusec makes of ``fun``."""
     return FusecFunction(fun, **options).inspect(*args, gpu=gpu)

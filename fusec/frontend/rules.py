@@ -61,11 +61,18 @@ def require_defaults(eqn: Any, **defaults: Any) -> None:
 
 
 def unpartitioned(sharding: Any) -> bool:
-    """None, or a sharding over an empty mesh (what gradients of one-device code carry): nothing to honour."""
+    """Nothing to honour: None, a sharding over an empty mesh (what gradients of one-device code
+    carry), or a replicated spec on a mesh of Auto axes (what jnp ops carry under a mesh)."""
     if sharding is None:
         return True
     mesh = getattr(sharding, "mesh", None)
-    return mesh is not None and not tuple(getattr(mesh, "axis_names", ("?",)))
+    if mesh is None:
+        return False
+    if not tuple(getattr(mesh, "axis_names", ("?",))):
+        return True
+    spec = getattr(sharding, "spec", None)
+    auto = all(str(t).endswith("Auto") for t in getattr(mesh, "axis_types", ("?",)))
+    return auto and spec is not None and all(s is None for s in spec)
 
 
 def type_name(dtype: Any) -> str:
