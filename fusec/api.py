@@ -9,9 +9,10 @@ the tracers; XLA compiles the result.
 from __future__ import annotations
 
 import functools
+import inspect as _inspect_module
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -21,6 +22,7 @@ from fusec.lowprec import dequantize
 from fusec.passes import Pass
 from fusec.pipeline import resolve_pipeline
 from fusec.runtime import Fallback, Program, build_program
+from fusec.runtime.jax_internals import abstract_struct, varying_axes
 
 PassSpec = str | Sequence[str | Pass] | None
 
@@ -96,20 +98,42 @@ class Lowered:
         return self._jax_traced.lower().compile()
 
 
+# jax.jit keywords fusec passes on unchanged (those this JAX's jax.jit takes); ``backend`` is fusec's
+# own codegen backend, so jax.jit's platform ``backend`` is spelled ``jax_backend``.
+_FUSEC_OPTIONS = ("backend", "passes", "verify", "interpret", "jax_backend")
+
+
+def jax_jit_keywords() -> frozenset[str]:
+    """The keyword arguments this JAX's ``jax.jit`` accepts."""
+    return frozenset(n for n, p in _inspect_module.signature(jax.jit).parameters.items() if p.kind is p.KEYWORD_ONLY)
+
+
+def jax_jit_options(options: dict[str, Any], jax_backend: str | None) -> dict[str, Any]:
+    """The keywords for the ``jax.jit`` that wraps the program; a TypeError names any it lacks."""
+    known = jax_jit_keywords()
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"fusec.jit got unexpected keyword argument(s) {', '.join(map(repr, unknown))}: not a "
+                        f"fusec option ({', '.join(_FUSEC_OPTIONS)}) nor a keyword of this JAX's jax.jit "
+                        f"({', '.join(sorted(known - {'backend'}))})")
+    out = dict(options)
+    if jax_backend is not None:
+        out["backend"] = jax_backend
+    return out
+
+
 def _abstract_key(leaf: Any) -> Any:
     aval = jax.typeof(leaf)
-    return (tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False)))
+    return (tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False)),
+            tuple(sorted(map(str, varying_axes(aval)))))
 
 
 class FusecFunction:
     """A function compiled by fusec; call it like the original."""
 
-    def __init__(self, fun: Callable[..., Any], *, static_argnums: int | Iterable[int] | None = None,
-                 static_argnames: str | Iterable[str] | None = None,
-                 donate_argnums: int | Iterable[int] | None = None,
-                 donate_argnames: str | Iterable[str] | None = None,
-                 backend: str = "auto", passes: PassSpec = None, verify: bool = True,
-                 interpret: bool | None = None) -> None:
+    def __init__(self, fun: Callable[..., Any], *, backend: str = "auto", passes: PassSpec = None,
+                 verify: bool = True, interpret: bool | None = None, jax_backend: str | None = None,
+                 **jax_options: Any) -> None:
         if not callable(fun):
             raise TypeError(f"fusec.jit expected a callable, got {fun!r}")
         self._fun = fun
@@ -121,9 +145,8 @@ class FusecFunction:
         self._programs: dict[Any, tuple[Program, Any]] = {}  # signature -> (program, output treedef)
         self._lock = threading.Lock()
         self._capture = threading.local()
+        self._jax_options = jax_jit_options(jax_options, jax_backend)
         impl = functools.wraps(fun)(lambda *a, **k: self._traced(*a, **k))
-        self._jax_options = dict(static_argnums=static_argnums, static_argnames=static_argnames,
-                                 donate_argnums=donate_argnums, donate_argnames=donate_argnames)
         self._jitted = jax.jit(impl, **self._jax_options)
         functools.update_wrapper(self, fun)
 
@@ -172,10 +195,7 @@ class FusecFunction:
             args, kwargs = dequantize((args, kwargs))
             return self._fun(*args, **kwargs)
 
-        structs = []
-        for i in dynamic:
-            aval = jax.typeof(leaves[i])
-            structs.append(jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type))
+        structs = [abstract_struct(leaves[i]) for i in dynamic]
         t0 = time.perf_counter()
         closed, out_shape = jax.make_jaxpr(flat_fun, return_shape=True)(*structs)
         trace_seconds = time.perf_counter() - t0
@@ -212,6 +232,17 @@ class FusecFunction:
         return f"<fusec.jit of {getattr(self._fun, '__qualname__', self._fun)!r}>"
 
 
+# The custom-call targets fusec's GPU kernels lower to (Pallas's Triton lowering); jax.export
+# accepts them only when told to, since XLA gives them no compatibility guarantee.
+GPU_CUSTOM_CALLS: tuple[str, ...] = ("__gpu$xla.gpu.triton",)
+
+
+def export_disabled_checks() -> list[Any]:
+    """What ``jax.export.export(..., platforms=("cuda",), disabled_checks=...)`` needs for fusec's
+    GPU kernels: ``DisabledSafetyCheck.custom_call`` for each of :data:`GPU_CUSTOM_CALLS`."""
+    return [jax.export.DisabledSafetyCheck.custom_call(t) for t in GPU_CUSTOM_CALLS]
+
+
 def inspect(fun: Callable[..., Any], *args: Any, gpu: str = "h100", **options: Any) -> Any:
     """``fusec.jit(fun, **options).inspect(*args, gpu=gpu)``: what fusec makes of ``fun``."""
     return FusecFunction(fun, **options).inspect(*args, gpu=gpu)
@@ -219,12 +250,15 @@ def inspect(fun: Callable[..., Any], *args: Any, gpu: str = "h100", **options: A
 
 def jit(fun: Callable[..., Any] | None = None, **options: Any) -> Any:
     """Compiles ``fun`` with fusec; works as ``fusec.jit(f, ...)``, ``@fusec.jit`` and
-    ``@fusec.jit(backend=...)``. Options: ``static_argnums``, ``static_argnames``,
-    ``donate_argnums``, ``donate_argnames`` (as in ``jax.jit``); ``backend`` ("auto": Pallas kernels
-    with a GPU, else the reference; "xla"; "pallas"; "triton" is not built yet); ``interpret``
-    (run Pallas kernels in interpret mode; the default where no GPU is present); ``passes`` (a
-    pipeline string or list; default :func:`fusec.pipeline.resolve_pipeline`); ``verify`` (check the
-    IR after every pass)."""
+    ``@fusec.jit(backend=...)``. fusec's options: ``backend`` (fusec's code generator: "auto":
+    Pallas kernels with a GPU, else the reference; "xla"; "pallas"; "triton" is not built yet);
+    ``interpret`` (run Pallas kernels in interpret mode; the default where no GPU is present);
+    ``passes`` (a pipeline string or list; default :func:`fusec.pipeline.resolve_pipeline`);
+    ``verify`` (check the IR after every pass); ``jax_backend`` (``jax.jit``'s own ``backend=``,
+    the platform to run on). Every other keyword of this JAX's ``jax.jit`` (``in_shardings``,
+    ``out_shardings``, ``static_argnums``/``static_argnames``, ``donate_argnums``/``donate_argnames``,
+    ``keep_unused``, ``device``, ``inline``, ``compiler_options``, ...) goes to the ``jax.jit`` that
+    wraps fusec's program; any other keyword is a TypeError naming it."""
     if fun is None:
         return lambda f: FusecFunction(f, **options)
     return FusecFunction(fun, **options)

@@ -34,6 +34,11 @@ class KernelSpec:
     # Builds the same kernel tiled for a GPU (None if it cannot be); what lowering for cuda uses.
     gpu_builder: Callable[[], KernelSpec | None] | None = field(default=None, repr=False)
     _gpu: list[KernelSpec | None] = field(default_factory=list, repr=False)
+    # What it was built from, for re-building it at one shard's shapes: the kernel op and its
+    # module; or, for a kernel under ``vmap``, (unbatched spec, in_axes, batch size).
+    op: Op | None = field(default=None, repr=False)
+    module: Module | None = field(default=None, repr=False)
+    batched: tuple[KernelSpec, tuple[int | None, ...], int] | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return f"KernelSpec({self.name})"

@@ -151,7 +151,7 @@ def build_kernel(op: Op, module: Module, interpret: bool) -> KernelSpec:
 
     return KernelSpec(name, "pallas", source, text, tuple(v.type for v in op.operands),
                       tuple(r.type for r in op.results), namespace[ident], kernel_reference(op, module), interpret,
-                      masked_refs(source, ident), gpu_builder if interpret else None)
+                      masked_refs(source, ident), gpu_builder if interpret else None, op=op, module=module)
 
 
 def masked_refs(source: str, ident: str) -> tuple[int, ...]:

@@ -188,6 +188,15 @@ def _call(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
     return ev.run(ev.module.function(str(op.attr("callee"))), args)
 
 
+@emits("sharding_constraint")
+def _sharding_constraint(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    sharding = ev.module.externals.get(str(op.attr("ref")))
+    if sharding is None:
+        raise FusecError(f"sharding_constraint {op.attr('ref')!r} has no sharding attached; "
+                         "IR read back from text cannot run it")
+    return [jax.lax.with_sharding_constraint(args[0], sharding)]
+
+
 @emits("opaque")
 def _opaque(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
     ref = str(op.attr("ref"))

@@ -2,7 +2,8 @@
 
 Nested ``jit`` calls without captured constants become ``call`` ops to functions of the module (the
 same jaxpr called twice becomes one function); custom-derivative bodies, remat bodies and nested
-jits with constants are inlined. Equations without a rule become ``opaque`` ops, kept in
+jits with constants are inlined; a nested jit's shardings and ``with_sharding_constraint`` become
+``sharding_constraint`` ops. Equations without a rule become ``opaque`` ops, kept in
 ``Module.externals`` by reference, which XLA runs unchanged.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import jax.extend.core as jcore
 
-from fusec.frontend import rules_shape  # noqa: F401  (registers its rules)
+from fusec.frontend import rules_shape, rules_sharding  # noqa: F401  (register their rules)
 from fusec.frontend.rules import RULES, NoRule, literal_value
 from fusec.frontend.types import aval_to_type
 from fusec.ir import Builder, Function, Module, Op, TensorType, Value, parse_elem_type
@@ -128,6 +129,11 @@ class Lowerer:
         callee = self.state.function_for(closed, name)
         return self.builder.op_multi("call", ins, result_types=callee.result_types, callee=callee.name)
 
+    def constrain(self, v: Value, sharding: Any) -> Value:
+        """``v`` under a sharding constraint (the sharding object is kept in the module's externals)."""
+        ref = self.state.add_external(sharding, "sharding")
+        return self.builder.op("sharding_constraint", [v], ref=ref, spec=str(getattr(sharding, "spec", sharding)))
+
     # -- the walk --------------------------------------------------------------------------------
     def lower_eqn(self, eqn: Any) -> None:
         """Lowers one equation and stamps its ops with its location (see ``Op.loc``)."""
@@ -231,8 +237,9 @@ class _ModuleState:
         self.names.add(candidate)
         return candidate
 
-    def add_external(self, eqn: Any) -> str:
-        ref = f"{_sanitize(eqn.primitive.name)}_{len(self.externals)}"
+    def add_external(self, eqn: Any, kind: str | None = None) -> str:
+        """Keeps ``eqn`` (a JAX equation, or any object ``kind`` names) by a fresh reference."""
+        ref = f"{_sanitize(kind or eqn.primitive.name)}_{len(self.externals)}"
         self.externals[ref] = eqn
         return ref
 

@@ -32,6 +32,8 @@ class Lowerer(Protocol):
 
     def call_or_inline(self, closed: Any, ins: Sequence[Value], name: str) -> list[Value]: ...
 
+    def constrain(self, v: Value, sharding: Any) -> Value: ...
+
 
 Rule = Callable[[Lowerer, Any, list[Value]], Sequence[Value]]
 RULES: dict[str, Rule] = {}
@@ -52,18 +54,25 @@ def register(*primitives: str) -> Callable[[Rule], Rule]:
 def require_defaults(eqn: Any, **defaults: Any) -> None:
     """Raises NoRule if a parameter other than the handled ones has a non-default value."""
     for key, value in eqn.params.items():
-        if key in ("sharding", "out_sharding") and _unpartitioned(value):
+        if key in ("sharding", "out_sharding") and unpartitioned(value):
             continue
         if key in defaults and value is not defaults[key] and value != defaults[key]:
             raise NoRule(f"parameter {key}={value!r} is not supported")
 
 
-def _unpartitioned(sharding: Any) -> bool:
-    """None, or a sharding over an empty mesh (what gradients of one-device code carry): nothing to honour."""
+def unpartitioned(sharding: Any) -> bool:
+    """Nothing to honour: None, a sharding over an empty mesh (what gradients of one-device code
+    carry), or a replicated spec on a mesh of Auto axes (what jnp ops carry under a mesh)."""
     if sharding is None:
         return True
     mesh = getattr(sharding, "mesh", None)
-    return mesh is not None and not tuple(getattr(mesh, "axis_names", ("?",)))
+    if mesh is None:
+        return False
+    if not tuple(getattr(mesh, "axis_names", ("?",))):
+        return True
+    spec = getattr(sharding, "spec", None)
+    auto = all(str(t).endswith("Auto") for t in getattr(mesh, "axis_types", ("?",)))
+    return auto and spec is not None and all(s is None for s in spec)
 
 
 def type_name(dtype: Any) -> str:
@@ -319,14 +328,6 @@ def _dot_general(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
     attrs |= _precision_attrs(eqn.params.get("precision"), str(lhs.type.elem))
     out = ctx.builder.op("dot", [lhs_c, rhs_c], **attrs)
     return [ctx.reshape(out, tuple(eqn.outvars[0].aval.shape))]
-
-
-@register("pjit", "jit")
-def _jit(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
-    shardings = tuple(eqn.params.get("in_shardings", ())) + tuple(eqn.params.get("out_shardings", ()))
-    if any(type(s).__name__ != "UnspecifiedValue" for s in shardings):
-        raise NoRule("explicit shardings are not supported")
-    return ctx.call_or_inline(eqn.params["jaxpr"], ins, str(eqn.params.get("name", "jit")))
 
 
 @register("closed_call", "core_call")

@@ -34,7 +34,7 @@ class OpDef:
     max_operands: int | None
     required_attrs: tuple[str, ...]
     rule: Rule | None  # None: result types are whatever the op declares (opaque)
-    kind: str  # "elementwise", "shape", "reduce", "contract", "source", "call", "opaque"
+    kind: str  # "elementwise", "shape", "reduce", "contract", "source", "call", "opaque", "constraint"
 
 
 OPDEFS: dict[str, OpDef] = {}
@@ -319,6 +319,8 @@ _define("constant", 0, 0, ("value", "dtype", "shape"), _constant, "source")
 _define("call", 0, None, ("callee",), None, "call")
 _define("kernel", 0, None, ("callee", "kind", "space"), None, "call")
 _define("opaque", 0, None, ("primitive", "ref"), None, "opaque")
+# ``ref`` names the sharding object in the module's externals; ``spec`` spells it for readers.
+_define("sharding_constraint", 1, 1, ("ref",), _unary, "constraint")
 
 
 def infer_result_types(opcode: str, operand_types: list[TensorType], attrs: Attrs) -> list[TensorType]:

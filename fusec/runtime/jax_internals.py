@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from typing import Any
+
+import jax
 
 try:  # jax 0.10 / 0.11
     from jax._src.lax.lax import _convert_element_type as _convert_with_weak_type
@@ -50,3 +54,91 @@ def triton_kernels_in(lowered: Any) -> list[tuple[str, dict[str, Any]]]:
         out.append((ttir, {"num_warps": int(config["num_warps"].value), "num_stages": int(config["num_stages"].value),
                            "grid": grid}))
     return out
+
+
+def varying_axes(aval: Any) -> frozenset[Any]:
+    """The manual mesh axes ``aval`` varies over inside ``shard_map`` (its "vma"): jax 0.10 keeps
+    them in ``aval.manual_axis_type.varying``, earlier releases in ``aval.vma``."""
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(getattr(mat, "varying", ()))
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def kernel_result_aval(shape: tuple[int, ...], dtype: Any, in_avals: Sequence[Any]) -> Any:
+    """A kernel result's aval: inside ``shard_map`` (``check_vma=True``) it varies over every manual
+    axis some input varies over, on the inputs' (abstract) mesh; elsewhere a plain ShapedArray."""
+    vma = frozenset().union(*(varying_axes(a) for a in in_avals))
+    plain = jax.core.ShapedArray(shape, dtype)
+    if not vma:
+        return plain
+    template = next(a for a in in_avals if varying_axes(a))
+    if getattr(template, "manual_axis_type", None) is None:  # a JAX that keeps them in ``vma``
+        return plain.update(vma=vma)
+    mesh = template.sharding.mesh
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*([None] * len(shape))))
+    return plain.update(sharding=sharding, manual_axis_type=template.manual_axis_type.update(varying=vma))
+
+
+def lowering_mesh(ctx: Any) -> tuple[int, bool]:
+    """How many devices a lowering rule's context partitions over, and whether some mesh axis is
+    manual there (inside ``shard_map``, where a kernel sees one shard's arrays along it)."""
+    axis_context = getattr(ctx.module_context, "axis_context", None)
+    mesh = getattr(axis_context, "mesh", None)
+    manual = frozenset(getattr(axis_context, "manual_axes", ()) or ())
+    if mesh is not None:
+        names = tuple(getattr(mesh, "axis_names", ()))
+        return int(getattr(mesh, "size", 1)), bool(names) and bool(manual)
+    return int(getattr(axis_context, "num_devices", 1) or 1), False
+
+
+def require_devices_during_lowering(primitive: Any) -> None:
+    """Asks JAX to give ``primitive``'s lowering the device assignment and mesh (as it does for
+    ``custom_partitioning``, which a partitioned kernel lowers to)."""
+    from jax._src import dispatch
+
+    dispatch.prim_requires_devices_during_lowering.add(primitive)
+
+
+def without_manual_axes(ctx: Any) -> Any:
+    """A lowering rule's context with its avals stripped of varying manual axes and mesh. A
+    kernel's lowering traces its ``pallas_call`` again, which inside ``shard_map`` would want vma
+    on every output shape and carry; the kernel's abstract evaluation gave its results theirs."""
+    def plain(aval: Any) -> Any:
+        if not isinstance(aval, jax.core.ShapedArray):
+            return aval
+        return jax.core.ShapedArray(aval.shape, aval.dtype, aval.weak_type)
+
+    if not any(varying_axes(a) for a in (*ctx.avals_in, *ctx.avals_out)):
+        return ctx
+    return ctx.replace(avals_in=[plain(a) for a in ctx.avals_in], avals_out=[plain(a) for a in ctx.avals_out])
+
+
+def without_vma_checks() -> Any:
+    """A context in which JAX does not check varying manual axes (used with
+    :func:`without_manual_axes` while a kernel's ``pallas_call`` is traced for lowering)."""
+    from jax._src import config
+
+    flag = getattr(config, "_check_vma", None)
+    return flag(False) if flag is not None else contextlib.nullcontext()
+
+
+def abstract_struct(x: Any) -> Any:
+    """A ``jax.ShapeDtypeStruct`` of ``x`` that keeps its weak type and, inside ``shard_map``, the
+    manual axes it varies over (so a program traced from it inserts the same ``pvary``s)."""
+    aval = jax.typeof(x)
+    vma = varying_axes(aval)
+    if not vma:
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type, manual_axis_type=mat,
+                                    sharding=aval.sharding)
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type, vma=vma)
+
+
+def lowering_for_export(ctx: Any) -> bool:
+    """Whether a lowering rule runs for ``jax.export`` (whose artifacts cannot hold the Python
+    callback ``custom_partitioning`` leaves for the partitioner)."""
+    params = getattr(ctx.module_context, "lowering_parameters", None)
+    return bool(getattr(params, "for_export", False))

@@ -20,6 +20,7 @@ from jax.interpreters import ad, batching, mlir
 
 from fusec.codegen.kernel_spec import KernelSpec
 from fusec.codegen.xla import numpy_dtype
+from fusec.runtime.jax_internals import kernel_result_aval, without_manual_axes, without_vma_checks
 
 fusec_kernel_p = jcore.Primitive("fusec_kernel")
 fusec_kernel_p.multiple_results = True
@@ -31,7 +32,8 @@ def call_kernel(spec: KernelSpec, args: list[Any]) -> list[Any]:
 
 
 def _abstract_eval(*avals: Any, spec: KernelSpec) -> list[Any]:
-    return [jax.core.ShapedArray(t.shape, numpy_dtype(t.elem)) for t in spec.out_types]
+    # Inside shard_map (check_vma=True) results vary over every manual axis some input varies over.
+    return [kernel_result_aval(t.shape, numpy_dtype(t.elem), avals) for t in spec.out_types]
 
 
 def _impl(*args: Any, spec: KernelSpec) -> list[Any]:
@@ -51,11 +53,12 @@ def _kernel_function(spec: KernelSpec, platform: str) -> Any:
 
 
 def _lowering(ctx: Any, *args: Any, spec: KernelSpec, platform: str) -> Any:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), without_vma_checks():
         # JAX 0.11 deprecates Pallas's Triton lowering on every use; fusec chose it deliberately
         # (see the README), and a warning per kernel per compile would tell users nothing.
         warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
-        return mlir.lower_fun(_kernel_function(spec, platform), multiple_results=True)(ctx, *args)
+        lowered = mlir.lower_fun(_kernel_function(spec, platform), multiple_results=True)
+        return lowered(without_manual_axes(ctx), *args)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -74,7 +77,7 @@ def _batched(spec: KernelSpec, in_axes: tuple[int | None, ...], size: int) -> Ke
 
     return dataclasses.replace(
         spec, run=run, reference=reference, out_types=tuple(t.with_shape((size, *t.shape)) for t in spec.out_types),
-        gpu_builder=gpu_builder if spec.interpret else None, _gpu=[])
+        gpu_builder=gpu_builder if spec.interpret else None, _gpu=[], batched=(spec, in_axes, size))
 
 
 def _batch(args: list[Any], dims: list[Any], *, spec: KernelSpec) -> tuple[list[Any], list[int]]:
