@@ -131,6 +131,11 @@ _SHAPE_CASES = {
     "dynamic_slice_clamped": lambda x: jax.lax.dynamic_slice(x, (3, 5), (2, 3)),
     "stack": lambda x: jnp.stack([x, x * 2], axis=1),
     "unstack": lambda x: sum(jnp.unstack(x, axis=1)),
+    "pad_interior": lambda x: jax.lax.pad(x, -1.5, ((1, 2, 1), (0, 0, 2))),
+    "pad_interior_negative_edges": lambda x: jax.lax.pad(x, 0.0, ((-2, 1, 2), (-1, -3, 1))),
+    "pad_interior_size_one_axis": lambda x: jax.lax.pad(x[:1], 7.0, ((0, 1, 3), (1, 0, 0))),
+    "broadcast_permuted_dims": lambda x: jax.lax.broadcast_in_dim(x, (6, 3, 4), (0, 2)[::-1]) * 2.0,
+    "broadcast_permuted_three": lambda x: jax.lax.broadcast_in_dim(x.reshape(2, 2, 6), (6, 2, 5, 2), (3, 1, 0)),
     "mixed_dtype_dot": lambda x: jax.lax.dot_general(x.astype(jnp.bfloat16), x.T, (((1,), (0,)), ((), ())),
                                                      preferred_element_type=jnp.float32),
 }

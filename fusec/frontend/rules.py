@@ -150,8 +150,12 @@ def _broadcast(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
     require_defaults(eqn, sharding=None)
     if len(ins) != 1:
         raise NoRule("dynamic shapes are not supported")
-    return [ctx.builder.op("broadcast", ins, shape=tuple(eqn.params["shape"]),
-                           dims=tuple(eqn.params["broadcast_dimensions"]))]
+    dims = tuple(int(d) for d in eqn.params["broadcast_dimensions"])
+    x = ins[0]
+    if list(dims) != sorted(dims):  # the IR's broadcast keeps operand axes in order: transpose first
+        perm = tuple(sorted(range(len(dims)), key=lambda i: dims[i]))
+        x, dims = ctx.builder.op("transpose", [x], perm=perm), tuple(sorted(dims))
+    return [ctx.builder.op("broadcast", [x], shape=tuple(eqn.params["shape"]), dims=dims)]
 
 
 @register("reshape")
@@ -199,28 +203,6 @@ def _split(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
 @register("concatenate")
 def _concatenate(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
     return [ctx.builder.op("concatenate", ins, axis=int(eqn.params["dimension"]))]
-
-
-@register("pad")
-def _pad(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
-    """Edge padding as a slice (negative padding) and a concatenate with the padding value per axis."""
-    x, fill = ins
-    config = tuple(eqn.params["padding_config"])
-    if any(interior != 0 for _, _, interior in config):
-        raise NoRule("interior padding")
-    if any(lo < 0 or hi < 0 for lo, hi, _ in config):
-        start = tuple(max(-lo, 0) for lo, _, _ in config)
-        limit = tuple(n - max(-hi, 0) for n, (_, hi, _) in zip(x.type.shape, config))
-        x = ctx.builder.op("slice", [x], start=start, limit=limit, strides=(1,) * x.type.rank)
-    for axis, (lo, hi, _) in enumerate(config):
-        pieces = []
-        for amount in (lo, hi):
-            shape = tuple(amount if d == axis else n for d, n in enumerate(x.type.shape))
-            pieces.append(ctx.broadcast_to(fill, shape) if amount > 0 else None)
-        parts = [v for v in (pieces[0], x, pieces[1]) if v is not None]
-        if len(parts) > 1:
-            x = ctx.builder.op("concatenate", parts, axis=axis)
-    return [x]
 
 
 def _reduce(kind: str) -> Rule:

@@ -1,6 +1,6 @@
-"""Frontend rules for shape primitives newer JAX has (``tile``, ``stack``, ``unstack``) and for
-``dynamic_slice`` at literal offsets, in terms of the IR's broadcast, reshape, slice and
-concatenate (registered into :data:`fusec.frontend.rules.RULES` on import)."""
+"""Frontend rules for shape primitives newer JAX has (``tile``, ``stack``, ``unstack``), for
+``dynamic_slice`` at literal offsets and for ``pad`` (edge and interior), in terms of the IR's
+broadcast, reshape, slice and concatenate (registered into :data:`fusec.frontend.rules.RULES` on import)."""
 
 from __future__ import annotations
 
@@ -56,3 +56,36 @@ def _dynamic_slice(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
     start = tuple(min(max(int(o), 0), n - s) for o, n, s in zip(offsets, x.type.shape, sizes))  # type: ignore[arg-type]
     return [ctx.builder.op("slice", [x], start=start, limit=tuple(a + s for a, s in zip(start, sizes)),
                            strides=(1,) * x.type.rank)]
+
+
+@register("pad")
+def _pad(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    """Interior padding by interleaving (each element followed by ``interior`` fills along a new
+    axis, merged, the last fills cut), then edge padding as a slice (negative padding) and a
+    concatenate with the padding value per axis, in XLA's order."""
+    x, fill = ins
+    config = tuple(eqn.params["padding_config"])
+    for axis, (_, _, interior) in enumerate(config):
+        n = x.type.shape[axis]
+        if interior == 0 or n <= 1:
+            continue
+        shape = x.type.shape
+        column = ctx.reshape(x, shape[:axis + 1] + (1,) + shape[axis + 1:])
+        fills = ctx.broadcast_to(fill, shape[:axis + 1] + (interior,) + shape[axis + 1:])
+        spread = ctx.builder.op("concatenate", [column, fills], axis=axis + 1)
+        x = ctx.reshape(spread, shape[:axis] + (n * (1 + interior),) + shape[axis + 1:])
+        limit = tuple(n * (1 + interior) - interior if d == axis else m for d, m in enumerate(x.type.shape))
+        x = ctx.builder.op("slice", [x], start=(0,) * x.type.rank, limit=limit, strides=(1,) * x.type.rank)
+    if any(lo < 0 or hi < 0 for lo, hi, _ in config):
+        start = tuple(max(-lo, 0) for lo, _, _ in config)
+        limit = tuple(n - max(-hi, 0) for n, (_, hi, _) in zip(x.type.shape, config))
+        x = ctx.builder.op("slice", [x], start=start, limit=limit, strides=(1,) * x.type.rank)
+    for axis, (lo, hi, _) in enumerate(config):
+        pieces = []
+        for amount in (lo, hi):
+            shape = tuple(amount if d == axis else n for d, n in enumerate(x.type.shape))
+            pieces.append(ctx.broadcast_to(fill, shape) if amount > 0 else None)
+        parts = [v for v in (pieces[0], x, pieces[1]) if v is not None]
+        if len(parts) > 1:
+            x = ctx.builder.op("concatenate", parts, axis=axis)
+    return [x]
