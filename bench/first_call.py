@@ -82,6 +82,7 @@ def worker(name: str, mode: str) -> dict[str, Any]:
         lowered, seconds = _timed(fusec.jit(step, backend="pallas", interpret=True).lower, *args)
         out.update(lowered.timings)
         out["kernels"] = len(lowered.program.kernels)
+        out["distinct"] = len(lowered.program.distinct_kernels)
         traced = lowered.jax_traced
     lowered_hlo, out["lower"] = _timed(traced.lower)
     compiled, out["compile"] = _timed(lowered_hlo.compile)
@@ -109,6 +110,7 @@ def rows_for(models: list[str]) -> list[dict[str, Any]]:
                      "frontend": fusec_run["frontend"], "passes": fusec_run["passes"],
                      "codegen": fusec_run["codegen"], "emit": fusec_run["emit"], "lower": fusec_run["lower"],
                      "compile": fusec_run["compile"], "kernels": fusec_run["kernels"],
+                     "distinct kernels": fusec_run["distinct"],
                      "passes+codegen / jax compile": own / jax_run["compile"]})
     return rows
 
