@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 
-from bench import cpu, gpu
+import pytest
+
+from bench import cpu, first_call, gpu
 
 
 def test_gpu_suite_dry_run_prints_every_row_group(capsys) -> None:
@@ -35,3 +37,13 @@ def test_scaling_fit_and_cost_rows() -> None:
     assert set(rows) == {"gpt2", "llama"}
     for r in rows.values():
         assert 0 < r["bytes fused"] < r["bytes op-by-op"] and r["kernels"] > 0 and r["XLA bytes accessed"] > 0
+
+
+def test_first_call_worker_splits_the_time() -> None:
+    fusec_run = first_call.worker("gpt2", "fusec")
+    stages = ("trace", "frontend", "passes", "codegen", "emit", "lower", "compile", "first run")
+    assert all(fusec_run[k] >= 0 for k in stages)
+    assert fusec_run["total"] == pytest.approx(sum(fusec_run[k] for k in stages))
+    assert fusec_run["kernels"] > fusec_run["distinct"] > 0  # repeated kernels are lowered once
+    jax_run = first_call.worker("gpt2", "jax")
+    assert set(jax_run) >= {"trace", "lower", "compile", "total"} and "kernels" not in jax_run
