@@ -1,17 +1,33 @@
-"""The one place fusec touches JAX internals, each use guarded so a JAX upgrade degrades gracefully."""
+"""The one place fusec touches JAX internals, each use guarded so a JAX upgrade degrades gracefully.
+
+Where JAX releases differ, the difference is decided here, once, at import, from what the installed
+JAX has (not from its version number), and named by a module constant the tests check per version:
+
+- ``PALLAS_TRITON_ASKS_GPU_INFO``: JAX 0.11 and 0.12 ask the device (or the abstract mesh's
+  ``AbstractDevice``) for the compute capability when lowering a Pallas-Triton kernel and fail with
+  "No supported GPU devices found" on a machine without one; JAX 0.10 falls back to sm_90 itself.
+  :func:`gpu_lowering_target` gives those releases the same sm_90 target (an H100) when lowering for
+  ``cuda`` on a machine with no GPU.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import importlib.util
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 
-try:  # jax 0.10 / 0.11
+try:  # jax 0.10 to 0.12
     from jax._src.lax.lax import _convert_element_type as _convert_with_weak_type
 except ImportError:  # pragma: no cover - a JAX release without it
     _convert_with_weak_type = None
+
+# jax >= 0.11: jax._src.pallas.triton.gpu_info decides the compute capability of a Triton lowering.
+PALLAS_TRITON_ASKS_GPU_INFO: bool = importlib.util.find_spec("jax._src.pallas.triton.gpu_info") is not None
+# The GPU a CPU machine lowers for: sm_90, what JAX 0.10 assumes without a GPU.
+DEFAULT_GPU_KIND = "NVIDIA H100"
 
 
 def make_weak(x: Any) -> Any:
@@ -23,6 +39,33 @@ def make_weak(x: Any) -> Any:
     if _convert_with_weak_type is None:
         return x
     return _convert_with_weak_type(x, weak_type=True)
+
+
+def _has_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:  # pragma: no cover - no backend at all
+        return False
+
+
+@contextlib.contextmanager
+def gpu_lowering_target(platform: str, device_kind: str = DEFAULT_GPU_KIND) -> Iterator[None]:
+    """Around a kernel's lowering for ``platform``: for ``cuda`` on JAX releases whose Pallas-Triton
+    lowering asks for the GPU, on a machine without one (and with no GPU ``AbstractDevice`` set by
+    the caller), lowers for ``device_kind``'s architecture through the abstract mesh, keeping its
+    axes; otherwise does nothing."""
+    if platform != "cuda" or not PALLAS_TRITON_ASKS_GPU_INFO or _has_gpu():
+        yield
+        return
+    from jax._src import mesh as mesh_lib
+
+    current = mesh_lib.get_abstract_mesh()
+    if current.abstract_device is not None and current.abstract_device.platform == "gpu":
+        yield
+        return
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(current.update(abstract_device=device)):
+        yield
 
 
 def triton_kernels_in(lowered: Any) -> list[tuple[str, dict[str, Any]]]:
