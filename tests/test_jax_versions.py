@@ -91,3 +91,33 @@ def test_newer_primitives_compile_without_fallbacks(fn, primitive, since, backen
     fallbacks = compiled.lower(x).fallbacks
     if VERSION >= since:  # (before 0.12, jnp.polyval is a scan, which stays JAX's)
         assert not fallbacks, fallbacks
+
+
+def test_dce_rule_arity_branch() -> None:
+    # JAX 0.12 passes DCE rules the inputs' liveness too; jax-triton 0.4.1's rule is adapted for it.
+    assert jax_internals.DCE_RULES_TAKE_LIVE_INPUTS == (VERSION >= (0, 12))
+
+
+def test_jax_triton_kernels_lower_for_cuda_on_this_machine() -> None:
+    try:
+        jt = jax_internals.load_jax_triton()
+    except ImportError as e:  # jax-triton 0.3 on a CPU-only jaxlib
+        pytest.skip(f"jax-triton does not load here: {e}")
+    if not hasattr(jt.triton_lib.triton_kernel_call_lib, "TritonKernel"):
+        pytest.skip("lowering triton_call needs the CUDA plugin: pip install --no-deps jax-cuda12-plugin==<jaxlib>")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add(x_ptr, y_ptr, o_ptr, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(o_ptr + i, tl.load(x_ptr + i) + tl.load(y_ptr + i))
+
+    def f(x, y):
+        out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        return jt.triton_call(x, y, kernel=add, out_shape=out, grid=(1,), BLOCK=8)
+
+    x = jnp.ones(8)
+    with jax_internals.gpu_lowering_target("cuda"):
+        lowered = jax.jit(f).trace(x, x).lower(lowering_platforms=("cuda",))
+    assert "triton_kernel_call" in lowered.as_text()
