@@ -17,6 +17,9 @@ IMPORTS = {"jax": ("jax",), "jaxlib": ("jaxlib", "jax._src.lib"), "jax-triton": 
            "numpy": ("numpy",), "lark": ("lark",), "networkx": ("networkx",), "absl-py": ("absl",)}
 # Imported only inside functions, only in this module: where Triton kernels are lowered.
 LAZY = {"jax-triton": PACKAGE / "runtime" / "jax_internals.py"}
+SMOKE = ("test_every_declared_dependency_is_imported_by_fusec",
+         "test_jax_triton_is_imported_lazily_and_only_where_triton_kernels_are_lowered",
+         "test_import_fusec_needs_no_jax_triton_triton_or_gpu_plugin")
 
 
 def _name(requirement: str) -> str:

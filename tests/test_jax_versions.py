@@ -15,6 +15,11 @@ from tests.helpers import assert_trees_close
 
 VERSION = tuple(int(p) for p in jax.__version__.split(".")[:2])
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
+# The smoke subset (CI's leg on the newest jax) takes every version branch here: they are quick.
+SMOKE = ("test_the_running_jax_is_a_supported_one", "test_pallas_triton_gpu_info_branch",
+         "test_cuda_lowering_gets_an_abstract_h100_only_where_jax_needs_one",
+         "test_kernels_lower_for_cuda_on_this_machine", "test_newer_primitives_compile_without_fallbacks",
+         "test_dce_rule_arity_branch", "test_jax_triton_kernels_lower_for_cuda_on_this_machine")
 
 
 def test_the_running_jax_is_a_supported_one() -> None:
