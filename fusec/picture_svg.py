@@ -11,6 +11,8 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
+import networkx as nx
+
 from fusec.picture import Graph, Node
 
 CHAR_W, LINE_H, PAD, H_GAP, V_GAP, LANE_W = 7.2, 16, 8, 28, 56, 4  # pixels, for 12px monospace text
@@ -26,19 +28,18 @@ class Box:
 
 
 def _layers(graph: Graph) -> dict[str, int]:
-    preds: dict[str, list[str]] = {n.id: [] for n in graph.nodes}
-    succs: dict[str, list[str]] = {n.id: [] for n in graph.nodes}
-    for e in graph.edges:
-        preds[e.dst].append(e.src)
-        succs[e.src].append(e.dst)
+    """Longest-path layering: each node one layer below its lowest producer (sources at 0 first)."""
+    dag = nx.DiGraph()
+    dag.add_nodes_from(n.id for n in graph.nodes)
+    dag.add_edges_from((e.src, e.dst) for e in graph.edges)
     layer: dict[str, int] = {}
-    sources = [n.id for n in graph.nodes if not preds[n.id]]
-    for n in graph.nodes:  # nodes come in program order, so producers come first
-        if preds[n.id]:
-            layer[n.id] = 1 + max(layer.get(p, 0) for p in preds[n.id])
+    sources = [n.id for n in graph.nodes if not dag.in_degree(n.id)]
+    for nid in nx.topological_sort(dag):  # producers before their readers
+        if dag.in_degree(nid):
+            layer[nid] = 1 + max(layer.get(p, 0) for p in dag.predecessors(nid))
     # Inputs, and kernels reading nothing (a mask built from iota), sit just above their first reader.
     for nid in reversed(sources):
-        layer[nid] = max(min((layer.get(s, 1) for s in succs[nid]), default=1) - 1, 0)
+        layer[nid] = max(min((layer.get(s, 1) for s in dag.successors(nid)), default=1) - 1, 0)
     return layer
 
 

@@ -9,6 +9,9 @@ import pytest
 
 from bench import cpu, first_call, gpu
 
+# The dry run takes a minute; the smoke subset takes the quick tests.
+SMOKE = ("test_gpu_suite_refuses_to_run_full_without_a_gpu", "test_scaling_fit_and_cost_rows")
+
 
 def test_gpu_suite_dry_run_prints_every_row_group(capsys) -> None:
     assert gpu.main(["--dry"]) == 0

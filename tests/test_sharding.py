@@ -113,7 +113,12 @@ def test_jit_keywords_are_honoured() -> None:
     f = lambda x, y: x * 2  # noqa: E731
     kept = fusec.jit(f, keep_unused=True).lower(x, unused).compile().as_text()
     assert "f32[3]" in kept.split("ENTRY")[1].split("\n")[0]  # the unused argument stays a parameter
-    assert "jit" not in str(jax.make_jaxpr(fusec.jit(f, inline=True))(x, unused))
+    # inline=True as jax.jit does it: jax 0.10 inlines the call at trace time, 0.11 and 0.12 mark it.
+    def calls(fn: Any) -> list[tuple[str, str]]:
+        eqns = jax.make_jaxpr(fn)(x, unused).eqns
+        return [(e.primitive.name, str(e.params.get("inline"))) for e in eqns if e.primitive.name in ("jit", "pjit")]
+
+    assert calls(fusec.jit(f, inline=True)) == calls(jax.jit(f, inline=True)) != calls(jax.jit(f))
     cpu = jax.devices("cpu")[0]
     with warnings.catch_warnings():  # jax.jit's backend= is deprecated in favour of device_put
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -17,7 +17,7 @@ from typing import Any
 
 import jax.extend.core as jcore
 
-from fusec.frontend import rules_shape, rules_sharding  # noqa: F401  (register their rules)
+from fusec.frontend import rules_math, rules_shape, rules_sharding  # noqa: F401  (register their rules)
 from fusec.frontend.rules import RULES, NoRule, literal_value
 from fusec.frontend.types import aval_to_type
 from fusec.ir import Builder, Function, Module, Op, TensorType, Value, parse_elem_type

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import heapq
-
 import networkx as nx
 
 from fusec.ir.function import Function
@@ -23,17 +21,7 @@ def op_graph(func: Function) -> nx.DiGraph:
 
 def stable_toposort(graph: nx.DiGraph, order: dict) -> list:
     """A topological order of ``graph`` that follows ``order`` (node -> rank) wherever it can."""
-    indegree = {n: graph.in_degree(n) for n in graph.nodes}
-    ready = [(order[n], n) for n, d in indegree.items() if d == 0]
-    heapq.heapify(ready)
-    out = []
-    while ready:
-        _, n = heapq.heappop(ready)
-        out.append(n)
-        for m in graph.successors(n):
-            indegree[m] -= 1
-            if indegree[m] == 0:
-                heapq.heappush(ready, (order[m], m))
-    if len(out) != len(indegree):
-        raise ValueError("graph has a cycle")
-    return out
+    try:
+        return list(nx.lexicographical_topological_sort(graph, key=order.__getitem__))
+    except nx.NetworkXUnfeasible:
+        raise ValueError("graph has a cycle") from None

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import networkx as nx
+
 from fusec.ir import DType, Function, LowBitType, Module, Op, TensorType, Value, parse_elem_type
 from fusec.ir.graph import op_graph, stable_toposort
 from fusec.passes.base import Pass, register_pass
@@ -103,7 +105,8 @@ class _Fuser:
         self.groups: dict[int, _Group] = {}
         self.group_of: dict[str, int] = {}  # value name -> group id
         self.deps: dict[str, frozenset[int]] = {}  # value name -> groups it depends on
-        self.group_deps: dict[int, set[int]] = {}  # group id -> groups its members read from outside
+        # Group g -> group h: a member of g reads a value that depends on h (merges contract nodes).
+        self.reads = nx.DiGraph()
         # Broadcasts left outside every group: a consumer's kernel loads their source expanded.
         self.absorbable: set[str] = set()
         self.cloned_dequantize: set[str] = set()  # low-bit weights a matmul kernel unpacks from its own copy
@@ -118,24 +121,21 @@ class _Fuser:
     def _depends_on(self, v: Value, gid: int) -> bool:
         """Whether ``v`` depends on group ``gid``, kernels taken whole: a kernel computes all its
         values at once, so a value of a group depends on everything any member of that group
-        reads, including members that joined after the value was made (``group_deps``)."""
-        todo = [self.find(x) for x in self.deps.get(v.name, ())]
-        seen: set[int] = set()
-        while todo:
-            g = todo.pop()
-            if g == gid:
-                return True
-            if g not in seen:
-                seen.add(g)
-                todo += [self.find(x) for x in self.group_deps.get(g, ())]
-        return False
+        reads, including members that joined after the value was made (paths in ``reads``)."""
+        sources = {self.find(x) for x in self.deps.get(v.name, ())}
+        if gid in sources:
+            return True
+        if gid not in self.reads:
+            return False
+        return not sources.isdisjoint(nx.ancestors(self.reads, gid))
 
     def _record_reads(self, g: _Group, op: Op) -> None:
         """Adds the groups that ``op``, now a member of ``g``, reads from outside ``g``."""
-        reads = self.group_deps.setdefault(g.id, set())
+        self.reads.add_node(g.id)
         for v in op.operands:
             if v.name not in g.values:
-                reads.update(self.find(x) for x in self.deps.get(v.name, ()) if self.find(x) != g.id)
+                outside = {self.find(x) for x in self.deps.get(v.name, ())} - {g.id}
+                self.reads.add_edges_from((g.id, h) for h in outside)
 
     def _dots(self, g: _Group) -> list[Op]:
         return [self.func.ops[i] for i in g.members if self.func.ops[i].opcode == "dot"]
@@ -185,7 +185,9 @@ class _Fuser:
         for name in b.values:
             self.group_of[name] = a.id
         self.merged_into[b.id] = a.id
-        self.group_deps.setdefault(a.id, set()).update(self.group_deps.pop(b.id, set()))
+        if b.id in self.reads:
+            self.reads.add_node(a.id)
+            nx.contracted_nodes(self.reads, a.id, b.id, self_loops=False, copy=False)
         del self.groups[b.id]
         return True
 

@@ -1,17 +1,42 @@
-"""The one place fusec touches JAX internals, each use guarded so a JAX upgrade degrades gracefully."""
+"""The one place fusec touches JAX internals, each use guarded so a JAX upgrade degrades gracefully.
+
+Where JAX releases differ, the difference is decided here, once, at import, from what the installed
+JAX has (not from its version number), and named by a module constant the tests check per version:
+
+- ``PALLAS_TRITON_ASKS_GPU_INFO``: JAX 0.11 and 0.12 ask the device (or the abstract mesh's
+  ``AbstractDevice``) for the compute capability when lowering a Pallas-Triton kernel and fail with
+  "No supported GPU devices found" on a machine without one; JAX 0.10 falls back to sm_90 itself.
+  :func:`gpu_lowering_target` gives those releases the same sm_90 target (an H100) when lowering for
+  ``cuda`` on a machine with no GPU.
+- ``DCE_RULES_TAKE_LIVE_INPUTS``: JAX 0.12 calls dead-code-elimination rules with the inputs'
+  liveness as well, ``rule(used_outputs, live_inputs, eqn)``; jax-triton 0.4.1's rule takes two
+  arguments and fails there, so :func:`load_jax_triton` adapts it.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import importlib.util
+import inspect
+import os
+from collections.abc import Iterator, Sequence
+from types import ModuleType
 from typing import Any
 
 import jax
+from jax._src.interpreters import partial_eval as pe
 
-try:  # jax 0.10 / 0.11
+try:  # jax 0.10 to 0.12
     from jax._src.lax.lax import _convert_element_type as _convert_with_weak_type
 except ImportError:  # pragma: no cover - a JAX release without it
     _convert_with_weak_type = None
+
+# jax >= 0.11: jax._src.pallas.triton.gpu_info decides the compute capability of a Triton lowering.
+PALLAS_TRITON_ASKS_GPU_INFO: bool = importlib.util.find_spec("jax._src.pallas.triton.gpu_info") is not None
+# jax >= 0.12: rule(used_outputs, live_inputs, eqn); before: rule(used_outputs, eqn).
+DCE_RULES_TAKE_LIVE_INPUTS: bool = len(inspect.signature(pe._default_dce_rule).parameters) == 3
+# The GPU a CPU machine lowers for: sm_90, what JAX 0.10 assumes without a GPU.
+DEFAULT_GPU_KIND = "NVIDIA H100"
 
 
 def make_weak(x: Any) -> Any:
@@ -23,6 +48,62 @@ def make_weak(x: Any) -> Any:
     if _convert_with_weak_type is None:
         return x
     return _convert_with_weak_type(x, weak_type=True)
+
+
+def _has_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:  # pragma: no cover - no backend at all
+        return False
+
+
+@contextlib.contextmanager
+def gpu_lowering_target(platform: str, device_kind: str = DEFAULT_GPU_KIND) -> Iterator[None]:
+    """Around a kernel's lowering for ``platform``: for ``cuda`` on JAX releases whose Pallas-Triton
+    lowering asks for the GPU, on a machine without one (and with no GPU ``AbstractDevice`` set by
+    the caller), lowers for ``device_kind``'s architecture through the abstract mesh, keeping its
+    axes; otherwise does nothing."""
+    if platform != "cuda" or not PALLAS_TRITON_ASKS_GPU_INFO or _has_gpu():
+        yield
+        return
+    from jax._src import mesh as mesh_lib
+
+    current = mesh_lib.get_abstract_mesh()
+    if current.abstract_device is not None and current.abstract_device.platform == "gpu":
+        yield
+        return
+    device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+    with jax.sharding.use_abstract_mesh(current.update(abstract_device=device)):
+        yield
+
+
+def load_jax_triton() -> ModuleType:
+    """``jax_triton``, imported on first use (only where Triton kernels are lowered: ``import fusec``
+    needs neither it nor a GPU package) and fitted to the running JAX: its DCE rule adapted where
+    JAX passes input liveness, ``TRITON_CACHE_DIR`` left as it was (some releases clear it on
+    import), and, on a machine without a GPU, the target's compute capability taken from
+    :func:`gpu_lowering_target`'s sm_90 instead of asking a device. Raises ImportError where
+    jax-triton cannot load (a CPU-only jaxlib without the CUDA plugin, for jax-triton 0.3)."""
+    cache_dir = os.environ.get("TRITON_CACHE_DIR")
+    import jax_triton
+    from jax_triton import triton_lib
+
+    if cache_dir is None:
+        os.environ.pop("TRITON_CACHE_DIR", None)
+    else:
+        os.environ["TRITON_CACHE_DIR"] = cache_dir
+    primitive = triton_lib.triton_kernel_call_p
+    rule = pe.dce_rules.get(primitive)
+    if DCE_RULES_TAKE_LIVE_INPUTS and rule is not None and len(inspect.signature(rule).parameters) == 2:
+        pe.dce_rules[primitive] = lambda used_outputs, live_inputs, eqn: rule(used_outputs, eqn)
+    lib = triton_lib.triton_kernel_call_lib
+    if not _has_gpu() and not getattr(lib, "_fusec_cpu_target", False):
+        try:
+            lib.get_compute_capability = lambda device: 90
+            lib._fusec_cpu_target = True
+        except AttributeError:  # pragma: no cover - a read-only extension module
+            pass
+    return jax_triton
 
 
 def triton_kernels_in(lowered: Any) -> list[tuple[str, dict[str, Any]]]:

@@ -20,7 +20,7 @@ from jax.interpreters import ad, batching, mlir
 
 from fusec.codegen.kernel_spec import KernelSpec
 from fusec.codegen.xla import numpy_dtype
-from fusec.runtime.jax_internals import kernel_result_aval, without_manual_axes, without_vma_checks
+from fusec.runtime.jax_internals import gpu_lowering_target, kernel_result_aval, without_manual_axes, without_vma_checks
 
 fusec_kernel_p = jcore.Primitive("fusec_kernel")
 fusec_kernel_p.multiple_results = True
@@ -53,7 +53,7 @@ def _kernel_function(spec: KernelSpec, platform: str) -> Any:
 
 
 def _lowering(ctx: Any, *args: Any, spec: KernelSpec, platform: str) -> Any:
-    with warnings.catch_warnings(), without_vma_checks():
+    with warnings.catch_warnings(), without_vma_checks(), gpu_lowering_target(platform):
         # JAX 0.11 deprecates Pallas's Triton lowering on every use; fusec chose it deliberately
         # (see the README), and a warning per kernel per compile would tell users nothing.
         warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")

@@ -19,6 +19,7 @@ from fusec.codegen import compile_module
 from fusec.frontend import ParamSource, jaxpr_to_module
 from fusec.ir import Module, print_module
 from fusec.passes import Pass, PassManager
+from fusec.pipeline import log_pass
 from fusec.runtime.jax_internals import make_weak
 from fusec.runtime.primitive import call_kernel
 
@@ -153,12 +154,14 @@ def build_program(closed: Any, name: str, passes: list[Pass], backend: str, veri
     t0 = time.perf_counter()
     front = jaxpr_to_module(closed, name)
     timings.append(("frontend", time.perf_counter() - t0))
+    log_pass(name, "frontend", front.module, timings[-1][1])
     last = [time.perf_counter()]
 
     def on_stage(stage: str, module: Module) -> None:
         now = time.perf_counter()
         if stage != "input":
             timings.append((stage, now - last[0]))
+            log_pass(name, stage, module, timings[-1][1])
         last[0] = now
 
     manager = PassManager(passes, verify=verify, on_stage=on_stage)
@@ -166,5 +169,6 @@ def build_program(closed: Any, name: str, passes: list[Pass], backend: str, veri
     t0 = time.perf_counter()
     compiled = compile_module(manager.stages[-1][1], backend, interpret, call_kernel, make_weak)
     timings.append(("codegen", time.perf_counter() - t0))
+    log_pass(name, "codegen", manager.stages[-1][1], timings[-1][1])
     return Program(closed, tuple(manager.stages), tuple(timings), front.param_sources, backend, compiled.run,
                    compiled.kernels, front.num_eqns)
