@@ -18,81 +18,26 @@ Ops a kernel cannot hold (see ``KERNEL_ELEMENTWISE``) stay outside and run throu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import networkx as nx
 
-from fusec.ir import DType, Function, LowBitType, Module, Op, TensorType, Value, parse_elem_type
+from fusec.ir import DType, Function, LowBitType, Module, Op, Value, parse_elem_type
 from fusec.ir.graph import op_graph, stable_toposort
 from fusec.passes.base import Pass, register_pass
-from fusec.passes.cost import Cost, nbytes, op_flops
-from fusec.passes.target import PALLAS_TRITON
-
-# What kernels can hold, from the target description (one target today: Pallas-Triton).
-TARGET = PALLAS_TRITON
-KERNEL_ELEMENTWISE = TARGET.elementwise
-KIND_PRIORITY = {"matmul": 0, "reduction": 1, "elementwise": 2}
-
-
-def _types_ok(op: Op) -> bool:
-    for v in (*op.operands, *op.results):
-        if not (isinstance(v.type.elem, DType) and v.type.elem.name in TARGET.dtypes):
-            return False
-        if v.type.elem.name == "bool" and op.opcode not in TARGET.bool_ops and v in op.operands:
-            return False
-    return True
-
-
-def _space_ok(shape: tuple[int, ...]) -> bool:
-    return 1 <= len(shape) <= TARGET.max_rank and all(d > 0 for d in shape)
-
-
-def _clonable(op: Op | None) -> bool:
-    """Splat constants and iotas: cheaper to recompute in each kernel than to load."""
-    if op is None:
-        return False
-    return op.opcode == "iota" or (op.opcode == "constant" and not isinstance(op.attr("value"), tuple))
-
-
-def row_shape(space: tuple[int, ...], reduce_axes: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of a reduction kernel's row values: the space less its reduced axes."""
-    return tuple(n for d, n in enumerate(space) if d not in reduce_axes)
-
-
-def fits(shape: tuple[int, ...], space: tuple[int, ...], rows: bool, reduce_axes: tuple[int, ...] | None = None
-         ) -> bool:
-    """Whether a value of ``shape`` has a block in ``space``: same rank with each dimension 1 or the
-    space's, or (``rows``) the space less its reduced axes (its last one unless given)."""
-    if len(shape) == len(space):
-        return all(a in (1, b) for a, b in zip(shape, space))
-    return rows and shape == row_shape(space, reduce_axes if reduce_axes is not None else (len(space) - 1,))
-
-
-# Reduced axes of a kernel hold whole in one block: at most this many elements of them.
-MAX_REDUCED_ELEMENTS = 4096
-
-
-def _reducible(space: tuple[int, ...], axes: tuple[int, ...]) -> bool:
-    if not axes or len(axes) == len(space) or list(axes) != sorted(axes):
-        return False
-    extent = 1
-    for d in axes:
-        extent *= 1 << max(0, space[d] - 1).bit_length()
-    return extent <= MAX_REDUCED_ELEMENTS
-
-
-@dataclass
-class _Group:
-    id: int
-    kind: str
-    space: tuple[int, ...]
-    members: list[int] = field(default_factory=list)
-    values: set[str] = field(default_factory=set)
-    reduce_axes: tuple[int, ...] | None = None  # a reduction group's reduced axes (its first reduce's)
-
-    @property
-    def row_axes(self) -> tuple[int, ...]:
-        return self.reduce_axes if self.reduce_axes is not None else (len(self.space) - 1,)
+from fusec.passes.fusion_kernel import FusionGroup as _Group
+from fusec.passes.fusion_kernel import extract_kernel as _extract
+from fusec.passes.fusion_rules import (
+    KERNEL_ELEMENTWISE,
+    KIND_PRIORITY,
+    TARGET,
+    clonable,
+    fits,
+    reducible,
+    row_shape,
+    space_ok,
+    types_ok,
+)
 
 
 class _Fuser:
@@ -175,7 +120,7 @@ class _Fuser:
                     if op.opcode in ("dot", "dequantize"):
                         continue  # their operands are read by the K loop
                     if any(v.type.rank != len(a.space) for v in (*op.operands, *op.results)
-                           if v.name in both or not _clonable(self.producer.get(v.name))) or \
+                           if v.name in both or not clonable(self.producer.get(v.name))) or \
                             not all(self._loadable(v, probe) for v in op.operands if v.name not in both):
                         return False
         a.kind = kind
@@ -194,7 +139,7 @@ class _Fuser:
     # -- legality --------------------------------------------------------------------------------
     def _loadable(self, v: Value, g: _Group) -> bool:
         """Whether ``v``, defined outside ``g``, can be an input of g's kernel."""
-        if _clonable(self.producer.get(v.name)):
+        if clonable(self.producer.get(v.name)):
             return True
         if v.name in self.absorbable:
             return v.type.rank == len(g.space) and fits(v.type.shape, g.space, False)
@@ -221,7 +166,7 @@ class _Fuser:
             # A group without reduced axes yet takes any, if it holds no rows of the default (last) one.
             free = g.reduce_axes is None and not self._has_rows(g)
             return (rows and bool(inside) and v.type.shape == s and (axes == g.row_axes or free)
-                    and _reducible(s, axes) and op.attr("kind") in TARGET.reduce_kinds)
+                    and reducible(s, axes) and op.attr("kind") in TARGET.reduce_kinds)
         return fits(out, s, rows, g.row_axes) and all(self._loadable(v, g) for v in outside)
 
     def _has_rows(self, g: _Group) -> bool:
@@ -234,7 +179,7 @@ class _Fuser:
         self.next_id += 1
         if op.opcode == "dot":
             lhs = op.operands[0].type
-            ok = (op.result.type.rank in (2, 3) and _space_ok(out) and lhs.elem.name in TARGET.dot_dtypes  # type: ignore[union-attr]
+            ok = (op.result.type.rank in (2, 3) and space_ok(out) and lhs.elem.name in TARGET.dot_dtypes  # type: ignore[union-attr]
                   and lhs.shape[-1] > 0 and lhs.shape[-2] > 0)
             if not ok:
                 return None
@@ -253,9 +198,9 @@ class _Fuser:
         if op.opcode == "reduce":
             s = op.operands[0].type.shape
             axes = tuple(op.attr("axes"))
-            ok = _space_ok(s) and _reducible(s, axes) and op.attr("kind") in TARGET.reduce_kinds
+            ok = space_ok(s) and reducible(s, axes) and op.attr("kind") in TARGET.reduce_kinds
             return _Group(gid, "reduction", s, reduce_axes=axes) if ok else None
-        if op.opcode == "broadcast" or not _space_ok(out):
+        if op.opcode == "broadcast" or not space_ok(out):
             return None
         g = _Group(gid, "elementwise", out)
         return g if all(self._loadable(v, g) for v in op.operands) else None
@@ -268,7 +213,7 @@ class _Fuser:
         return isinstance(parse_elem_type(str(dq.attr("format"))), LowBitType)
 
     def _fusible(self, op: Op) -> bool:
-        if len(op.results) != 1 or not _types_ok(op):
+        if len(op.results) != 1 or not types_ok(op):
             return False
         if op.opcode == "select" and (len(op.operands) != 3 or op.operands[0].type.elem != DType("bool")):
             return False
@@ -315,92 +260,6 @@ class _Fuser:
                 chosen.reduce_axes = tuple(op.attr("axes"))
             self.group_of[result.name] = chosen.id
             self.deps[result.name] = frozenset(self.find(x) for x in deps) | {chosen.id}
-
-
-def _expanded_shape(op: Op) -> tuple[int, ...]:
-    """The broadcast operand's shape, padded with 1s to the result's rank."""
-    shape = [1] * op.result.type.rank
-    for src, dst in enumerate(op.attr("dims")):
-        shape[dst] = op.operands[0].type.shape[src]
-    return tuple(shape)
-
-
-def _extract(fuser: _Fuser, g: _Group, name: str, uses_outside: set[str], taken: set[str]
-             ) -> tuple[list[Op], Op, Function]:
-    """The reshapes feeding the kernel, the kernel op, and the kernel's function."""
-    ops = fuser.func.ops
-    params: list[Value] = []
-    inputs: list[Value] = []
-    pre: list[Op] = []
-    body: list[Op] = []
-    keyed: dict[tuple, Value] = {}
-    local: set[str] = set()
-
-    # Kernel parameters need names unique in the kernel; reshapes added to the caller, in the caller.
-    inside = {r.name for i in g.members for r in ops[i].results}
-
-    def fresh(base: str, names: set[str]) -> str:
-        n, cand = 0, base
-        while cand in names:
-            n += 1
-            cand = f"{base}.{n}"
-        names.add(cand)
-        return cand
-
-    def param(key: tuple, outer: Value, type_: TensorType) -> Value:
-        if key not in keyed:
-            p = Value(fresh(outer.name, inside), type_)
-            keyed[key] = p
-            params.append(p)
-            if type_ != outer.type:
-                reshaped = Value(fresh(f"{outer.name}.r", taken), type_)
-                pre.append(Op.make("reshape", [outer], [reshaped], shape=type_.shape))
-                outer = reshaped
-            inputs.append(outer)
-        return keyed[key]
-
-    def operand(v: Value, role: str) -> Value:
-        if v.name in g.values or (v.name in local and role == "load"):
-            return v
-        producer = fuser.producer.get(v.name)
-        if role == "dot" and v.name in fuser.cloned_dequantize and producer is not None:
-            local.add(v.name)
-            body.append(producer.with_operands(tuple(operand(u, "dq") for u in producer.operands)))
-            return v
-        if _clonable(producer):
-            # A dot's operands are read by its K loop from kernel inputs, so a splat or iota feeding
-            # a dot is materialised outside and passed in; loads recompute it in the kernel. The
-            # parameter is named apart from the clone, which keeps the value's own name.
-            if role != "load":
-                inside.add(v.name)
-                return param((role, v.name), v, v.type)
-            local.add(v.name)
-            body.append(producer)  # type: ignore[arg-type]
-            return v
-        if v.name in fuser.absorbable and role == "load":
-            # Load the broadcast's source with size-1 dimensions; broadcast it in the kernel.
-            assert producer is not None
-            src = producer.operands[0]
-            p = param(("expand", src.name, producer.attr("dims")), src,
-                      TensorType(src.type.elem, _expanded_shape(producer)))
-            local.add(v.name)
-            body.append(Op.make("broadcast", [p], [v], dims=tuple(range(v.type.rank)), shape=v.type.shape))
-            return v
-        return param((role, v.name), v, v.type)
-
-    flops = 0
-    for i in sorted(g.members):
-        op = ops[i]
-        flops += op_flops(op)
-        role = {"dot": "dot", "dequantize": "dq"}.get(op.opcode, "load")
-        body.append(op.with_operands(tuple(operand(v, role) for v in op.operands)))
-    outputs = [ops[i].results[0] for i in g.members if ops[i].results[0].name in uses_outside]
-    func = Function(name, tuple(params), tuple(body), tuple(outputs))
-    cost = Cost(sum(nbytes(v.type) for v in inputs), sum(nbytes(v.type) for v in outputs), flops)
-    extra = {"reduce_axes": g.reduce_axes} if g.kind == "reduction" and g.row_axes != (len(g.space) - 1,) else {}
-    kernel = Op.make("kernel", inputs, outputs, callee=name, kind=g.kind, space=g.space,
-                     bytes_read=cost.bytes_read, bytes_written=cost.bytes_written, flops=cost.flops, **extra)
-    return pre, kernel, func
 
 
 def fuse_function(func: Function, max_ops: int, names: set[str]) -> tuple[Function, list[Function]]:
