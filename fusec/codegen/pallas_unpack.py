@@ -2,7 +2,8 @@
 
 Each power-of-two plane's words for the tile's rows are loaded once, repeated to one row per code
 (broadcast + reshape), shifted by the code's lane and masked; the planes are ORed into codes, the
-codes decoded (two's complement, zero-point, small-float bit fields, or, for NormalFloat and lookup
+codes decoded (two's complement through a float bit pattern rather than an int-to-float
+conversion, zero-point, small-float bit fields, or, for NormalFloat and lookup
 tables, a chain of selects over the table's values) and scaled by the tile's group scale. See fusec/lowprec/packing.py.
 """
 
@@ -34,8 +35,11 @@ def unpack_source(op: Op, args: list[str]) -> list[str]:
     n_planes = len(fmt.plane_widths)
     lines.append(f"scale = {args[n_planes]}.astype(jnp.float32)")
     if fmt.family == "int":
-        half, full = 2 ** (fmt.bits - 1), 2**fmt.bits
-        lines += ["c = codes.astype(jnp.int32)", f"values = jnp.where(c >= {half}, c - {full}, c).astype(jnp.float32)"]
+        # Int to float without I2F: the code with its sign bit flipped (c + 2^(b-1), as unsigned) ORed
+        # into the mantissa of 2^23 is exactly 2^23 + c + 2^(b-1) as f32 bits; subtracting gives c.
+        half = 2 ** (fmt.bits - 1)
+        lines += [f"biased = lax.bitcast_convert_type((codes ^ {half}) | 0x4B000000, jnp.float32)",
+                  f"values = biased - {float(2**23 + half)!r}"]
     elif fmt.family == "uint":
         lines.append(f"zero = {args[n_planes + 1]}.astype(jnp.float32)")
         lines.append("values = codes.astype(jnp.float32) - zero")

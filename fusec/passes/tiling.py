@@ -28,11 +28,14 @@ def _dot_k(kernel_func: Function) -> int:
 
 
 def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str, packed: bool = False,
-                  table_bits: int = 0, reduce_axes: tuple[int, ...] | None = None) -> KernelTiling:
+                  table_bits: int = 0, reduce_axes: tuple[int, ...] | None = None, splittable: bool = False,
+                  group: int | None = None) -> KernelTiling:
     """Block, grid, squeezed dims, K step and launch parameters for one kernel. ``packed``: the
     matmul unpacks a low-bit weight, whose K step is 32 (a whole word of 1-bit codes, and a divisor
     of every scale group); ``table_bits``: the width of a NormalFloat or lookup-table format it
-    decodes with a chain of selects (wide tables get narrower tiles, to keep clear of spills)."""
+    decodes with a chain of selects (wide tables get narrower tiles, to keep clear of spills);
+    ``splittable``: the kernel is only the K reduction (split-epilogue's form), so its K loop may
+    split across programs (split-K), with K steps up to the scale ``group`` (rows per scale)."""
     r = len(space)
     if target == "interpret":
         block = [pow2_at_least(d) for d in space]
@@ -63,15 +66,48 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
         bk = None
     if kind == "matmul":
         block[: r - 2] = [1] * (r - 2)
+    launch: dict[str, int] = {}
     if packed:
         bk = 32
         if kind == "matmul" and target == "gpu" and space[-2] <= 16:
             # Skinny (GEMV-like) strategy: few rows, so each program takes a wider slice of the
             # packed weight and the memory system sees longer runs of words.
             block[-1] = min(128 if table_bits <= 4 else 64, max(PALLAS_TRITON.min_dot_tile, pow2_at_least(space[-1])))
+            if splittable and k:
+                bk, launch = _gemv_split(k, group or k, cdiv(space[-1], block[-1]) * cdiv(space[-2], block[-2]))
     squeeze = tuple(d for d in range(max(0, r - 2)) if block[d] == 1 and d not in (reduce_axes or ()))
     return KernelTiling(kind, tuple(space), tuple(block), tuple(cdiv(s, b) for s, b in zip(space, block)), squeeze,
-                        bk, strategy=("gemv" if space[-2] <= 16 else "gemm") if packed else None)
+                        bk, strategy=("gemv" if space[-2] <= 16 else "gemm") if packed else None, **launch)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Split-K GEMV tiling: the K step (at most one scale group), pipeline stages, and the
+    programs aimed for (``programs_per_sm`` x ``sms``: enough resident CTAs per SM to keep the
+    loads in flight that Little's law asks for, docs/gpu-model.md)."""
+
+    bk: int = 128
+    num_stages: int = 3
+    num_warps: int = 4
+    programs_per_sm: int = 4
+    sms: int = 132
+
+
+GEMV = GemvConfig()
+
+
+def _gemv_split(k: int, group: int, programs: int, config: GemvConfig = GEMV) -> tuple[int, dict[str, int]]:
+    """The K step and launch parameters (with ``split``) of a skinny low-bit matmul of ``programs``
+    output tiles: split the K loop into the largest power of two of parts, each a whole number of
+    K steps, that brings the grid up to the programs aimed for."""
+    bk = 32
+    while bk * 2 <= min(config.bk, group, pow2_at_least(k)) and group % (bk * 2) == 0:
+        bk *= 2
+    steps = cdiv(k, bk)
+    split = 1
+    while programs * split < config.programs_per_sm * config.sms and steps % (split * 2) == 0:
+        split *= 2
+    return bk, {"split": split, "num_stages": config.num_stages, "num_warps": config.num_warps}
 
 
 def tile_kernel_op(op: Op, functions: dict[str, Function], target: str) -> Op:
@@ -82,7 +118,14 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str) -> Op:
     formats = [parse_elem_type(str(o.attr("format"))) for o in callee.ops if o.opcode == "dequantize"]
     table_bits = max((f.bits for f in formats if getattr(f, "family", "") in ("nf", "lut")), default=0)
     reduce_axes = tuple(op.attr("reduce_axes")) if op.attr("reduce_axes") is not None else None
-    tiling = choose_tiling(kind, space, k, target, bool(formats), table_bits, reduce_axes)
+    dots = [o for o in callee.ops if o.opcode == "dot"]
+    splittable = len(formats) == 1 and len(dots) == 1 and callee.returns == (dots[0].result,) and \
+        str(dots[0].result.type.elem) == "f32" and not op.attr("in_views") and not op.attr("out_views")
+    group = None
+    if formats and k:
+        weight = next(o for o in callee.ops if o.opcode == "dequantize").operands[0]
+        group = weight.type.elem.rows_per_scale(weight.type.shape[0])  # type: ignore[union-attr]
+    tiling = choose_tiling(kind, space, k, target, bool(formats), table_bits, reduce_axes, splittable, group)
     attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile")} | tiling.as_attrs()
     return Op(op.opcode, op.operands, op.results, Op.make("kernel", **attrs).attrs, op.loc)
 

@@ -89,10 +89,12 @@ class _KernelLowering:
                 self.k_loop(dots)
             elif o.opcode not in ("dot", "dequantize"):  # dots run in the first one's K loop
                 self.translate(o)
+        # Split-K: each program holds a partial sum over its share of K, added into the output.
+        write = "atomic_add" if self.tiling.split > 1 else "store"
         for ref, v, mapping in outs:
             tile = self.tiles[v.name]
             indices = [b.index(e) for e in mapping.index]
-            b.access("store", ref, indices, mapping.blocks, ref.type, tile)
+            b.access(write, ref, indices, mapping.blocks, ref.type, tile)
         return [b.function([]), *self.extra]
 
     def load(self, p: Value, b: TileBuilder, slices: dict[int, tuple[Value, int]] | None = None,
@@ -188,6 +190,8 @@ class _KernelLowering:
         k = lhs.type.shape[-2] if lhs_t else lhs.type.shape[-1]
         bk = int(t.bk or k)
         steps = -(-k // bk)
+        split = t.split
+        trips = -(-steps // split)  # K steps per program
         bm, bn = t.block[-2], t.block[-1]
         producers = {r.name: o for o in callee.ops for r in o.results}
         elem = lhs.type.elem
@@ -195,12 +199,12 @@ class _KernelLowering:
         inits = [outer.const(0 if acc_type.elem == I32 else 0.0, acc_type) for _ in dots]
         # The body takes the loop index, the accumulators, then every array and program id it uses.
         captured_refs = [r for name in self.refs for r in self.refs[name]]
-        pid_axes = list(range(len(t.space)))
+        pid_axes = list(range(len(t.launch_grid)))
         captured = captured_refs + [outer.program_id(a) for a in pid_axes]
         body = TileBuilder(f"{callee.name}.tile.k", t)
         kk = body.param("kk", SCALAR)
         body.k_steps = steps
-        body.scalars.intervals[kk.name] = (0, steps - 1)
+        body.scalars.intervals[kk.name] = (0, trips - 1)
         accs = [body.param(f"acc{n}", acc_type) for n in range(len(dots))]
         inner: dict[str, Value] = {}
         for v in captured:
@@ -210,6 +214,9 @@ class _KernelLowering:
         pids = {a: inner[outer.program_id(a).name] for a in pid_axes}
         saved_refs = self.refs
         self.refs = {name: [inner[r.name] for r in rs] for name, rs in self.refs.items()}
+        if split > 1:  # this program's K steps: split index x trips + kk
+            part = pids[len(t.space)]
+            kk = body.value("add", [body.value("mul", [part, body.const(trips)], SCALAR, "i"), kk], SCALAR, "k")
         a_k = 0 if lhs_t else 1
         # The K dimension's position among the lhs array's dimensions (its kept ones, in order).
         a = self.load(lhs, body, {self._array_dim(lhs, a_k): (kk, bk)}, pids)
@@ -229,7 +236,7 @@ class _KernelLowering:
         self.refs = saved_refs
         self.extra.append(body.function(new_accs))
         results = [Value(outer.fresh(f"acc{n}.out"), acc_type) for n in range(len(dots))]
-        outer.ops.append(Op.make("loop", [*inits, *captured], results, body=body.name, trips=steps,
+        outer.ops.append(Op.make("loop", [*inits, *captured], results, body=body.name, trips=trips,
                                  carried=len(dots)))
         for dot, acc in zip(dots, results):
             out = self.tile_type(dot.result.type)
