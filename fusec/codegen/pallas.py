@@ -176,7 +176,8 @@ def masked_refs(source: str, ident: str) -> tuple[int, ...]:
     """Positions of the kernel's refs (its arguments, in order) that some load or store masks."""
     header = re.search(rf"def {ident}_body\((.*)\):", source)
     assert header is not None
-    names = [n.strip() for n in header.group(1).split(",") if not n.strip().startswith(("_zeros", "_masked"))]
+    # The Triton kernel's arguments: the refs, an aliased zeros input (split-K) included.
+    names = [n.strip() for n in header.group(1).split(",") if not n.strip().startswith("_masked")]
     return tuple(i for i, n in enumerate(names) if re.search(rf"plgpu\.(load|store|atomic_add)\({n}\b", source))
 
 
