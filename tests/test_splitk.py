@@ -53,7 +53,25 @@ def test_split_k_gemv_is_exact_in_interpret_mode(name: str, group: int, m: int) 
     op = _matmul_kernel(_check(spec, m, k, 200))
     if m <= 16:
         # The K loop splits: a third grid axis, and the partial sums are added atomically.
-        assert op.attr("split", 1) > 1 and op.attr("strategy") == "gemv"
+        # One row of an f32 model multiplies on the FMA units (a broadcast product summed over K).
+        assert op.attr("split", 1) > 1 and op.attr("strategy") == ("gemv-fma" if m == 1 else "gemv")
         assert str(op.results[0].type.elem) == "f32"
     else:
         assert op.attr("split", 1) == 1
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_bfloat16_decode_is_bit_exact(name: str, m: int) -> None:
+    """bfloat16 weights decode in bfloat16 (the 0x4300 bit pattern, packed bf16 arithmetic): one-hot
+    rows of x pick rows of the weight, which must equal the reference decoder's bit for bit."""
+    bits, family = FORMATS[name]
+    k, n = 256, 200
+    w = jnp.asarray(np.random.default_rng(bits).standard_normal((k, n)) * 0.1, jnp.bfloat16)
+    q = lowprec.quantize({"w": w}, lowprec.QuantSpec(bits, 128, family))["w"]
+    rows = np.arange(m) * 37 % k
+    x = jnp.asarray(np.eye(k)[rows], jnp.bfloat16)
+    fused = fusec.jit(lambda q, x: x @ q, backend="pallas", interpret=True, passes=GPU_TILES_INTERPRETED)
+    got = np.asarray(fused(q, x).astype(jnp.float32))
+    want = np.asarray(lowprec.dequantize(q).astype(jnp.float32))[rows]
+    np.testing.assert_array_equal(got, want)

@@ -36,6 +36,8 @@ __all__ = ["KernelSpec", "build_kernel", "generate_source", "kernel_ops", "modul
 
 def _write(w: BodyWriter, programs: Module, func: Function, plans: dict[str, RefPlan], refs: dict[str, str]) -> None:
     """Writes ``func``'s ops; ``refs`` maps its array parameters to the program's."""
+    # Scales and zero-points reach unpack in their stored dtype; it converts them (and may use it).
+    uncast = {v.name for o in func.ops if o.opcode == "unpack" for v in o.operands}
     for op in func.ops:
         if op.opcode in ACCESS_OPS:
             plan = plans[refs[op.operands[0].name]]
@@ -43,7 +45,8 @@ def _write(w: BodyWriter, programs: Module, func: Function, plans: dict[str, Ref
             indices = [w.index_name(v) for v in op.operands[n_values:]]
             if op.opcode == "load":
                 # A low-bit weight's scales are declared f32: read as f32, whatever dtype stores them.
-                cast = ".astype(jnp.float32)" if str(op.result.type.elem) == "f32" else ""
+                cast = ".astype(jnp.float32)" if str(op.result.type.elem) == "f32" and \
+                    op.result.name not in uncast else ""
                 w.line(f"{w.name(op.result)} = {access_source(plan, op, indices)}{cast}  "
                        f"# {op.result.name}: {op.result.type}")
             else:

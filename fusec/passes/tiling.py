@@ -29,13 +29,15 @@ def _dot_k(kernel_func: Function) -> int:
 
 def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str, packed: bool = False,
                   table_bits: int = 0, reduce_axes: tuple[int, ...] | None = None, splittable: bool = False,
-                  group: int | None = None) -> KernelTiling:
+                  group: int | None = None, fma_ok: bool = False) -> KernelTiling:
     """Block, grid, squeezed dims, K step and launch parameters for one kernel. ``packed``: the
     matmul unpacks a low-bit weight, whose K step is 32 (a whole word of 1-bit codes, and a divisor
     of every scale group); ``table_bits``: the width of a NormalFloat or lookup-table format it
     decodes with a chain of selects (wide tables get narrower tiles, to keep clear of spills);
     ``splittable``: the kernel is only the K reduction (split-epilogue's form), so its K loop may
-    split across programs (split-K), with K steps up to the scale ``group`` (rows per scale)."""
+    split across programs (split-K), with K steps up to the scale ``group`` (rows per scale);
+    ``fma_ok``: it decodes to f32, so a few rows may multiply on the FMA units with the same
+    rounding as the reference (a bfloat16 weight would need rounding there and back)."""
     r = len(space)
     if target == "interpret":
         block = [pow2_at_least(d) for d in space]
@@ -74,10 +76,20 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
             # packed weight and the memory system sees longer runs of words.
             block[-1] = min(128 if table_bits <= 4 else 64, max(PALLAS_TRITON.min_dot_tile, pow2_at_least(space[-1])))
             if splittable and k:
-                bk, launch = _gemv_split(k, group or k, cdiv(space[-1], block[-1]) * cdiv(space[-2], block[-2]))
+                cap = GEMV.bk
+                if space[-2] <= GEMV.fma_rows and fma_ok:  # FMA units, not a dot padded to 16 rows
+                    # The [rows, K step, N] product is one tile: keep it to fma_cube elements.
+                    block[-2] = pow2_at_least(space[-2])
+                    block[-1] = min(block[-1], max(16, GEMV.fma_cube // (32 * block[-2])))
+                    cap = max(32, min(cap, GEMV.fma_cube // (block[-2] * block[-1])))
+                bk, launch = _gemv_split(k, min(group or k, cap), cdiv(space[-1], block[-1]) *
+                                         cdiv(space[-2], block[-2]), GEMV)
     squeeze = tuple(d for d in range(max(0, r - 2)) if block[d] == 1 and d not in (reduce_axes or ()))
+    strategy = ("gemv" if space[-2] <= 16 else "gemm") if packed else None
+    if launch and block[-2] < PALLAS_TRITON.min_dot_tile:
+        strategy = "gemv-fma"
     return KernelTiling(kind, tuple(space), tuple(block), tuple(cdiv(s, b) for s, b in zip(space, block)), squeeze,
-                        bk, strategy=("gemv" if space[-2] <= 16 else "gemm") if packed else None, **launch)
+                        bk, strategy=strategy, **launch)
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,8 @@ class GemvConfig:
     num_warps: int = 4
     programs_per_sm: int = 4
     sms: int = 132
+    fma_rows: int = 1  # at most this many rows multiply on the FMA units (more lose to the padded dot)
+    fma_cube: int = 16384  # elements of that product tile (128 per thread at 4 warps: no spills)
 
 
 GEMV = GemvConfig()
@@ -125,7 +139,8 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str) -> Op:
     if formats and k:
         weight = next(o for o in callee.ops if o.opcode == "dequantize").operands[0]
         group = weight.type.elem.rows_per_scale(weight.type.shape[0])  # type: ignore[union-attr]
-    tiling = choose_tiling(kind, space, k, target, bool(formats), table_bits, reduce_axes, splittable, group)
+    fma_ok = any(str(o.result.type.elem) == "f32" for o in callee.ops if o.opcode == "dequantize")
+    tiling = choose_tiling(kind, space, k, target, bool(formats), table_bits, reduce_axes, splittable, group, fma_ok)
     attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile")} | tiling.as_attrs()
     return Op(op.opcode, op.operands, op.results, Op.make("kernel", **attrs).attrs, op.loc)
 

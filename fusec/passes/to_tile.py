@@ -229,6 +229,9 @@ class _KernelLowering:
             else:
                 rhs = self.load(dot.operands[1], body, {self._array_dim(dot.operands[1], 1 if rhs_t else 0): (kk, bk)},
                                 pids)
+            if t.strategy == "gemv-fma" and not (lhs_t or rhs_t):
+                new_accs.append(self.fma(body, accs[n], a, rhs))
+                continue
             precision = {key: dot.attr(key) for key in ("precision", "precision_pair", "algorithm")
                          if dot.attr(key) is not None}
             new_accs.append(body.value("dot_acc", [accs[n], a, rhs], acc_type, f"acc{n}", lhs_t=lhs_t, rhs_t=rhs_t,
@@ -242,6 +245,19 @@ class _KernelLowering:
             out = self.tile_type(dot.result.type)
             self.tiles[dot.result.name] = acc if out == acc.type else outer.value(
                 "convert", [acc], out, dot.result.name, dtype=str(out.elem))
+
+    @staticmethod
+    def fma(b: TileBuilder, acc: Value, a: Value, w: Value) -> Value:
+        """``acc + a @ w`` on the FMA units: a broadcasting multiply summed over K (few rows: no
+        tensor-core padding to 16 rows, no shared-memory round trip of the decoded tile)."""
+        (bm, bk), bn = a.type.shape, w.type.shape[1]
+        cube = TensorType(F32, (bm, bk, bn))
+        a32, w32 = (x if x.type.elem == F32 else b.value("convert", [x], x.type.with_elem(F32), "f", dtype="f32")
+                    for x in (a, w))
+        ab = b.value("broadcast", [a32], cube, "ab", dims=(0, 1), shape=cube.shape)
+        wb = b.value("broadcast", [w32], cube, "wb", dims=(1, 2), shape=cube.shape)
+        part = b.value("reduce", [b.value("mul", [ab, wb], cube, "p")], acc.type, "part", axes=(1,), kind="sum")
+        return b.value("add", [acc, part], acc.type, "acc")
 
     def _array_dim(self, p: Value, kept_pos: int) -> int:
         """The array dimension holding position ``kept_pos`` of ``p``'s block value."""
