@@ -105,6 +105,7 @@ class GemvConfig:
     sms: int = 132
     fma_rows: int = 1  # at most this many rows multiply on the FMA units (more lose to the padded dot)
     fma_cube: int = 16384  # elements of that product tile (128 per thread at 4 warps: no spills)
+    min_trips: int = 2  # K steps each program keeps (one step per program pipelines nothing)
 
 
 GEMV = GemvConfig()
@@ -113,13 +114,14 @@ GEMV = GemvConfig()
 def _gemv_split(k: int, group: int, programs: int, config: GemvConfig = GEMV) -> tuple[int, dict[str, int]]:
     """The K step and launch parameters (with ``split``) of a skinny low-bit matmul of ``programs``
     output tiles: split the K loop into the largest power of two of parts, each a whole number of
-    K steps, that brings the grid up to the programs aimed for."""
+    (at least ``min_trips``) K steps, that brings the grid up to the programs aimed for."""
     bk = 32
     while bk * 2 <= min(config.bk, group, pow2_at_least(k)) and group % (bk * 2) == 0:
         bk *= 2
     steps = cdiv(k, bk)
     split = 1
-    while programs * split < config.programs_per_sm * config.sms and steps % (split * 2) == 0:
+    while programs * split < config.programs_per_sm * config.sms and steps % (split * 2) == 0 and \
+            steps // (split * 2) >= config.min_trips:
         split *= 2
     return bk, {"split": split, "num_stages": config.num_stages, "num_warps": config.num_warps}
 
