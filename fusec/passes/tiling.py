@@ -76,7 +76,7 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
             # packed weight and the memory system sees longer runs of words.
             block[-1] = min(128 if table_bits <= 4 else 64, max(PALLAS_TRITON.min_dot_tile, pow2_at_least(space[-1])))
             if splittable and k:
-                cap = GEMV.bk
+                cap = GEMV.bk if table_bits <= 4 else 32  # wide select chains: short K steps, no spills
                 if space[-2] <= GEMV.fma_rows and fma_ok:  # FMA units, not a dot padded to 16 rows
                     # The [rows, K step, N] product is one tile: keep it to fma_cube elements.
                     block[-2] = pow2_at_least(space[-2])
