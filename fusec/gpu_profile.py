@@ -43,6 +43,7 @@ class KernelProfile:
     mix: dict[str, int]  # the hot loop's (or kernel's) instructions by category
     modeled: Modeled
     roofline_bound_s: float  # max(bytes / bandwidth, FLOPs / peak), without launch overhead
+    split: int = 1  # programs sharing one output tile's K loop (split-K)
 
     @property
     def modeled_us(self) -> float:
@@ -149,5 +150,5 @@ def build_gpu_profile(lowered: Any, arch: int = 90, gpu: str = "h100") -> GpuPro
             name, ck.programs, ck.num_warps, ck.num_stages, ck.resources.registers, ck.resources.spills,
             work.shared_bytes, whole.total, hot.total, trips, per, elements, counted.total * scale,
             counted.conversions * scale, tuple(8 * w for w in counted.global_load_widths), counted.by_category,
-            model(work, spec), roofline))
+            model(work, spec), roofline, int(op.attr("split", 1))))
     return GpuProfile(spec.name, arch, tuple(profiles))

@@ -13,7 +13,9 @@ from fusec.passes import Pass, parse_pipeline
 
 DEFAULT_PIPELINE: tuple[str, ...] = ("inline", "canonicalize", "fold-constants", "cse", "dce")
 # Kernel backends add fusion and tiling (with the tile target chosen by where kernels run).
-KERNEL_PASSES: tuple[str, ...] = ("sink-reshapes", "cse", "dce", "fuse", "dce")
+# split-epilogue moves skinny low-bit matmuls' epilogues out (so their K loop can split across
+# programs); the second fuse makes those epilogues kernels of their own.
+KERNEL_PASSES: tuple[str, ...] = ("sink-reshapes", "cse", "dce", "fuse", "dce", "split-epilogue", "fuse", "dce")
 
 
 def resolve_pipeline(passes: str | Sequence[str | Pass] | None, backend: str = "xla",

@@ -155,7 +155,7 @@ def _tools_or_skip() -> None:
 
 def _profile(fn, *args):
     lowered = fusec.jit(fn, backend="pallas", interpret=False).lower(*args)
-    (op,) = [op for op in lowered.program.module.entry.ops if op.opcode == "kernel"]
+    op = [op for op in lowered.program.module.entry.ops if op.opcode == "kernel"][0]  # the first
     return lowered.gpu_profile(90, "h100"), op, lowered
 
 
@@ -181,10 +181,12 @@ def test_small_int4_gemv_hot_loop() -> None:
     w = jnp.asarray(np.random.default_rng(0).standard_normal((k_dim, n)) * 0.02, jnp.bfloat16)
     q = lowprec.quantize({"w": w}, lowprec.QuantSpec(4, 128))["w"]
     profile, op, lowered = _profile(lambda q, x: x @ q, q, jax.ShapeDtypeStruct((1, k_dim), jnp.bfloat16))
-    (k,) = profile.kernels
+    # The GEMV, then the cast of its f32 sum to bfloat16 (split-epilogue's second kernel).
+    k, cast = profile.kernels
+    assert k.per == "weight" and cast.per == "output"
     tile = lowered.program.module.function(str(op.attr("tile")))
     (loop,) = [o for o in tile.ops if o.opcode == "loop"]
-    assert k.programs == math.prod(op.attr("grid")) and k.spills == 0
+    assert k.programs == math.prod(op.attr("grid")) * op.attr("split", 1) and k.spills == 0
     assert k.loop_trips == int(loop.attr("trips")) > 1 and k.hot_loop_instructions > 0
     assert k.per == "weight" and k.elements == k_dim * n
     threads = 32 * k.warps_per_cta
@@ -193,7 +195,8 @@ def test_small_int4_gemv_hot_loop() -> None:
     # Every K step loads at least its share of the packed weights (4 bits each).
     step_weight_bytes = k_dim * n // 2 / (k.programs * k.loop_trips)
     assert k.modeled.inflight_bytes_per_sm >= step_weight_bytes
-    assert k.conversions_per_element > 0 and k.mix["mma"] + k.mix.get("fp32", 0) > 0
+    # bfloat16 codes and scales decode in packed bfloat16: no conversions at all.
+    assert k.conversions_per_element == 0 and k.mix["mma"] > 0 and k.mix["fp16x2"] > 0
 
 
 def test_cli_inspect_sass(tmp_path: Path, capsys) -> None:

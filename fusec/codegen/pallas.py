@@ -17,12 +17,14 @@ from fusec.codegen.pallas_special import SPECIAL_FUNCTIONS, SPECIAL_SOURCE
 from fusec.codegen.pallas_text import jnp_dtype
 from fusec.codegen.xla import Evaluator
 from fusec.errors import FusecError
-from fusec.ir import Function, Module, Op, print_function
+from fusec.ir import Function, KernelTiling, Module, Op, Value, print_function
 from fusec.ir.tile_ops import ACCESS_OPS
 from fusec.passes.tiling import tile_kernel_op
 from fusec.passes.to_tile import lower_kernel
 
-_PRELUDE = """import jax
+_PRELUDE = """import functools
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -34,6 +36,8 @@ __all__ = ["KernelSpec", "build_kernel", "generate_source", "kernel_ops", "modul
 
 def _write(w: BodyWriter, programs: Module, func: Function, plans: dict[str, RefPlan], refs: dict[str, str]) -> None:
     """Writes ``func``'s ops; ``refs`` maps its array parameters to the program's."""
+    # Scales and zero-points reach unpack in their stored dtype; it converts them (and may use it).
+    uncast = {v.name for o in func.ops if o.opcode == "unpack" for v in o.operands}
     for op in func.ops:
         if op.opcode in ACCESS_OPS:
             plan = plans[refs[op.operands[0].name]]
@@ -41,7 +45,8 @@ def _write(w: BodyWriter, programs: Module, func: Function, plans: dict[str, Ref
             indices = [w.index_name(v) for v in op.operands[n_values:]]
             if op.opcode == "load":
                 # A low-bit weight's scales are declared f32: read as f32, whatever dtype stores them.
-                cast = ".astype(jnp.float32)" if str(op.result.type.elem) == "f32" else ""
+                cast = ".astype(jnp.float32)" if str(op.result.type.elem) == "f32" and \
+                    op.result.name not in uncast else ""
                 w.line(f"{w.name(op.result)} = {access_source(plan, op, indices)}{cast}  "
                        f"# {op.result.name}: {op.result.type}")
             else:
@@ -80,11 +85,18 @@ def _write_loop(w: BodyWriter, programs: Module, op: Op, plans: dict[str, RefPla
     w.line(f"({results}) = lax.fori_loop(0, {op.attr('trips')}, {fn}, ({inits}))")
 
 
+def _atomic_outputs(module: Module, outputs: tuple[Value, ...]) -> list[int]:
+    """Positions of the outputs some ``atomic_add`` of the tile program writes."""
+    names = {o.operands[0].name for f in module.functions for o in f.ops if o.opcode == "atomic_add"}
+    return [j for j, p in enumerate(outputs) if p.name in names]
+
+
 def generate_source(op: Op, programs: list[Function], ident: str) -> str:
     """The Python source of a kernel body and its ``pallas_call`` wrapper, from its tile program
     (first of ``programs``; the rest are loop bodies)."""
     program = programs[0]
     module = Module(tuple(programs))
+    ops = [o for f in programs for o in f.ops]
     plans = plan_refs(module, program)
     n_out = len(op.results)
     inputs, outputs = program.params[:len(program.params) - n_out], program.params[len(program.params) - n_out:]
@@ -93,27 +105,36 @@ def generate_source(op: Op, programs: list[Function], ident: str) -> str:
     _write(w, module, program, plans, {p.name: p.name for p in program.params})
     args = [plans[p.name].ref for p in program.params]
     out_shapes = [f"jax.ShapeDtypeStruct({tuple(r.type.shape)}, {jnp_dtype(r)})" for r in op.results]
-    grid = tuple(op.attr("grid"))
-    lines = [f"def {ident}_body({', '.join(args)}):"] + ["    " + line for line in w.lines]
+    grid = KernelTiling.from_attrs(op.attr_dict).launch_grid
+    # Outputs the kernel adds into (split-K) start as zeros: an aliased input.
+    atomic = _atomic_outputs(module, outputs)
+    if atomic:  # the zeros' refs (aliased to the outputs) come between the inputs and the outputs
+        args[len(inputs):len(inputs)] = [f"_zeros{j}" for j in atomic]
+    lines = [f"def {ident}_body({', '.join(args)}{', _masked_atomics=True' if atomic else ''}):"]
+    lines += ["    " + line for line in w.lines]
+    zeros = ", ".join(f"jnp.zeros({tuple(outputs[j].type.shape)}, jnp.float32)" for j in atomic)
+    body = f"functools.partial({ident}_body, _masked_atomics=not interpret)" if atomic else f"{ident}_body"
+    in_specs = [plans[p.name].spec for p in inputs] + [plans[outputs[j].name].spec for j in atomic]
     lines += [
         "",
         "",
         f"def {ident}(*args, interpret=False):",
+        *([f"    args = (*args, {zeros})"] if atomic else []),
         f"    # kernel {op.attr('callee')}: {op.attr('kind')} over {list(op.attr('space'))}, "
         f"block {list(op.attr('block'))}, grid {list(grid)}",
         "    return pl.pallas_call(",
-        f"        {ident}_body,",
+        f"        {body},",
         f"        grid={grid},",
-        "        in_specs=[" + ", ".join(plans[p.name].spec for p in inputs) + "],",
+        "        in_specs=[" + ", ".join(in_specs) + "],",
         "        out_specs=[" + ", ".join(plans[p.name].spec for p in outputs) + "],",
         "        out_shape=[" + ", ".join(out_shapes) + "],",
+        *([f"        input_output_aliases={ {len(inputs) + n: j for n, j in enumerate(atomic)} },"] if atomic else []),
         "        interpret=interpret,",
         f"        compiler_params=plgpu.CompilerParams(num_warps={op.attr('num_warps')}, "
         f"num_stages={op.attr('num_stages')}),",
         f"        name={ident!r},  # PTX names allow no dots",
         "    )(*args)",
     ]
-    ops = [o for f in programs for o in f.ops]
     special = SPECIAL_SOURCE if any(o.opcode in SPECIAL_FUNCTIONS for o in ops) else ""
     return _PRELUDE + special + "\n\n" + "\n".join(lines) + "\n"
 
@@ -158,7 +179,8 @@ def masked_refs(source: str, ident: str) -> tuple[int, ...]:
     """Positions of the kernel's refs (its arguments, in order) that some load or store masks."""
     header = re.search(rf"def {ident}_body\((.*)\):", source)
     assert header is not None
-    names = [n.strip() for n in header.group(1).split(",")]
+    # The Triton kernel's arguments: the refs, an aliased zeros input (split-K) included.
+    names = [n.strip() for n in header.group(1).split(",") if not n.strip().startswith("_masked")]
     return tuple(i for i, n in enumerate(names) if re.search(rf"plgpu\.(load|store|atomic_add)\({n}\b", source))
 
 

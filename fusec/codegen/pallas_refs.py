@@ -143,7 +143,11 @@ def access_source(plan: RefPlan, op: Op, index_names: list[str], value: str | No
         fill = f"jnp.zeros((), {plan.ref}.dtype)" if not other else f"jnp.full((), {literal(other)}, {plan.ref}.dtype)"
         return f"plgpu.load({target}, mask={mask}, other={fill})"
     if op.opcode == "atomic_add":
-        return f"plgpu.atomic_add({target}, (...,), {value}" + (f", mask={mask})" if mask else ")")
+        if not mask:
+            return f"plgpu.atomic_add({target}, (...,), {value})"
+        # Interpret mode has no masked atomics (it pads partial blocks): add zeros there instead.
+        return (f"plgpu.atomic_add({target}, (...,), jnp.where({mask}, {value}, 0), "
+                f"mask=({mask}) if _masked_atomics else None)")
     if not mask:
         return f"{target}[...] = {value}"
     return f"plgpu.store({target}, {value}, mask={mask})"

@@ -2,7 +2,8 @@
 
 Each power-of-two plane's words for the tile's rows are loaded once, repeated to one row per code
 (broadcast + reshape), shifted by the code's lane and masked; the planes are ORed into codes, the
-codes decoded (two's complement, zero-point, small-float bit fields, or, for NormalFloat and lookup
+codes decoded (two's complement through a float bit pattern rather than an int-to-float
+conversion, zero-point, small-float bit fields, or, for NormalFloat and lookup
 tables, a chain of selects over the table's values) and scaled by the tile's group scale. See fusec/lowprec/packing.py.
 """
 
@@ -20,7 +21,7 @@ def unpack_source(op: Op, args: list[str]) -> list[str]:
     fmt = parse_elem_type(str(op.attr("format")))
     assert isinstance(fmt, LowBitType)
     bk, bn = op.attr("shape")
-    lines = [f"codes = jnp.zeros(({bk}, {bn}), jnp.uint32)"]
+    lines = []
     shift = 0
     for i, p in enumerate(fmt.plane_widths):
         per_word = WORD_BITS // p
@@ -28,17 +29,32 @@ def unpack_source(op: Op, args: list[str]) -> list[str]:
         lines += [
             f"words = jnp.broadcast_to({args[i]}[:, None, :], ({rows}, {per_word}, {bn})).reshape({bk}, {bn})",
             f"lanes = (lax.broadcasted_iota(jnp.int32, ({bk}, {bn}), 0) % {per_word}).astype(jnp.uint32) * {p}",
-            f"codes = codes | (((words >> lanes) & {2**p - 1}) << {shift})",
+            f"codes = {'codes | ' if shift else ''}((words >> lanes) & {2**p - 1}){f' << {shift}' if shift else ''}",
         ]
         shift += p
     n_planes = len(fmt.plane_widths)
+    out = DType(str(op.attr("dtype")))
+    if fmt.family == "int" and out.name == "bf16" and fmt.bits <= 7:
+        # bfloat16 throughout, two weights per instruction: 128 + the biased code is the bf16 bit
+        # pattern 0x4300 | code; a bf16 product of the code and a bf16 scale rounds once, as the
+        # reference's f32 product cast to bf16 does. Decided as the kernel is traced: the scales'
+        # stored dtype (the scale operand arrives uncast) must be bfloat16.
+        half = 2 ** (fmt.bits - 1)
+        lines += [f"if {args[n_planes]}.dtype == jnp.bfloat16:",
+                  f"    biased = lax.bitcast_convert_type((codes ^ {half | 0x4300}).astype(jnp.uint16), jnp.bfloat16)",
+                  f"    return (biased - jnp.bfloat16({float(128 + half)!r})) * {args[n_planes]}"]
     lines.append(f"scale = {args[n_planes]}.astype(jnp.float32)")
     if fmt.family == "int":
-        half, full = 2 ** (fmt.bits - 1), 2**fmt.bits
-        lines += ["c = codes.astype(jnp.int32)", f"values = jnp.where(c >= {half}, c - {full}, c).astype(jnp.float32)"]
+        # Int to float without I2F: the code with its sign bit flipped (c + 2^(b-1), as unsigned) ORed
+        # into the mantissa of 2^23 is exactly 2^23 + c + 2^(b-1) as f32 bits; subtracting gives c.
+        half = 2 ** (fmt.bits - 1)
+        # (One XOR: the code's bits lie below 2^23's; with the mask above, a single LOP3.)
+        lines += [f"biased = lax.bitcast_convert_type(codes ^ {half | 0x4B000000}, jnp.float32)",
+                  f"values = biased - {float(2**23 + half)!r}"]
     elif fmt.family == "uint":
         lines.append(f"zero = {args[n_planes + 1]}.astype(jnp.float32)")
-        lines.append("values = codes.astype(jnp.float32) - zero")
+        # The code ORed into the mantissa of 2^23, less 2^23: exact, and no I2F.
+        lines.append("values = (lax.bitcast_convert_type(codes | 0x4B000000, jnp.float32) - 8388608.0) - zero")
     elif fmt.family == "float":
         e, m = fmt.exp_bits or 0, fmt.bits - 1 - (fmt.exp_bits or 0)
         bias = 2 ** (e - 1) - 1
@@ -54,5 +70,5 @@ def unpack_source(op: Op, args: list[str]) -> list[str]:
         table = [float(v) for v in format_of(fmt, op.attr("lut")).table]
         lines.append(f"values = jnp.full(({bk}, {bn}), {literal(table[0])}, jnp.float32)")
         lines += [f"values = jnp.where(codes == {c}, {literal(v)}, values)" for c, v in enumerate(table) if c]
-    lines.append(f"return (values * scale).astype(jnp.{DType(str(op.attr('dtype'))).numpy_name})")
+    lines.append(f"return (values * scale).astype(jnp.{out.numpy_name})")
     return lines

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-TILING_ATTRS = ("block", "grid", "squeeze", "bk", "num_warps", "num_stages", "strategy")
+TILING_ATTRS = ("block", "grid", "squeeze", "bk", "num_warps", "num_stages", "strategy", "split")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -26,6 +26,7 @@ class KernelTiling:
     num_warps: int = 4
     num_stages: int = 2
     strategy: str | None = None
+    split: int = 1
 
     def __post_init__(self) -> None:
         self.check_invariants()
@@ -48,6 +49,8 @@ class KernelTiling:
             raise ValueError(f"K step bk = {self.bk} is not a power of two")
         if self.num_warps < 1 or self.num_stages < 1:
             raise ValueError(f"num_warps = {self.num_warps} and num_stages = {self.num_stages} must be positive")
+        if self.split < 1 or (self.split > 1 and (self.kind != "matmul" or self.bk is None)):
+            raise ValueError(f"split = {self.split}: only a matmul's K loop splits, into a positive number of parts")
 
     @staticmethod
     def from_attrs(attrs: dict[str, Any]) -> KernelTiling:
@@ -57,7 +60,8 @@ class KernelTiling:
             raise ValueError(f"a tiled kernel needs attribute(s) {', '.join(missing)}")
         return KernelTiling(str(attrs["kind"]), tuple(attrs["space"]), tuple(attrs["block"]), tuple(attrs["grid"]),
                             tuple(attrs.get("squeeze", ())), attrs.get("bk"), int(attrs.get("num_warps", 4)),
-                            int(attrs.get("num_stages", 2)), attrs.get("strategy"))
+                            int(attrs.get("num_stages", 2)), attrs.get("strategy"),
+                            int(attrs.get("split", 1)))
 
     def as_attrs(self) -> dict[str, Any]:
         attrs: dict[str, Any] = {"block": self.block, "grid": self.grid, "squeeze": self.squeeze,
@@ -66,7 +70,14 @@ class KernelTiling:
             attrs["bk"] = self.bk
         if self.strategy is not None:
             attrs["strategy"] = self.strategy
+        if self.split > 1:
+            attrs["split"] = self.split
         return attrs
+
+    @property
+    def launch_grid(self) -> tuple[int, ...]:
+        """The grid programs are launched on: ``grid``, then the split-K axis when there is one."""
+        return self.grid + ((self.split,) if self.split > 1 else ())
 
     @property
     def tile_shape(self) -> tuple[int, ...]:

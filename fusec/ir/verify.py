@@ -66,7 +66,7 @@ def _verify_tile_link(module: Module, func: Function, op: Op) -> None:
     if [p.type for p in program.params] != want:
         raise _fail(func, op, f"tile program @{program.name} takes ({', '.join(str(p.type) for p in program.params)}), "
                               f"not the kernel's arrays ({', '.join(map(str, want))})")
-    grid = tuple(op.attr("grid", ()))
+    grid = tuple(op.attr("grid", ())) + ((int(op.attr("split")),) if int(op.attr("split", 1)) > 1 else ())
     for axis, size in verify_tile_program(module, program).items():
         if axis >= len(grid) or grid[axis] != size:
             raise _fail(func, op, f"tile program @{program.name} runs {size} programs along grid axis {axis}, "

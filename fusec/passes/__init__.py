@@ -8,6 +8,7 @@ from fusec.passes import (  # noqa: F401  (registers the passes)
     fusion,
     inline,
     sink_reshapes,
+    split_epilogue,
     tiling,
     to_tile,
     views,

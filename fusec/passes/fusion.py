@@ -305,8 +305,13 @@ class Fuse(Pass):
         names = {f.name for f in module.functions}
         out: list[Function] = []
         kernels: list[Function] = []
+        # Kernels' own functions are left alone; a function that calls kernels already (a second
+        # fuse, after split-epilogue) has its remaining ops grouped around them.
+        callees = {str(op.attr(key)) for f in module.functions for op in f.ops if op.opcode == "kernel"
+                   for key in ("callee", "tile") if op.attr(key) is not None}
         for f in module.functions:
-            if any(op.opcode == "kernel" for op in f.ops) or f.name in {k.name for k in kernels}:
+            if f.name in callees or f.name.startswith(tuple(c + "." for c in callees)) or \
+                    f.name in {k.name for k in kernels}:
                 out.append(f)
                 continue
             fused, ks = fuse_function(f, self.max_ops, names)

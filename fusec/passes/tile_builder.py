@@ -110,7 +110,8 @@ class TileBuilder:
     def program_id(self, axis: int) -> Value:
         key = ("pid", axis)
         if key not in self.memo:
-            self.memo[key] = self.value("program_id", [], SCALAR, f"g{axis}", axis=axis, size=self.tiling.grid[axis])
+            size = self.tiling.launch_grid[axis]
+            self.memo[key] = self.value("program_id", [], SCALAR, f"g{axis}", axis=axis, size=size)
         return self.memo[key]
 
     def index(self, expr: IndexExpr, pids: dict[int, Value] | None = None) -> Value:

@@ -28,11 +28,16 @@ def _dot_k(kernel_func: Function) -> int:
 
 
 def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str, packed: bool = False,
-                  table_bits: int = 0, reduce_axes: tuple[int, ...] | None = None) -> KernelTiling:
+                  table_bits: int = 0, reduce_axes: tuple[int, ...] | None = None, splittable: bool = False,
+                  group: int | None = None, fma_ok: bool = False) -> KernelTiling:
     """Block, grid, squeezed dims, K step and launch parameters for one kernel. ``packed``: the
     matmul unpacks a low-bit weight, whose K step is 32 (a whole word of 1-bit codes, and a divisor
     of every scale group); ``table_bits``: the width of a NormalFloat or lookup-table format it
-    decodes with a chain of selects (wide tables get narrower tiles, to keep clear of spills)."""
+    decodes with a chain of selects (wide tables get narrower tiles, to keep clear of spills);
+    ``splittable``: the kernel is only the K reduction (split-epilogue's form), so its K loop may
+    split across programs (split-K), with K steps up to the scale ``group`` (rows per scale);
+    ``fma_ok``: it decodes to f32, so a few rows may multiply on the FMA units with the same
+    rounding as the reference (a bfloat16 weight would need rounding there and back)."""
     r = len(space)
     if target == "interpret":
         block = [pow2_at_least(d) for d in space]
@@ -63,15 +68,62 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
         bk = None
     if kind == "matmul":
         block[: r - 2] = [1] * (r - 2)
+    launch: dict[str, int] = {}
     if packed:
         bk = 32
         if kind == "matmul" and target == "gpu" and space[-2] <= 16:
             # Skinny (GEMV-like) strategy: few rows, so each program takes a wider slice of the
             # packed weight and the memory system sees longer runs of words.
             block[-1] = min(128 if table_bits <= 4 else 64, max(PALLAS_TRITON.min_dot_tile, pow2_at_least(space[-1])))
+            if splittable and k:
+                cap = GEMV.bk if table_bits <= 4 else 32  # wide select chains: short K steps, no spills
+                if space[-2] <= GEMV.fma_rows and fma_ok:  # FMA units, not a dot padded to 16 rows
+                    # The [rows, K step, N] product is one tile: keep it to fma_cube elements.
+                    block[-2] = pow2_at_least(space[-2])
+                    block[-1] = min(block[-1], max(16, GEMV.fma_cube // (32 * block[-2])))
+                    cap = max(32, min(cap, GEMV.fma_cube // (block[-2] * block[-1])))
+                bk, launch = _gemv_split(k, min(group or k, cap), cdiv(space[-1], block[-1]) *
+                                         cdiv(space[-2], block[-2]), GEMV)
     squeeze = tuple(d for d in range(max(0, r - 2)) if block[d] == 1 and d not in (reduce_axes or ()))
+    strategy = ("gemv" if space[-2] <= 16 else "gemm") if packed else None
+    if launch and block[-2] < PALLAS_TRITON.min_dot_tile:
+        strategy = "gemv-fma"
     return KernelTiling(kind, tuple(space), tuple(block), tuple(cdiv(s, b) for s, b in zip(space, block)), squeeze,
-                        bk, strategy=("gemv" if space[-2] <= 16 else "gemm") if packed else None)
+                        bk, strategy=strategy, **launch)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Split-K GEMV tiling: the K step (at most one scale group), pipeline stages, and the
+    programs aimed for (``programs_per_sm`` x ``sms``: enough resident CTAs per SM to keep the
+    loads in flight that Little's law asks for, docs/gpu-model.md)."""
+
+    bk: int = 128
+    num_stages: int = 3
+    num_warps: int = 4
+    programs_per_sm: int = 4
+    sms: int = 132
+    fma_rows: int = 1  # at most this many rows multiply on the FMA units (more lose to the padded dot)
+    fma_cube: int = 16384  # elements of that product tile (128 per thread at 4 warps: no spills)
+    min_trips: int = 2  # K steps each program keeps (one step per program pipelines nothing)
+
+
+GEMV = GemvConfig()
+
+
+def _gemv_split(k: int, group: int, programs: int, config: GemvConfig = GEMV) -> tuple[int, dict[str, int]]:
+    """The K step and launch parameters (with ``split``) of a skinny low-bit matmul of ``programs``
+    output tiles: split the K loop into the largest power of two of parts, each a whole number of
+    (at least ``min_trips``) K steps, that brings the grid up to the programs aimed for."""
+    bk = 32
+    while bk * 2 <= min(config.bk, group, pow2_at_least(k)) and group % (bk * 2) == 0:
+        bk *= 2
+    steps = cdiv(k, bk)
+    split = 1
+    while programs * split < config.programs_per_sm * config.sms and steps % (split * 2) == 0 and \
+            steps // (split * 2) >= config.min_trips:
+        split *= 2
+    return bk, {"split": split, "num_stages": config.num_stages, "num_warps": config.num_warps}
 
 
 def tile_kernel_op(op: Op, functions: dict[str, Function], target: str) -> Op:
@@ -82,7 +134,15 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str) -> Op:
     formats = [parse_elem_type(str(o.attr("format"))) for o in callee.ops if o.opcode == "dequantize"]
     table_bits = max((f.bits for f in formats if getattr(f, "family", "") in ("nf", "lut")), default=0)
     reduce_axes = tuple(op.attr("reduce_axes")) if op.attr("reduce_axes") is not None else None
-    tiling = choose_tiling(kind, space, k, target, bool(formats), table_bits, reduce_axes)
+    dots = [o for o in callee.ops if o.opcode == "dot"]
+    splittable = len(formats) == 1 and len(dots) == 1 and callee.returns == (dots[0].result,) and \
+        str(dots[0].result.type.elem) == "f32" and not op.attr("in_views") and not op.attr("out_views")
+    group = None
+    if formats and k:
+        weight = next(o for o in callee.ops if o.opcode == "dequantize").operands[0]
+        group = weight.type.elem.rows_per_scale(weight.type.shape[0])  # type: ignore[union-attr]
+    fma_ok = any(str(o.result.type.elem) == "f32" for o in callee.ops if o.opcode == "dequantize")
+    tiling = choose_tiling(kind, space, k, target, bool(formats), table_bits, reduce_axes, splittable, group, fma_ok)
     attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile")} | tiling.as_attrs()
     return Op(op.opcode, op.operands, op.results, Op.make("kernel", **attrs).attrs, op.loc)
 

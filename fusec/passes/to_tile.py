@@ -89,10 +89,12 @@ class _KernelLowering:
                 self.k_loop(dots)
             elif o.opcode not in ("dot", "dequantize"):  # dots run in the first one's K loop
                 self.translate(o)
+        # Split-K: each program holds a partial sum over its share of K, added into the output.
+        write = "atomic_add" if self.tiling.split > 1 else "store"
         for ref, v, mapping in outs:
             tile = self.tiles[v.name]
             indices = [b.index(e) for e in mapping.index]
-            b.access("store", ref, indices, mapping.blocks, ref.type, tile)
+            b.access(write, ref, indices, mapping.blocks, ref.type, tile)
         return [b.function([]), *self.extra]
 
     def load(self, p: Value, b: TileBuilder, slices: dict[int, tuple[Value, int]] | None = None,
@@ -188,6 +190,8 @@ class _KernelLowering:
         k = lhs.type.shape[-2] if lhs_t else lhs.type.shape[-1]
         bk = int(t.bk or k)
         steps = -(-k // bk)
+        split = t.split
+        trips = -(-steps // split)  # K steps per program
         bm, bn = t.block[-2], t.block[-1]
         producers = {r.name: o for o in callee.ops for r in o.results}
         elem = lhs.type.elem
@@ -195,12 +199,12 @@ class _KernelLowering:
         inits = [outer.const(0 if acc_type.elem == I32 else 0.0, acc_type) for _ in dots]
         # The body takes the loop index, the accumulators, then every array and program id it uses.
         captured_refs = [r for name in self.refs for r in self.refs[name]]
-        pid_axes = list(range(len(t.space)))
+        pid_axes = list(range(len(t.launch_grid)))
         captured = captured_refs + [outer.program_id(a) for a in pid_axes]
         body = TileBuilder(f"{callee.name}.tile.k", t)
         kk = body.param("kk", SCALAR)
         body.k_steps = steps
-        body.scalars.intervals[kk.name] = (0, steps - 1)
+        body.scalars.intervals[kk.name] = (0, trips - 1)
         accs = [body.param(f"acc{n}", acc_type) for n in range(len(dots))]
         inner: dict[str, Value] = {}
         for v in captured:
@@ -210,6 +214,9 @@ class _KernelLowering:
         pids = {a: inner[outer.program_id(a).name] for a in pid_axes}
         saved_refs = self.refs
         self.refs = {name: [inner[r.name] for r in rs] for name, rs in self.refs.items()}
+        if split > 1:  # this program's K steps: split index x trips + kk
+            part = pids[len(t.space)]
+            kk = body.value("add", [body.value("mul", [part, body.const(trips)], SCALAR, "i"), kk], SCALAR, "k")
         a_k = 0 if lhs_t else 1
         # The K dimension's position among the lhs array's dimensions (its kept ones, in order).
         a = self.load(lhs, body, {self._array_dim(lhs, a_k): (kk, bk)}, pids)
@@ -222,6 +229,9 @@ class _KernelLowering:
             else:
                 rhs = self.load(dot.operands[1], body, {self._array_dim(dot.operands[1], 1 if rhs_t else 0): (kk, bk)},
                                 pids)
+            if t.strategy == "gemv-fma" and not (lhs_t or rhs_t):
+                new_accs.append(self.fma(body, accs[n], a, rhs))
+                continue
             precision = {key: dot.attr(key) for key in ("precision", "precision_pair", "algorithm")
                          if dot.attr(key) is not None}
             new_accs.append(body.value("dot_acc", [accs[n], a, rhs], acc_type, f"acc{n}", lhs_t=lhs_t, rhs_t=rhs_t,
@@ -229,12 +239,25 @@ class _KernelLowering:
         self.refs = saved_refs
         self.extra.append(body.function(new_accs))
         results = [Value(outer.fresh(f"acc{n}.out"), acc_type) for n in range(len(dots))]
-        outer.ops.append(Op.make("loop", [*inits, *captured], results, body=body.name, trips=steps,
+        outer.ops.append(Op.make("loop", [*inits, *captured], results, body=body.name, trips=trips,
                                  carried=len(dots)))
         for dot, acc in zip(dots, results):
             out = self.tile_type(dot.result.type)
             self.tiles[dot.result.name] = acc if out == acc.type else outer.value(
                 "convert", [acc], out, dot.result.name, dtype=str(out.elem))
+
+    @staticmethod
+    def fma(b: TileBuilder, acc: Value, a: Value, w: Value) -> Value:
+        """``acc + a @ w`` on the FMA units: a broadcasting multiply summed over K (few rows: no
+        tensor-core padding to 16 rows, no shared-memory round trip of the decoded tile)."""
+        (bm, bk), bn = a.type.shape, w.type.shape[1]
+        cube = TensorType(F32, (bm, bk, bn))
+        a32, w32 = (x if x.type.elem == F32 else b.value("convert", [x], x.type.with_elem(F32), "f", dtype="f32")
+                    for x in (a, w))
+        ab = b.value("broadcast", [a32], cube, "ab", dims=(0, 1), shape=cube.shape)
+        wb = b.value("broadcast", [w32], cube, "wb", dims=(1, 2), shape=cube.shape)
+        part = b.value("reduce", [b.value("mul", [ab, wb], cube, "p")], acc.type, "part", axes=(1,), kind="sum")
+        return b.value("add", [acc, part], acc.type, "acc")
 
     def _array_dim(self, p: Value, kept_pos: int) -> int:
         """The array dimension holding position ``kept_pos`` of ``p``'s block value."""

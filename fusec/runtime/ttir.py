@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 
 _DEF = re.compile(r"^\s*(%[\w.]+)(?::\d+)? = ([\w.]+) (.*)$")
-_ACCESS = re.compile(r"^\s*(?:(%[\w.]+) = )?(tt\.load|tt\.store) (.*)$")
+_ACCESS = re.compile(r"^\s*(?:(%[\w.]+) = )?(tt\.load|tt\.store|tt\.atomic_rmw) (.*)$")
 # Ops through which a pointer keeps pointing into the same argument; the pointer is operand 0.
 _POINTER_OPS = frozenset({"tt.addptr", "tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape",
                           "tt.trans", "tt.bitcast", "ttg.convert_layout"})
@@ -58,6 +58,8 @@ def memory_accesses(ttir: str) -> list[MemoryAccess]:
             continue
         kind = m.group(2).removeprefix("tt.")
         operands = _operands(m.group(3))
+        if kind == "atomic_rmw":  # "fadd, acq_rel, gpu, ptr, value[, mask]": a read-modify-write
+            kind, operands = "store", operands[3:]
         masked = len(operands) >= (2 if kind == "load" else 3)
         out.append(MemoryAccess(kind, argument(operands[0]), masked, line.strip()))
     return out
