@@ -30,10 +30,11 @@ PassSpec = str | Sequence[str | Pass] | None
 class Lowered:
     """What ``FusecFunction.lower`` returns: the program fusec built for one set of arguments."""
 
-    def __init__(self, program: Program, jax_traced: Any, trace_seconds: float = 0.0) -> None:
+    def __init__(self, program: Program, jax_traced: Any, trace_seconds: float = 0.0, built: bool = True) -> None:
         self.program = program
         self._jax_traced = jax_traced
         self._trace_seconds = trace_seconds
+        self._built = built  # False: the program came from fusec's cache, built by an earlier call
 
     @property
     def jax_traced(self) -> Any:
@@ -45,11 +46,14 @@ class Lowered:
         """Seconds spent building this program: ``trace`` (the user's function to a jaxpr),
         ``frontend``, ``passes`` (all of them; ``program.stage_seconds`` has each), ``codegen`` (kernel
         sources), and ``emit`` (the rest of ``jax.jit``'s trace: running the generated code on tracers,
-        which is where Pallas traces each kernel body). XLA's lowering and compile come after."""
+        which is where Pallas traces each kernel body). XLA's lowering and compile come after. When
+        the program came from fusec's cache (an earlier call built it), only ``emit`` took time."""
+        if not self._built:
+            return {"trace": 0.0, "frontend": 0.0, "codegen": 0.0, "passes": 0.0, "emit": self._trace_seconds}
         stages = dict(self.program.stage_seconds)
         out = {"trace": stages.pop("trace", 0.0), "frontend": stages.pop("frontend", 0.0),
                "codegen": stages.pop("codegen", 0.0)}
-        out["passes"] = sum(s for _, s in self.program.stage_seconds if _ in stages)
+        out["passes"] = sum(seconds for stage, seconds in self.program.stage_seconds if stage in stages)
         out["emit"] = max(self._trace_seconds - sum(out.values()), 0.0)
         return out
 
@@ -180,6 +184,8 @@ class FusecFunction:
             if hit is not None:
                 return hit
         entry = self._build(leaves, treedef, dynamic)
+        if getattr(self._capture, "built", None) is not None:
+            self._capture.built.append(entry[0])
         if key is not None:
             with self._lock:
                 self._programs[key] = entry
@@ -209,15 +215,15 @@ class FusecFunction:
         """Traces for these arguments (arrays or ``jax.ShapeDtypeStruct``) and returns the program."""
         # A fresh jax.jit wrapper so JAX's own trace cache cannot skip fusec's tracing step.
         fresh = jax.jit(functools.wraps(self._fun)(lambda *a, **k: self._traced(*a, **k)), **self._jax_options)
-        self._capture.programs = []
+        self._capture.programs, self._capture.built = [], []
         try:
             t0 = time.perf_counter()
             traced = fresh.trace(*args, **kwargs)
             seconds = time.perf_counter() - t0
-            programs = self._capture.programs
+            programs, built = self._capture.programs, self._capture.built
         finally:
-            self._capture.programs = None
-        return Lowered(programs[-1], traced, seconds)
+            self._capture.programs = self._capture.built = None
+        return Lowered(programs[-1], traced, seconds, built=any(p is programs[-1] for p in built))
 
     def inspect(self, *args: Any, gpu: str = "h100", **kwargs: Any) -> Any:
         """The :class:`fusec.report.Report` for these arguments, modeled on ``gpu``."""

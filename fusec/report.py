@@ -108,7 +108,10 @@ def _sites(module: Module) -> list[_Site]:
         for op in func.ops:
             bodies = [str(b) for b in op.attr("bodies", ())] if op.opcode == "opaque" else []
             n = op.attr("trips", None)
-            inner = None if trips is None or (n is None and op.attr("primitive") != "cond") else trips * int(n or 1)
+            if trips is None or (n is None and op.attr("primitive") != "cond"):
+                inner = None
+            else:
+                inner = trips * (1 if n is None else int(n))  # a cond's branches: as often as the cond
             for b in bodies:
                 walk(module.function(b), f"{body}/{b}" if body else b, inner)
 
@@ -158,7 +161,7 @@ def build_report(lowered: Any, gpu: str = "h100") -> Report:
     # Outside kernels every op is its own kernel (f32 peak: the conservative class).
     time_op_by_op = sum(modeled_time(spec, c.bytes, c.flops, "f32") * _times(site)
                         for site in before for c in (op_cost(op) for op in site.func.ops if op.opcode not in FREE_OPS))
-    time_fused = sum(k.modeled_time_s * (k.trips or 1) for k in kernels) + sum(
+    time_fused = sum(k.modeled_time_s * (1 if k.trips is None else k.trips) for k in kernels) + sum(
         modeled_time(spec, op_cost(op).bytes, op_cost(op).flops, "f32") * _times(site) for op, site in outside)
     fallbacks = []
     for op, site in outside:

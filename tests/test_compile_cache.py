@@ -70,3 +70,12 @@ def test_persistent_compilation_cache_serves_a_second_process(tmp_path: Path) ->
     hits, misses = run()
     assert hits == 0 and misses > 0
     assert run() == (misses, 0)  # everything the first process compiled, the second reads back
+
+
+def test_timings_of_a_program_fusec_had_built_say_so() -> None:
+    fn = fusec.jit(lambda x: jnp.tanh(x) * 2.0, backend="pallas", interpret=True)
+    first = fn.lower(jnp.ones((8, 128))).timings
+    assert first["trace"] > 0 and first["passes"] > 0 and first["codegen"] > 0
+    again = fn.lower(jnp.ones((8, 128))).timings  # fusec's cache has the program: nothing is rebuilt
+    assert again["trace"] == again["frontend"] == again["passes"] == again["codegen"] == 0.0
+    assert again["emit"] > 0

@@ -203,3 +203,13 @@ def test_nested_scans_multiply_their_trip_counts() -> None:
     report = fusec.inspect(outer, jnp.ones((8, 32)), jnp.ones((2, 3, 32, 32)), backend="pallas", interpret=True)
     (kernel,) = report.kernels
     assert kernel.body == "scan_body/scan_body_1" and kernel.trips == 6
+
+
+def test_a_scan_of_length_zero_runs_its_body_no_times() -> None:
+    def layers(h, ws):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h, ws)[0]
+
+    report = fusec.inspect(layers, jnp.ones((8, 32)), jnp.ones((0, 32, 32)), backend="pallas", interpret=True)
+    (kernel,) = report.kernels
+    assert kernel.trips == 0
+    assert report.bytes_fused == report.fallbacks[0]["bytes"]  # only the loop's own carries move

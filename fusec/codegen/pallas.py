@@ -148,9 +148,10 @@ def tile_programs(op: Op, module: Module) -> list[Function]:
     return lower_kernel(op, module.function(str(op.attr("callee"))))
 
 
-def build_kernel(op: Op, module: Module, interpret: bool) -> KernelSpec:
-    """Generates, compiles (exec) and wraps the kernel called by ``op``."""
-    programs = tile_programs(op, module)
+def build_kernel(op: Op, module: Module, interpret: bool, programs: list[Function] | None = None) -> KernelSpec:
+    """Generates, compiles (exec) and wraps the kernel called by ``op`` (``programs``: its tile
+    programs, when the caller has them)."""
+    programs = tile_programs(op, module) if programs is None else programs
     name = str(op.attr("callee"))
     ident = "k_" + identifier(name)
     text = "\n\n".join(print_function(f) for f in programs)
@@ -184,15 +185,16 @@ def masked_refs(source: str, ident: str) -> tuple[int, ...]:
     return tuple(i for i, n in enumerate(names) if re.search(rf"plgpu\.(load|store|atomic_add)\({n}\b", source))
 
 
-def kernel_fingerprint(op: Op, module: Module) -> str:
-    """The kernel op with its names taken out (functions and values renamed in order): two kernel
-    ops with the same fingerprint run the same code on the same types."""
-    funcs = [module.function(str(op.attr("callee"))), *tile_programs(op, module)]
+def kernel_fingerprint(op: Op, module: Module, programs: list[Function]) -> str:
+    """The kernel op with its names taken out (its functions renamed by position, values by first
+    appearance): two kernel ops with the same fingerprint run the same code on the same types."""
+    funcs = [module.function(str(op.attr("callee"))), *programs]
     attrs = sorted((k, v) for k, v in op.attr_dict.items() if k not in ("callee", "tile"))
     text = "\n".join(print_function(f) for f in funcs) + f"\n{attrs!r}\n" + \
         ", ".join(str(v.type) for v in (*op.operands, *op.results))
-    for i, name in enumerate(sorted({f.name for f in funcs}, key=len, reverse=True)):
-        text = text.replace(name, f"F{i}")  # longest first: k1 must not rename inside k1.tile
+    renamed = {f.name: f"F{i}" for i, f in enumerate(funcs)}
+    # Whole names only: @name in a function's header, "name" in a loop's body attribute.
+    text = re.sub(r'(@|")([\w.$]+)', lambda m: m.group(1) + renamed.get(m.group(2), m.group(2)), text)
     values: dict[str, str] = {}
     return re.sub(r"%[\w.$]+", lambda m: values.setdefault(m.group(0), f"%v{len(values)}"), text)
 
@@ -214,9 +216,10 @@ def module_to_callable(module: Module, interpret: bool, call_kernel: KernelCalle
     for op in kernel_ops(module):
         # The kernels of repeated layers are one kernel: built once, and one primitive parameter,
         # so JAX lowers it once and calls it from each place.
-        fingerprint = kernel_fingerprint(op, module)
+        programs = tile_programs(op, module)
+        fingerprint = kernel_fingerprint(op, module, programs)
         if fingerprint not in built:
-            built[fingerprint] = build_kernel(op, module, interpret)
+            built[fingerprint] = build_kernel(op, module, interpret, programs)
         specs[str(op.attr("callee"))] = built[fingerprint]
     caller = call_kernel or (lambda spec, args: spec.run(*args, interpret=spec.interpret))
 

@@ -16,6 +16,7 @@ JAX has (not from its version number), and named by a module constant the tests 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import inspect
 import os
@@ -50,6 +51,7 @@ def make_weak(x: Any) -> Any:
     return _convert_with_weak_type(x, weak_type=True)
 
 
+@functools.cache
 def _has_gpu() -> bool:
     try:
         return any(d.platform == "gpu" for d in jax.devices())
