@@ -38,6 +38,7 @@ from fusec.passes.fusion_rules import (
     space_ok,
     types_ok,
 )
+from fusec.passes.rewrite import fresh_name
 
 
 class _Fuser:
@@ -278,11 +279,7 @@ def fuse_function(func: Function, max_ops: int, names: set[str]) -> tuple[Functi
     taken = {p.name for p in func.params} | {r.name for op in func.ops for r in op.results}
     kernels: list[Function] = []
     for number, g in enumerate(groups):
-        n, name = 0, f"{func.name}.k{number}"
-        while name in names:
-            n += 1
-            name = f"{func.name}.k{number}.{n}"
-        names.add(name)
+        name = fresh_name(f"{func.name}.k{number}", names)
         pre, kernel, kfunc = _extract(fuser, g, name, used_outside, taken)
         last = float(max(g.members))
         units += [(last - 0.5, p) for p in pre] + [(last, kernel)]

@@ -10,6 +10,7 @@ from typing import Protocol
 from fusec.ir import Function, Op, TensorType, Value
 from fusec.passes.cost import Cost, nbytes, op_flops
 from fusec.passes.fusion_rules import clonable
+from fusec.passes.rewrite import fresh_name
 
 
 @dataclass
@@ -59,21 +60,13 @@ def extract_kernel(fuser: FuserState, g: FusionGroup, name: str, uses_outside: s
     # Kernel parameters need names unique in the kernel; reshapes added to the caller, in the caller.
     inside = {r.name for i in g.members for r in ops[i].results}
 
-    def fresh(base: str, names: set[str]) -> str:
-        n, cand = 0, base
-        while cand in names:
-            n += 1
-            cand = f"{base}.{n}"
-        names.add(cand)
-        return cand
-
     def param(key: tuple, outer: Value, type_: TensorType) -> Value:
         if key not in keyed:
-            p = Value(fresh(outer.name, inside), type_)
+            p = Value(fresh_name(outer.name, inside), type_)
             keyed[key] = p
             params.append(p)
             if type_ != outer.type:
-                reshaped = Value(fresh(f"{outer.name}.r", taken), type_)
+                reshaped = Value(fresh_name(f"{outer.name}.r", taken), type_)
                 pre.append(Op.make("reshape", [outer], [reshaped], shape=type_.shape))
                 outer = reshaped
             inputs.append(outer)

@@ -7,6 +7,16 @@ from collections.abc import Callable, Mapping
 from fusec.ir import Function, Module, Op, Value
 
 
+def fresh_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base.1``, ``base.2``, ... : the first not in ``taken``, which it joins."""
+    n, name = 0, base
+    while name in taken:
+        n += 1
+        name = f"{base}.{n}"
+    taken.add(name)
+    return name
+
+
 def substitute(op: Op, subst: Mapping[str, Value]) -> Op:
     """``op`` with each operand replaced by ``subst[name]`` where present."""
     if not any(v.name in subst for v in op.operands):

@@ -16,6 +16,7 @@ from fusec.ir import Function, LowBitType, Module, Op, TensorType, Value
 from fusec.ir.types import F32
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.cost import nbytes, op_flops
+from fusec.passes.rewrite import fresh_name
 
 MAX_ROWS = 16  # the GEMV strategy's rows (tiling's "gemv")
 
@@ -45,14 +46,6 @@ def _reduction_part(callee: Function) -> tuple[Op, Op] | None:
 
 def _split(op: Op, callee: Function, dq: Op, dot: Op, taken: set[str]) -> tuple[list[Op], Function]:
     """The reduction-only kernel op and the epilogue ops that follow it in the caller, and the new callee."""
-    def fresh(hint: str) -> str:
-        name, n = hint, 0
-        while name in taken:
-            n += 1
-            name = f"{hint}.{n}"
-        taken.add(name)
-        return name
-
     outer = {p.name: v for p, v in zip(callee.params, op.operands)}
     kept = [i for i, p in enumerate(callee.params) if p.name == dot.operands[0].name or
             any(p.name == v.name for v in dq.operands)]
@@ -62,7 +55,7 @@ def _split(op: Op, callee: Function, dq: Op, dot: Op, taken: set[str]) -> tuple[
                  dot.loc)
     new_callee = Function(callee.name, tuple(callee.params[i] for i in kept), (dq, new_dot), (acc,))
     inputs = [op.operands[i] for i in kept]
-    result = Value(fresh(f"{op.results[0].name}.acc"), acc_t)
+    result = Value(fresh_name(f"{op.results[0].name}.acc", taken), acc_t)
     attrs = {k: v for k, v in op.attr_dict.items() if k not in ("tile",)}
     attrs |= {"bytes_read": sum(nbytes(v.type) for v in inputs), "bytes_written": nbytes(acc_t),
               "flops": op_flops(new_dot)}
@@ -72,7 +65,7 @@ def _split(op: Op, callee: Function, dq: Op, dot: Op, taken: set[str]) -> tuple[
     if dot.result.type.elem == F32:
         renamed[dot.result.name] = result
     else:
-        cast = Value(fresh(dot.result.name), dot.result.type)
+        cast = Value(fresh_name(dot.result.name, taken), dot.result.type)
         ops.append(Op.make("convert", [result], [cast], dtype=str(dot.result.type.elem)))
         renamed[dot.result.name] = cast
     for o in callee.ops:
@@ -81,7 +74,7 @@ def _split(op: Op, callee: Function, dq: Op, dot: Op, taken: set[str]) -> tuple[
         if o.results and callee.returns[0].name == o.results[0].name:
             results = op.results  # the kernel's result keeps its name in the caller
         else:
-            results = tuple(Value(fresh(r.name), r.type) for r in o.results)
+            results = tuple(Value(fresh_name(r.name, taken), r.type) for r in o.results)
         renamed.update({r.name: n for r, n in zip(o.results, results)})
         ops.append(Op(o.opcode, tuple(renamed[v.name] for v in o.operands), results, o.attrs, o.loc))
     if callee.returns[0].name == dot.result.name:  # only a cast followed the dot
