@@ -151,10 +151,11 @@ def build_report(lowered: Any, gpu: str = "h100") -> Report:
                 [_eqn_primitive(loc) for loc in locs], list(op.attr("grid", ())),
                 list(op.attr("block", ())), read, written, flops, flops / max(read + written, 1), bits,
                 modeled_time(spec, read + written, flops, _dtype_of(module, name)), source, site.body, site.trips))
-    outside = [(op, site) for site in sites for op in site.func.ops
+    # Ops XLA runs, each with its cost and how often one call runs it.
+    outside = [(op, op_cost(op), _times(site), site) for site in sites for op in site.func.ops
                if op.opcode != "kernel" and op.opcode not in FREE_OPS]
-    xla_ops = [op.opcode for op, _ in outside]
-    xla_locs = {op.loc for op, _ in outside if _eqn_primitive(op.loc)} - fused_locs
+    xla_ops = [op.opcode for op, *_ in outside]
+    xla_locs = {op.loc for op, *_ in outside if _eqn_primitive(op.loc)} - fused_locs
     before = _sites(program.module_before("fuse"))
     op_by_op = sum(op_cost(op).bytes * _times(site) for site in before for op in site.func.ops)
     fused = sum(op_cost(op).bytes * _times(site) for site in sites for op in site.func.ops)
@@ -162,11 +163,11 @@ def build_report(lowered: Any, gpu: str = "h100") -> Report:
     time_op_by_op = sum(modeled_time(spec, c.bytes, c.flops, "f32") * _times(site)
                         for site in before for c in (op_cost(op) for op in site.func.ops if op.opcode not in FREE_OPS))
     time_fused = sum(k.modeled_time_s * (1 if k.trips is None else k.trips) for k in kernels) + sum(
-        modeled_time(spec, op_cost(op).bytes, op_cost(op).flops, "f32") * _times(site) for op, site in outside)
+        modeled_time(spec, cost.bytes, cost.flops, "f32") * times for _, cost, times, _ in outside)
     fallbacks = []
-    for op, site in outside:
+    for op, cost, times, site in outside:
         if op.opcode == "opaque":
-            moved = op_cost(op).bytes * _times(site)
+            moved = cost.bytes * times
             fallbacks.append({"primitive": str(op.attr("primitive")), "reason": str(op.attr("reason")),
                               "body": site.body, "bytes": moved, "share": moved / max(fused, 1)})
     return Report(spec.name, program.backend, kernels, program.num_eqns, len(fused_locs), len(xla_locs), xla_ops,
