@@ -24,7 +24,7 @@ def resolve_pipeline(passes: str | Sequence[str | Pass] | None, backend: str = "
     if passes is not None:
         return parse_pipeline(passes)
     names = list(DEFAULT_PIPELINE)
-    if backend == "pallas":
+    if backend in ("pallas", "triton"):
         tile = "tile{target=%s}" % ("interpret" if interpret else "gpu")
         names += [*KERNEL_PASSES, tile, "fold-views", "dce", "to-tile"]
     return parse_pipeline(names)

@@ -1,0 +1,109 @@
+"""Runs a :class:`TritonKernel` in the Triton interpreter on NumPy arrays (no torch, no GPU).
+
+The interpreter wants torch tensors; :class:`_HostArray` is the little of torch's tensor
+interface it uses, over a NumPy array. The interpreted kernel is a function of its own module
+(load.py scopes the interpreter mode to it), so Triton compilation elsewhere in the process is
+untouched. Inside ``jax.jit`` kernels run through ``jax.pure_callback`` (:func:`interpret_call`).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+
+from fusec.codegen.triton.interpret_math import LIBDEVICE
+from fusec.codegen.triton.kernel import ArraySig, TritonKernel
+from fusec.codegen.triton.load import jit_function
+
+# The interpreter keeps its grid position in one global builder: one kernel at a time.
+_LOCK = threading.Lock()
+
+
+class _HostArray:
+    """A NumPy array dressed as the torch tensor the Triton interpreter expects."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self.dtype = array.dtype.name  # Triton's type mangling reads torch-style dtype names
+
+    def data_ptr(self) -> int:
+        return int(self.array.ctypes.data)
+
+    def untyped_storage(self) -> _HostArray:
+        return self
+
+    def cpu(self) -> _HostArray:
+        return self  # already host memory: the interpreter reads and writes it in place
+
+    def new_empty(self, *shape: Any, **kwargs: Any) -> _HostArray:
+        return _HostArray(self.array)
+
+    def set_(self, storage: _HostArray, offset: int, size: Any, stride: Any) -> _HostArray:
+        self.array = storage.array
+        return self
+
+    def storage_offset(self) -> int:
+        return 0
+
+    def size(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def stride(self) -> tuple[int, ...]:
+        return tuple(s // self.array.itemsize for s in self.array.strides)
+
+    def copy_(self, other: _HostArray) -> _HostArray:
+        if other.array is not self.array:
+            self.array[...] = other.array
+        return self
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    import ml_dtypes  # noqa: F401  (registers bfloat16 and friends with NumPy)
+
+    return np.dtype(getattr(ml_dtypes, name)) if name in ("bfloat16", "float8_e4m3fn") else np.dtype(name)
+
+
+def interpreted(kernel: TritonKernel) -> Any:
+    """The kernel's interpreted ``@triton.jit`` function, its libdevice calls run by NumPy."""
+    fn = jit_function(kernel, interpret=True)
+    fn.fn.__globals__["libdevice"] = LIBDEVICE
+    return fn
+
+
+def run_interpreted(kernel: TritonKernel, *arrays: Any) -> list[np.ndarray]:
+    """Runs the kernel on host arrays (inputs in ``kernel.inputs`` order); returns its outputs."""
+    if len(arrays) != len(kernel.inputs):
+        raise ValueError(f"kernel {kernel.name} takes {len(kernel.inputs)} arrays, got {len(arrays)}")
+    ins = []
+    for i, (a, sig) in enumerate(zip(arrays, kernel.inputs)):
+        a = np.ascontiguousarray(np.asarray(a))
+        if tuple(a.shape) != sig.shape:
+            raise ValueError(f"kernel {kernel.name}: input {i} has shape {a.shape}, expected {sig.shape}")
+        ins.append(a)
+    # Every output starts as zeros: those the kernel adds into (zeroed_outputs) need it, and the
+    # rest are written whole.
+    outs = [np.zeros(sig.shape, numpy_dtype(sig.dtype)) for sig in kernel.outputs]
+    fn = interpreted(kernel)
+    with _LOCK:
+        fn[kernel.grid](*map(_HostArray, ins), *map(_HostArray, outs), **dict(kernel.constexprs))
+    return outs
+
+
+def interpret_call(kernel: TritonKernel, *arrays: Any) -> list[Any]:
+    """The kernel on JAX arrays or tracers, run by the interpreter through ``jax.pure_callback``."""
+    import jax
+
+    shapes = [jax.ShapeDtypeStruct(sig.shape, numpy_dtype(sig.dtype)) for sig in kernel.outputs]
+    actual = tuple(ArraySig(tuple(a.shape), np.dtype(a.dtype).name) for a in arrays)
+    run_kernel = kernel if actual == kernel.inputs else _with_inputs(kernel, actual)
+    outs = jax.pure_callback(lambda *xs: run_interpreted(run_kernel, *xs), shapes, *arrays,
+                             vmap_method="sequential")
+    return list(outs)
+
+
+def _with_inputs(kernel: TritonKernel, inputs: tuple[ArraySig, ...]) -> TritonKernel:
+    import dataclasses
+
+    return dataclasses.replace(kernel, inputs=inputs)
