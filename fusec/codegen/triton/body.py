@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from fusec.codegen.triton.text import constant_value, float_value, is_narrow, pow2, shape_text, tl_dtype
 from fusec.codegen.triton.unpack import unpack_lines
 from fusec.errors import Unsupported
-from fusec.ir import DType, Op, Value
+from fusec.ir import DType, Op, TensorType, Value
+from fusec.ir.types import I32
 
 # Python operators Triton overloads on tensors and scalars alike.
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "and": "&", "or": "|", "xor": "^",
@@ -212,9 +213,17 @@ def _convert(w: BodyWriter, op: Op, a: list[str]) -> str:
     src, dst = op.operands[0].type, op.result.type
     if str(dst.elem) == "bool":
         return f"({a[0]} != 0)"
-    if is_narrow(src) and is_narrow(dst) and src.elem != dst.elem:
-        return f"{a[0]}.to(tl.float32).to({tl_dtype(dst)})"
-    return f"{a[0]}.to({tl_dtype(dst)})"
+    return convert(a[0], src, dst)
+
+
+def convert(x: str, src: TensorType, dst: TensorType) -> str:
+    """``x`` of type ``src`` converted to ``dst``'s element type. A 16-bit float converts through
+    float32 (exact) unless the other side is float32: the interpreter converts only f32 <-> bf16."""
+    if src.elem == dst.elem:
+        return x
+    if (is_narrow(src) or is_narrow(dst)) and "f32" not in (str(src.elem), str(dst.elem)):
+        return f"{x}.to(tl.float32).to({tl_dtype(dst)})"
+    return f"{x}.to({tl_dtype(dst)})"
 
 
 def expand(x: str, rank: int, keep: list[int]) -> str:
@@ -282,7 +291,7 @@ def arange(shape: tuple[int, ...], dim: int) -> str:
 
 def _iota(w: BodyWriter, op: Op, a: list[str]) -> str:
     t = op.result.type
-    return f"{arange(t.shape, int(op.attr('dimension')))}.to({tl_dtype(t)})"
+    return convert(arange(t.shape, int(op.attr("dimension"))), TensorType(I32, t.shape), t)
 
 
 def _element_index(w: BodyWriter, op: Op, a: list[str]) -> str:

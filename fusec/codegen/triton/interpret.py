@@ -8,7 +8,9 @@ untouched. Inside ``jax.jit`` kernels run through ``jax.pure_callback`` (:func:`
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -86,9 +88,41 @@ def run_interpreted(kernel: TritonKernel, *arrays: Any) -> list[np.ndarray]:
     # rest are written whole.
     outs = [np.zeros(sig.shape, numpy_dtype(sig.dtype)) for sig in kernel.outputs]
     fn = interpreted(kernel)
-    with _LOCK:
+    with _LOCK, _rounding_bf16():
         fn[kernel.grid](*map(_HostArray, ins), *map(_HostArray, outs), **dict(kernel.constexprs))
     return outs
+
+
+@contextlib.contextmanager
+def _rounding_bf16() -> Iterator[None]:
+    """The interpreter's float32 -> bfloat16 conversion, rounded to nearest even as a GPU's is (the
+    interpreter truncates), for the duration of one kernel run."""
+    import ml_dtypes
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    cast, fp_to_fp = builder.cast_impl, builder.create_fp_to_fp
+
+    def rounded(src: Any, dst_type: Any) -> Any:
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = src.data.astype(ml_dtypes.bfloat16).view(np.uint16)
+            return interpreter.TensorHandle(data, dst_type.scalar)
+        return None
+
+    def cast_impl(src: Any, dst_type: Any) -> Any:
+        out = rounded(src, dst_type)
+        return cast(src, dst_type) if out is None else out
+
+    def create_fp_to_fp(src: Any, dst_type: Any, mode: Any) -> Any:
+        out = rounded(src, dst_type) if mode is None or str(mode).endswith("RTNE") else None
+        return fp_to_fp(src, dst_type, mode) if out is None else out
+
+    builder.cast_impl, builder.create_fp_to_fp = cast_impl, create_fp_to_fp
+    try:
+        yield
+    finally:
+        del builder.cast_impl, builder.create_fp_to_fp
 
 
 def interpret_call(kernel: TritonKernel, *arrays: Any) -> list[Any]:

@@ -14,10 +14,15 @@ import numpy as np
 _UNARY: dict[str, Callable[[Any], Any]] = {
     "tanh": np.tanh, "log1p": np.log1p, "expm1": np.expm1, "tan": np.tan, "asin": np.arcsin, "acos": np.arccos,
     "atan": np.arctan, "sinh": np.sinh, "cosh": np.cosh, "asinh": np.arcsinh, "acosh": np.arccosh,
-    "atanh": np.arctanh, "rsqrt": lambda x: 1 / np.sqrt(x), "cbrt": np.cbrt, "round": lambda x: np.where(np.abs(x - np.trunc(x)) >= 0.5, np.trunc(x) + np.sign(x), np.trunc(x)),
+    "atanh": np.arctanh, "rsqrt": lambda x: 1 / np.sqrt(x), "cbrt": np.cbrt, "round": lambda x: _round(x),
     "erfc": np.vectorize(math.erfc, otypes=[np.float64]), "lgamma": np.vectorize(math.lgamma, otypes=[np.float64]),
     "erfinv": None,  # filled below (a float64 Newton iteration on erf)
 }
+def _round(x: Any) -> Any:
+    """Half away from zero, as libdevice's round (NumPy's rounds half to even)."""
+    return np.where(np.abs(x - np.trunc(x)) >= 0.5, np.trunc(x) + np.sign(x), np.trunc(x))
+
+
 _BINARY: dict[str, Callable[[Any, Any], Any]] = {"pow": np.power, "atan2": np.arctan2, "fmod": np.fmod,
                                                  "nextafter": np.nextafter}
 
