@@ -74,8 +74,14 @@ def interpreted(kernel: TritonKernel) -> Any:
     return fn
 
 
-def run_interpreted(kernel: TritonKernel, *arrays: Any) -> list[np.ndarray]:
-    """Runs the kernel on host arrays (inputs in ``kernel.inputs`` order); returns its outputs."""
+class OutOfBounds(AssertionError):
+    """An access of a kernel reached memory outside every array it was given."""
+
+
+def run_interpreted(kernel: TritonKernel, *arrays: Any, check_bounds: bool = False) -> list[np.ndarray]:
+    """Runs the kernel on host arrays (inputs in ``kernel.inputs`` order); returns its outputs.
+    ``check_bounds``: every element a load, store or atomic reaches (its mask true) must lie inside
+    one of the kernel's arrays, else :class:`OutOfBounds` names the access."""
     if len(arrays) != len(kernel.inputs):
         raise ValueError(f"kernel {kernel.name} takes {len(kernel.inputs)} arrays, got {len(arrays)}")
     ins = []
@@ -87,8 +93,11 @@ def run_interpreted(kernel: TritonKernel, *arrays: Any) -> list[np.ndarray]:
     # Every output starts as zeros: those the kernel adds into (zeroed_outputs) need it, and the
     # rest are written whole.
     outs = [np.zeros(sig.shape, numpy_dtype(sig.dtype)) for sig in kernel.outputs]
+    if check_bounds:  # each array between guard regions, so an overhang cannot land in a neighbour
+        ins, outs = [_guarded(a) for a in ins], [_guarded(a) for a in outs]
     fn = interpreted(kernel)
-    with _LOCK, _rounding_bf16():
+    checked = _bounds_checked(kernel, [*ins, *outs]) if check_bounds else contextlib.nullcontext()
+    with _LOCK, _rounding_bf16(), checked:
         fn[kernel.grid](*map(_HostArray, ins), *map(_HostArray, outs), **dict(kernel.constexprs))
     return outs
 
@@ -123,6 +132,55 @@ def _rounding_bf16() -> Iterator[None]:
         yield
     finally:
         del builder.cast_impl, builder.create_fp_to_fp
+
+
+def _guarded(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` in the middle of a buffer three times its size (plus a page each side)."""
+    guard = a.nbytes + 4096
+    buffer = np.zeros(2 * guard + a.nbytes + 64, np.uint8)
+    start = guard + (-(buffer.ctypes.data + guard) % 64)
+    out = buffer[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@contextlib.contextmanager
+def _bounds_checked(kernel: TritonKernel, arrays: list[np.ndarray]) -> Iterator[None]:
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    spans = sorted((int(a.ctypes.data), int(a.ctypes.data) + a.nbytes) for a in arrays if a.size)
+    starts = np.array([lo for lo, _ in spans], np.uint64)
+    ends = np.array([hi for _, hi in spans], np.uint64)
+    load, store, rmw = builder.create_masked_load, builder.create_masked_store, builder.create_atomic_rmw
+
+    def check(kind: str, ptrs: Any, mask: Any) -> None:
+        width = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
+        reached = np.broadcast_to(ptrs.data, np.shape(mask.data))[np.asarray(mask.data, bool)].astype(np.uint64)
+        at = np.searchsorted(starts, reached, side="right") - 1
+        inside = (at >= 0) & (reached + np.uint64(width) <= ends[np.maximum(at, 0)])
+        if not np.all(inside):
+            raise OutOfBounds(f"kernel {kernel.name}: a {kind} reaches {int((~inside).sum())} element(s) outside "
+                              "every array it was given")
+
+    def checked_load(ptrs: Any, mask: Any, *rest: Any) -> Any:
+        check("load", ptrs, mask)
+        return load(ptrs, mask, *rest)
+
+    def checked_store(ptrs: Any, value: Any, mask: Any, *rest: Any) -> Any:
+        check("store", ptrs, mask)
+        return store(ptrs, value, mask, *rest)
+
+    def checked_rmw(op: Any, ptrs: Any, value: Any, mask: Any, *rest: Any) -> Any:
+        check("atomic", ptrs, mask)
+        return rmw(op, ptrs, value, mask, *rest)
+
+    builder.create_masked_load, builder.create_masked_store = checked_load, checked_store
+    builder.create_atomic_rmw = checked_rmw
+    try:
+        yield
+    finally:
+        del builder.create_masked_load, builder.create_masked_store, builder.create_atomic_rmw
 
 
 def interpret_call(kernel: TritonKernel, *arrays: Any) -> list[Any]:
