@@ -98,7 +98,12 @@ def run_interpreted(kernel: TritonKernel, *arrays: Any, check_bounds: bool = Fal
     fn = interpreted(kernel)
     checked = _bounds_checked(kernel, [*ins, *outs]) if check_bounds else contextlib.nullcontext()
     with _LOCK, _rounding_bf16(), checked:
-        fn[kernel.grid](*map(_HostArray, ins), *map(_HostArray, outs), **dict(kernel.constexprs))
+        try:
+            fn[kernel.grid](*map(_HostArray, ins), *map(_HostArray, outs), **dict(kernel.constexprs))
+        except Exception as e:  # the interpreter wraps what a kernel raises: the bounds check's own
+            if isinstance(e.__cause__, OutOfBounds):
+                raise e.__cause__ from None
+            raise
     return outs
 
 
