@@ -166,7 +166,7 @@ def _integer_pow(op: Op, a: list[str]) -> str:
         n >>= 1
         if n:
             base = f"({base} * {base})"
-    acc = acc or f"({a[0]} * 0 + 1)"
+    assert acc is not None  # y == 0 is the constant 1 (even for inf and NaN, as XLA has it)
     return f"(1.0 / {acc})" if y < 0 else acc
 
 
@@ -175,7 +175,8 @@ EMITTERS.update({
     "min": _elementwise(_minmax("tl.minimum")), "neg": _elementwise(lambda op, a: f"(-{a[0]})"),
     "not": _elementwise(_not), "sign": _elementwise(_sign), "square": _elementwise(lambda op, a: f"({a[0]} * {a[0]})"),
     "is_finite": _elementwise(_is_finite),
-    "integer_pow": _elementwise(_integer_pow),
+    "integer_pow": lambda w, op, a: constant_value(1, op.result.type) if int(op.attr("y")) == 0 else
+    _widened(op, lambda b: _integer_pow(op, b), a),
     "clamp": _elementwise(lambda op, a: f"tl.minimum(tl.maximum({a[1]}, {a[0]}), {a[2]})"),
     "stop_gradient": lambda w, op, a: a[0], "logistic": _elementwise(lambda op, a: f"(1.0 / (1.0 + tl.exp(-{a[0]})))"),
 })

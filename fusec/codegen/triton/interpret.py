@@ -9,6 +9,7 @@ untouched. Inside ``jax.jit`` kernels run through ``jax.pure_callback`` (:func:`
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,8 @@ from fusec.codegen.triton.load import jit_function
 
 # The interpreter keeps its grid position in one global builder: one kernel at a time.
 _LOCK = threading.Lock()
+# Every kernel run through jax (interpret_call) checks its accesses' bounds (tests; debugging).
+CHECK_BOUNDS = os.environ.get("FUSEC_TRITON_CHECK_BOUNDS", "") == "1"
 
 
 class _HostArray:
@@ -195,7 +198,7 @@ def interpret_call(kernel: TritonKernel, *arrays: Any) -> list[Any]:
     shapes = [jax.ShapeDtypeStruct(sig.shape, numpy_dtype(sig.dtype)) for sig in kernel.outputs]
     actual = tuple(ArraySig(tuple(a.shape), np.dtype(a.dtype).name) for a in arrays)
     run_kernel = kernel if actual == kernel.inputs else _with_inputs(kernel, actual)
-    outs = jax.pure_callback(lambda *xs: run_interpreted(run_kernel, *xs), shapes, *arrays,
+    outs = jax.pure_callback(lambda *xs: run_interpreted(run_kernel, *xs, check_bounds=CHECK_BOUNDS), shapes, *arrays,
                              vmap_method="sequential")
     return list(outs)
 
