@@ -270,3 +270,38 @@ def test_backend_is_listed_and_keeps_source() -> None:
     lowered = _triton(lambda x: jnp.exp(x) + 1).lower(x)
     (source,) = lowered.kernel_sources.values()
     assert "@triton.jit" in source and "tl.program_id" in source and "# func @" in source
+
+
+_MANGLE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "i8", "int16": "i16", "int32": "i32",
+           "uint8": "u8", "uint16": "u16", "uint32": "u32", "bool": "i1"}
+
+
+def _compile(kernel: TritonKernel, arch: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fusec.codegen.triton.load import jit_function
+
+    fn = jit_function(kernel, interpret=False)
+    signature = {name: "*" + _MANGLE[sig.dtype] for name, sig in zip(fn.arg_names, [*kernel.inputs, *kernel.outputs])}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs={}), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages})
+
+
+def test_gpu_kernels_compile_for_sm80_and_sm90_after_interpreting() -> None:
+    # The interpreter and GPU compilation in one process: running kernels in the interpreter first
+    # leaves the GPU functions (modules of their own) compiling as usual.
+    rng = np.random.default_rng(3)
+    x, w = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((3, 77), (77, 40)))
+    q = lowprec.quantize({"w": w}, lowprec.QuantSpec(4, None))
+    cases = [(lambda x, w: jax.nn.gelu(x @ w), (x, w)), (lambda p, x: x @ p["w"], (q, x)), (jax.nn.softmax, (x,))]
+    compiled = 0
+    for fn, args in cases:
+        fused = _triton(fn, interpret=False)
+        fused(*args)  # GPU tiles, in the interpreter
+        for spec in fused.lower(*args).program.kernels.values():
+            for arch in (80, 90):
+                assert "cubin" in _compile(spec.backend_kernel, arch).asm
+                compiled += 1
+    assert compiled >= 6
