@@ -305,3 +305,28 @@ def test_gpu_kernels_compile_for_sm80_and_sm90_after_interpreting() -> None:
                 assert "cubin" in _compile(spec.backend_kernel, arch).asm
                 compiled += 1
     assert compiled >= 6
+
+
+def test_every_elementwise_op_of_the_target_has_an_emitter() -> None:
+    from fusec.codegen.triton.body import EMITTERS
+    from fusec.passes.target import TRITON
+
+    assert not TRITON.elementwise - set(EMITTERS)
+
+
+def test_special_functions_match_jax_jit() -> None:
+    def f(x, y, n):
+        u = jnp.tanh(x) * 0.9  # in (-1, 1)
+        return (jnp.tan(u), jnp.arcsin(u), jnp.arccos(u), jnp.arctan(x), jnp.sinh(x), jnp.cosh(x), jnp.arcsinh(x),
+                jnp.arccosh(jnp.abs(x) + 1), jnp.arctanh(u), jnp.cbrt(x), jax.scipy.special.erfc(x),
+                jax.scipy.special.erfinv(u), jnp.expm1(x), jnp.log1p(jnp.abs(x)), jnp.arctan2(x, y),
+                jnp.fmod(x, y + 3), jnp.power(jnp.abs(x) + 0.5, y), jnp.sign(x), jnp.floor(x), jnp.ceil(x),
+                jnp.isfinite(x / (y - y)), jnp.nextafter(x, y), jnp.clip(x, -0.5, 0.5), x ** 3, x ** -2,
+                jnp.maximum(x, jnp.nan * (y > 1)), n >> 2, jax.lax.shift_right_logical(n, 3), n << 3, n % 7, n // 3)
+
+    rng = np.random.default_rng(4)
+    x, y = (jnp.asarray(rng.standard_normal((8, 16)), jnp.float32) for _ in range(2))
+    n = jnp.asarray(rng.integers(-1000, 1000, (8, 16)), jnp.int32)
+    fused = _triton(f)
+    _all_triton(fused.lower(x, y, n))
+    assert_trees_close(fused(x, y, n), jax.jit(f)(x, y, n), loose=True)
