@@ -330,3 +330,22 @@ def test_special_functions_match_jax_jit() -> None:
     fused = _triton(f)
     _all_triton(fused.lower(x, y, n))
     assert_trees_close(fused(x, y, n), jax.jit(f)(x, y, n), loose=True)
+
+
+def _examples() -> list:
+    from tests.test_examples import EXAMPLES
+
+    return [pytest.param(p, id=p.stem, marks=[] if p.stem == "quickstart" else [pytest.mark.slow]) for p in EXAMPLES]
+
+
+@pytest.mark.parametrize("path", _examples())
+def test_examples_run_on_the_triton_backend(path) -> None:
+    # Flax NNX and Linen, Equinox, Haiku and plain-JAX models, unchanged (the default run takes one).
+    from tests.test_examples import example_args, load_example
+
+    module = load_example(path)
+    args = example_args(module)
+    fn = getattr(module, module.EXAMPLE_FUNCTION)
+    fused = _triton(fn)
+    assert_trees_close(fused(*args), jax.jit(fn)(*args), loose=True)
+    _all_triton(fused.lower(*args))
