@@ -16,7 +16,8 @@ settings.register_profile("long", max_examples=2000, deadline=None)
 # SMOKE_PER_MODULE test functions (or of the functions a module names in a `SMOKE` tuple), plus
 # anything marked @pytest.mark.smoke; never a slow test. It runs with small example budgets.
 SMOKE_PER_MODULE = int(os.environ.get("FUSEC_SMOKE_PER_MODULE", "2"))
-SMOKE_BUDGETS = {"HYPOTHESIS_PROFILE": "smoke", "FUSEC_DIFF_EXAMPLES": "12", "FUSEC_SPECIAL_EXAMPLES": "8"}
+SMOKE_BUDGETS = {"HYPOTHESIS_PROFILE": "smoke", "FUSEC_DIFF_EXAMPLES": "12", "FUSEC_SPECIAL_EXAMPLES": "8",
+                 "FUSEC_TRITON_DIFF_EXAMPLES": "12"}
 
 
 def pytest_configure(config: pytest.Config) -> None:

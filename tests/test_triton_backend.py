@@ -30,6 +30,9 @@ from tests.helpers import assert_trees_close
 from tests.test_differential import _run, programs
 from tests.test_lowprec import _spec
 
+SMOKE = ("test_corpus_matches_jax_jit", "test_lowbit_matmul_matches_the_reference_decoder",
+         "test_gpu_kernels_stay_inside_their_arrays", "test_jit_vmap_grad_through_a_triton_kernel",
+         "test_random_programs_match_jax_jit")
 
 @pytest.fixture(autouse=True, scope="module")
 def _triton_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -349,3 +352,18 @@ def test_examples_run_on_the_triton_backend(path) -> None:
     fused = _triton(fn)
     assert_trees_close(fused(*args), jax.jit(fn)(*args), loose=True)
     _all_triton(fused.lower(*args))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mlp", "layernorm", "softmax", "attention_causal", "swiglu", "reductions"])
+def test_gpu_runs_match_jax_jit(name: str) -> None:
+    pytest.importorskip("fusec.codegen.triton.call", reason="the jax-triton call is not built yet")
+    from tests.helpers import GPU_TF32_TOLERANCES
+
+    case = next(c for c in CORPUS if c.name == name)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        args = _args(case, dtype)
+        got, want = _triton(case.fn, interpret=False)(*args), jax.jit(case.fn)(*args)
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64),
+                                       **GPU_TF32_TOLERANCES[np.dtype(w.dtype).name])
