@@ -218,7 +218,7 @@ def _check_source_masks(kernel: TritonKernel) -> None:
             continue
         sig = arrays[params.index(access.group(2))]
         pointer = access.group(3).split(", ")[0]
-        for name, d in set(re.findall(r"\b(\w+_o(\d+))\b", pointer)):
+        for name, d in set(re.findall(r"\b(\w+_o(\d+)(?:_\d+)?)\b", pointer)):
             definition = next((x for x in reversed(lines[:i]) if re.match(rf"\s*{name} = ", x)), None)
             if definition is None or "tl.arange" not in definition:
                 continue

@@ -58,14 +58,17 @@ class BodyWriter:
 
     def name(self, v: Value) -> str:
         if v.name not in self.names:
-            base = "v_" + "".join(ch if ch.isalnum() else "_" for ch in v.name)
-            ident, n = base, 0
-            while ident in self.used:
-                n += 1
-                ident = f"{base}_{n}"
-            self.names[v.name] = ident
-            self.used.add(ident)
+            self.names[v.name] = self.fresh("v_" + "".join(ch if ch.isalnum() else "_" for ch in v.name))
         return self.names[v.name]
+
+    def fresh(self, base: str) -> str:
+        """An identifier not used yet in the kernel: ``base``, or ``base_1``, ``base_2``, ..."""
+        ident, n = base, 0
+        while ident in self.used:
+            n += 1
+            ident = f"{base}_{n}"
+        self.used.add(ident)
+        return ident
 
     def index(self, v: Value) -> str:
         """A scalar block index in source: its literal when it is a constant."""

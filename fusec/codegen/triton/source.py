@@ -43,7 +43,7 @@ def _access(w: BodyWriter, op: Op, ref: str, n_values: int) -> tuple[str, str]:
     indices = [w.index(v) for v in op.operands[n_values:]]
     kept = [d for d in range(array.rank) if d not in squeeze]
     rank = len(kept)
-    tag = w.name(op.results[0]) if op.results else f"{ref}_{len(w.lines)}"
+    tag = w.name(op.results[0]) if op.results else ref
     terms, masks = [], []
     for d, (stride, size, b, index) in enumerate(zip(_strides(array.shape), array.shape, block, indices)):
         start = "0" if index == "0" else f"{index} * {b}"
@@ -52,7 +52,7 @@ def _access(w: BodyWriter, op: Op, ref: str, n_values: int) -> tuple[str, str]:
             continue
         if not pow2(b):
             raise Unsupported(f"block {block} of {ref} is not a power of two in dimension {d}")
-        offset = f"{tag}_o{d}"
+        offset = w.fresh(f"{tag}_o{d}")
         w.line(f"{offset} = {'' if start == '0' else start + ' + '}tl.arange(0, {b})")
         along = expand(offset, rank, [kept.index(d)])
         terms.append(f"{along} * {stride}" if stride != 1 else along)
