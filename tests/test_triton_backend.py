@@ -367,3 +367,15 @@ def test_gpu_runs_match_jax_jit(name: str) -> None:
         for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64),
                                        **GPU_TF32_TOLERANCES[np.dtype(w.dtype).name])
+
+
+def test_cli_prints_triton_source(capsys) -> None:
+    from pathlib import Path
+
+    from fusec.cli import main
+
+    target = str(Path(__file__).resolve().parent.parent / "examples" / "quickstart.py") + ":layer_norm"
+    assert main(["source", target, "--backend", "triton", "--interpret",
+                 "--args", "x=f32[6,768] scale=f32[768] bias=f32[768]"]) == 0
+    out = capsys.readouterr().out
+    assert "@triton.jit" in out and "mask=" in out and "tl.load" in out
