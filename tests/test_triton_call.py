@@ -74,6 +74,8 @@ def test_arguments_are_checked_by_name_and_position() -> None:
         triton_call.call_triton_kernel(VECTOR_ADD, x, x.astype(jnp.float16))
     with pytest.raises(ValueError, match=r"argument 0: expected float32\[1000\], got float32\[999\]"):
         triton_call.call_triton_kernel(VECTOR_ADD, x[:999], x)
+    with pytest.raises(ValueError, match="argument 1: expected an array, got float"):
+        triton_call.call_triton_kernel(VECTOR_ADD, x, 1.0)
     with pytest.raises(ValueError, match="zeroed_outputs \\[1\\] name no output"):
         triton_call.call_triton_kernel(replace(VECTOR_ADD, zeroed_outputs=(1,)), x, x)
 

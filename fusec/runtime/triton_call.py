@@ -26,6 +26,9 @@ from fusec.codegen.triton.kernel import ArraySig, TritonKernel
 from fusec.codegen.triton.load import jit_function
 from fusec.runtime.jax_internals import load_jax_triton
 
+# jax-triton 0.3 binds its primitive with the constexprs as keywords next to these.
+_BIND_PARAMETERS = frozenset({"fn", "scalar_args", "out_shapes", "in_tree", "metaparams", "custom_call_target_name"})
+
 
 @functools.cache
 def _call_parameters() -> frozenset[str]:
@@ -36,7 +39,9 @@ def _check(kernel: TritonKernel, arrays: tuple[Any, ...]) -> None:
     if len(arrays) != len(kernel.inputs):
         raise ValueError(f"kernel {kernel.name!r} takes {len(kernel.inputs)} arrays, got {len(arrays)}")
     for i, (array, sig) in enumerate(zip(arrays, kernel.inputs)):
-        shape, dtype = tuple(np.shape(array)), np.dtype(getattr(array, "dtype", None) or np.asarray(array).dtype)
+        if not hasattr(array, "dtype"):
+            raise ValueError(f"kernel {kernel.name!r} argument {i}: expected an array, got {type(array).__name__}")
+        shape, dtype = tuple(array.shape), np.dtype(array.dtype)
         if shape != tuple(sig.shape) or dtype != np.dtype(sig.dtype):
             raise ValueError(f"kernel {kernel.name!r} argument {i}: expected {sig.dtype}{list(sig.shape)}, "
                              f"got {dtype}{list(shape)}")
@@ -63,7 +68,7 @@ def call_triton_kernel(kernel: TritonKernel, *arrays: Any, compute_capability: i
     jt = load_jax_triton()
     params = _call_parameters()
     constexprs = dict(kernel.constexprs)
-    clash = sorted(set(constexprs) & params)
+    clash = sorted(set(constexprs) & (params | _BIND_PARAMETERS))
     if clash:
         raise ValueError(f"kernel {kernel.name!r}: constexpr names {clash} collide with triton_call's own keywords")
     outs = [_out(sig) for sig in kernel.outputs]
