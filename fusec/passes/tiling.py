@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fusec.ir import Function, KernelTiling, Module, Op, parse_elem_type
+from fusec.ir.tile_ops import pair_format_ok
 from fusec.ir.tiling import TILING_ATTRS, cdiv
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.target import PALLAS_TRITON
@@ -29,7 +30,7 @@ def _dot_k(kernel_func: Function) -> int:
 
 def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str, packed: bool = False,
                   table_bits: int = 0, reduce_axes: tuple[int, ...] | None = None, splittable: bool = False,
-                  group: int | None = None, fma_ok: bool = False) -> KernelTiling:
+                  group: int | None = None, fma_ok: bool = False, pair_lanes: int = 0) -> KernelTiling:
     """Block, grid, squeezed dims, K step and launch parameters for one kernel. ``packed``: the
     matmul unpacks a low-bit weight, whose K step is 32 (a whole word of 1-bit codes, and a divisor
     of every scale group); ``table_bits``: the width of a NormalFloat or lookup-table format it
@@ -37,7 +38,9 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
     ``splittable``: the kernel is only the K reduction (split-epilogue's form), so its K loop may
     split across programs (split-K), with K steps up to the scale ``group`` (rows per scale);
     ``fma_ok``: it decodes to f32, so a few rows may multiply on the FMA units with the same
-    rounding as the reference (a bfloat16 weight would need rounding there and back)."""
+    rounding as the reference (a bfloat16 weight would need rounding there and back);
+    ``pair_lanes``: the codes per word of a weight ``unpack_pair`` decodes (0: it cannot), which a
+    split-K GEMV with K steps of at least 8 words' rows then does (``gemv-pairs``)."""
     r = len(space)
     if target == "interpret":
         block = [pow2_at_least(d) for d in space]
@@ -88,6 +91,8 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
     strategy = ("gemv" if space[-2] <= 16 else "gemm") if packed else None
     if launch and block[-2] < PALLAS_TRITON.min_dot_tile:
         strategy = "gemv-fma"
+    elif launch and pair_lanes and bk and 2 * bk // pair_lanes >= PALLAS_TRITON.min_dot_tile:
+        strategy = "gemv-pairs"
     return KernelTiling(kind, tuple(space), tuple(block), tuple(cdiv(s, b) for s, b in zip(space, block)), squeeze,
                         bk, strategy=strategy, **launch)
 
@@ -142,7 +147,15 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str) -> Op:
         weight = next(o for o in callee.ops if o.opcode == "dequantize").operands[0]
         group = weight.type.elem.rows_per_scale(weight.type.shape[0])  # type: ignore[union-attr]
     fma_ok = any(str(o.result.type.elem) == "f32" for o in callee.ops if o.opcode == "dequantize")
-    tiling = choose_tiling(kind, space, k, target, bool(formats), table_bits, reduce_axes, splittable, group, fma_ok)
+    pair_lanes = 0
+    if splittable and len(formats) == 1:
+        dq = next(o for o in callee.ops if o.opcode == "dequantize")
+        dtype = str(dq.result.type.elem)
+        plain = not dots[0].attr("lhs_t") and not dots[0].attr("rhs_t") and dots[0].operands[1].name == dq.result.name
+        if plain and str(dots[0].operands[0].type.elem) == dtype and pair_format_ok(formats[0], dtype):
+            pair_lanes = 32 // formats[0].bits  # type: ignore[union-attr]
+    tiling = choose_tiling(kind, space, k, target, bool(formats), table_bits, reduce_axes, splittable, group, fma_ok,
+                           pair_lanes)
     attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile")} | tiling.as_attrs()
     return Op(op.opcode, op.operands, op.results, Op.make("kernel", **attrs).attrs, op.loc)
 
