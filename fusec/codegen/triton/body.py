@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fusec.codegen.triton.text import constant_value, float_value, is_narrow, pow2, shape_text, tl_dtype
-from fusec.codegen.triton.unpack import unpack_lines
+from fusec.codegen.triton.unpack import unpack_lines, unpack_pair_lines
 from fusec.errors import Unsupported
 from fusec.ir import DType, Op, TensorType, Value
 from fusec.ir.types import I32
@@ -326,6 +326,25 @@ def _unpack(w: BodyWriter, op: Op, a: list[str]) -> str:
     return lines[-1]
 
 
+def _unpack_pair(w: BodyWriter, op: Op, a: list[str]) -> str:
+    lines = unpack_pair_lines(op, a[0], f"{w.name(op.result)}_")
+    for line in lines[:-1]:
+        w.line(line)
+    return lines[-1]
+
+
+def _pick_lanes(w: BodyWriter, op: Op, a: list[str]) -> str:
+    # [M, B] -> [M, 2B/lanes, lanes/2]: (m, 2r + h, j) is column lanes r + h lanes/2 + j; keep
+    # j = lane by a sum whose other terms are -0.0 (exact: x + -0.0 is x, signed zeros and NaN too).
+    (m, cols), lanes, lane = op.operands[0].type.shape, int(op.attr("lanes")), int(op.attr("lane"))
+    x = f"{a[0]}.to(tl.float32)" if is_narrow(op.operands[0].type) else a[0]
+    split = f"tl.reshape({x}, ({m}, {2 * cols // lanes}, {lanes // 2}))"
+    keep = f"(tl.arange(0, {lanes // 2}) == {lane})[None, None, :]"
+    picked = f"tl.reduce(tl.where({keep}, {split}, -0.0), 2, {_REDUCE['sum']})"
+    return f"({picked}).to({tl_dtype(op.result.type)})"
+
+
 EMITTERS.update({"select": _select, "convert": _convert, "broadcast": _broadcast, "reduce": _reduce,
                  "constant": _constant, "iota": _iota, "element_index": _element_index, "dot_acc": _dot_acc,
-                 "unpack": _unpack, "program_id": lambda w, op, a: w.program_id(int(op.attr("axis")))})
+                 "unpack": _unpack, "unpack_pair": _unpack_pair, "pick_lanes": _pick_lanes,
+                 "program_id": lambda w, op, a: w.program_id(int(op.attr("axis")))})

@@ -1,26 +1,37 @@
 """The Triton backend's kernels as :class:`KernelSpec`s, and a module's entry as a callable.
 
 ``run(*arrays, interpret=True)`` runs the kernel in the Triton interpreter (through
-``jax.pure_callback``); ``interpret=False`` calls it through ``jax_triton.triton_call``
-(``fusec.codegen.triton.call``). A kernel the Triton writer cannot express falls back to the
+``jax.pure_callback``); ``interpret=False`` calls it through ``jax_triton.triton_call`` (the
+runtime's ``call_triton_kernel``, registered with :func:`register_gpu_call`, since codegen does not
+import the runtime). A kernel the Triton writer cannot express falls back to the
 Pallas backend's kernel, with a warning that names it and the reason, and says so in its source.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from fusec.codegen import pallas
 from fusec.codegen.kernel_spec import KernelSpec, kernel_reference
 from fusec.codegen.pallas_refs import identifier
-from fusec.codegen.triton.kernel import TritonKernel
+from fusec.codegen.triton.kernel import ArraySig, TritonKernel
 from fusec.codegen.triton.source import generate_kernel, kernel_text
 from fusec.codegen.xla import Evaluator
 from fusec.errors import FusecError, Unsupported
 from fusec.ir import Function, Module, Op
 from fusec.passes.tiling import tile_kernel_op
+
+_GPU_CALL: list[Callable[..., list[Any]]] = []
+
+
+def register_gpu_call(call: Callable[..., list[Any]]) -> None:
+    """Sets how a kernel runs on a GPU: ``call(kernel, *arrays) -> outputs``."""
+    _GPU_CALL[:] = [call]
 
 
 def _runner(kernel: TritonKernel) -> Callable[..., list[Any]]:
@@ -28,11 +39,12 @@ def _runner(kernel: TritonKernel) -> Callable[..., list[Any]]:
         if interpret:
             from fusec.codegen.triton.interpret import interpret_call
             return interpret_call(kernel, *arrays)
-        try:
-            from fusec.codegen.triton.call import call_triton_kernel  # type: ignore[import-not-found]
-        except ImportError as e:
-            raise Unsupported(f"the Triton backend's GPU call (fusec.codegen.triton.call) is not available: {e}") from e
-        return list(call_triton_kernel(kernel, *arrays))
+        if not _GPU_CALL:
+            raise Unsupported("the Triton backend has no GPU call registered (fusec.runtime registers jax-triton's)")
+        # A low-bit weight's scales may be stored in another dtype than the f32 they are declared.
+        actual = tuple(ArraySig(tuple(a.shape), np.dtype(a.dtype).name) for a in arrays)
+        launched = kernel if actual == kernel.inputs else dataclasses.replace(kernel, inputs=actual)
+        return list(_GPU_CALL[0](launched, *arrays))
     return run
 
 
