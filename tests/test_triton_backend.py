@@ -408,3 +408,21 @@ def test_paired_gemv_on_gpu_tiles(bits: int, group: int, m: int) -> None:
         run_interpreted(spec.backend_kernel, *[_random(sig, rng) for sig in spec.backend_kernel.inputs],
                         check_bounds=True)
     assert "cubin" in _compile(next(iter(lowered.program.kernels.values())).backend_kernel, 90).asm
+
+
+@pytest.mark.parametrize("name", ["mlp", "layernorm", "softmax", "attention_causal", "rotary_embedding"])
+def test_lowering_for_cuda_calls_jax_triton(name: str) -> None:
+    from fusec.runtime.jax_internals import gpu_lowering_target
+    from fusec.runtime.triton_call import triton_backend_problem
+
+    if triton_backend_problem():
+        pytest.skip(triton_backend_problem())
+    case = next(c for c in CORPUS if c.name == name)
+    args = _args(case, jnp.float32)
+    fused = _triton(case.fn, static_argnums=case.static_argnums)
+    kernels = {id(s) for s in fused.lower(*args).program.kernels.values()}
+    with gpu_lowering_target("cuda"):
+        text = jax.jit(fused, static_argnums=case.static_argnums).trace(*args).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count("triton_kernel_call") >= len(kernels) >= 1
+    assert "__gpu$xla.gpu.triton" not in text  # no kernel fell back to Pallas
