@@ -308,13 +308,17 @@ def _dot_acc(w: BodyWriter, op: Op, a: list[str]) -> str:
     y = f"tl.trans({a[2]})" if op.attr("rhs_t") else a[2]
     m, n = acc.type.shape
     k = lhs.type.shape[0] if op.attr("lhs_t") else lhs.type.shape[1]
-    if is_narrow(lhs.type):
-        # Widened for the interpreter (which has no bfloat16 matmul); TF32 holds 16-bit floats exactly.
-        x, y = f"{x}.to(tl.float32)", f"{y}.to(tl.float32)"
     if min(m, n, k) >= 16:
-        precision = ', input_precision="ieee"' if op.attr("precision") == "HIGHEST" else ""
+        if is_narrow(lhs.type):
+            w.helpers.add("_fusec_dot_operand")
+            x, y = f"_fusec_dot_operand({x})", f"_fusec_dot_operand({y})"
+        # (16-bit float products are exact in float32 whatever the precision asked.)
+        highest = op.attr("precision") == "HIGHEST" and not is_narrow(lhs.type)
+        precision = ', input_precision="ieee"' if highest else ""
         return f"tl.dot({x}, {y}, {a[0]}{precision})"
     # tl.dot needs every dimension >= 16: a small tile is a broadcast product summed over K (exact float32).
+    if is_narrow(lhs.type):
+        x, y = f"{x}.to(tl.float32)", f"{y}.to(tl.float32)"
     return f"({a[0]} + tl.reduce({x}[:, :, None] * {y}[None, :, :], 1, {_REDUCE['sum']}))"
 
 

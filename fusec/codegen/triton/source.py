@@ -12,17 +12,23 @@ from __future__ import annotations
 
 from fusec.codegen.pallas_refs import identifier
 from fusec.codegen.triton.body import BodyWriter, expand
-from fusec.codegen.triton.kernel import ArraySig, TritonKernel
+from fusec.codegen.triton.kernel import INTERPRETED_FLAG, ArraySig, TritonKernel
 from fusec.codegen.triton.text import constant_value, pow2, shape_text
 from fusec.errors import Unsupported
 from fusec.ir import Function, KernelTiling, Module, Op, print_function
 from fusec.ir.tile_ops import ACCESS_OPS
 
-_PRELUDE = """import triton
+_PRELUDE = f"""import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+{INTERPRETED_FLAG}
 """
-_HELPERS = {"_fusec_mul": "@triton.jit\ndef _fusec_mul(a, b):\n    return a * b\n"}
+_HELPERS = {"_fusec_mul": "@triton.jit\ndef _fusec_mul(a, b):\n    return a * b\n",
+            # The interpreter has no 16-bit float matmul: its operands widen to float32 there (TF32
+            # holds them exactly); a GPU's tensor cores take them as they are, at twice the rate.
+            "_fusec_dot_operand": "@triton.jit\ndef _fusec_dot_operand(x):\n    if FUSEC_INTERPRETED:\n"
+                                  "        return x.to(tl.float32)\n    return x\n"}
 _INT32_MAX = 2**31 - 1
 
 
