@@ -162,7 +162,7 @@ def tuned_config(op: Op, functions: dict[str, Function], device: str = "") -> tu
     facts = kernel_facts(op, functions)
     if not facts.tunable:
         return None
-    found = lookup(kernel_key(op, tuning_fingerprint(op, functions), device))
+    found = lookup(kernel_key(functions[str(op.attr("callee"))], tuning_fingerprint(op, functions), device))
     if found is None:
         return None
     entry, source = found

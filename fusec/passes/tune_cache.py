@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fusec.ir import Op
+from fusec.ir import Function
 from fusec.passes.tune_space import TileConfig
 
 SCHEMA = "fusec-autotune/1"
@@ -80,10 +80,10 @@ class TuneKey:
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
 
-def kernel_key(op: Op, fingerprint: str, device: str = "") -> TuneKey:
-    """The key of a kernel op (its operands' and results' shapes and dtypes) on ``device`` ("" is
-    the static model's sm_90), with this process's versions."""
-    values = (*op.operands, *op.results)
+def kernel_key(callee: Function, fingerprint: str, device: str = "") -> TuneKey:
+    """The key of a kernel (its callee's parameter and result shapes and dtypes) on ``device`` (""
+    is the static model's sm_90), with this process's versions."""
+    values = (*callee.params, *callee.returns)
     return TuneKey(fingerprint, tuple(tuple(v.type.shape) for v in values), tuple(str(v.type.elem) for v in values),
                    device or MODEL_DEVICE, versions())
 
@@ -96,9 +96,8 @@ class Entry:
     method: str
     time_s: float | None = None
 
-    def as_json(self, key: TuneKey, exact: bool = True) -> dict[str, Any]:
-        return {"key": json.loads(key.text(exact)), "config": self.config.as_dict(), "method": self.method,
-                "time_s": self.time_s}
+    def as_json(self) -> dict[str, Any]:
+        return {"config": self.config.as_dict(), "method": self.method, "time_s": self.time_s}
 
     @staticmethod
     def from_json(data: Any) -> Entry:
@@ -198,7 +197,7 @@ def write_entries(path: Path, new: dict[str, dict[str, Any]], note: str | None =
 
 def store(key: TuneKey, entry: Entry, path: Path | None = None) -> None:
     """Records ``entry`` for ``key`` in the user's cache (or ``path``)."""
-    write_entries(path or cache_path(), {key.text(): entry.as_json(key)})
+    write_entries(path or cache_path(), {key.text(): entry.as_json()})
 
 
 def lookup(key: TuneKey, path: Path | None = None, shipped: Path | None = SHIPPED) -> tuple[Entry, str] | None:

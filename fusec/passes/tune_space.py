@@ -240,12 +240,14 @@ def _prod(xs: tuple[int, ...]) -> int:
     return out
 
 
-def canonical_kernel_text(op: Op, funcs: list[Function], skip: tuple[str, ...] = ("callee", "tile")) -> str:
-    """The kernel op (attributes but ``skip``) and ``funcs`` printed with names taken out (functions
-    renamed by position, values by first appearance): equal texts run the same code on the same types."""
+def canonical_kernel_text(op: Op, funcs: list[Function], skip: tuple[str, ...] = ("callee", "tile"),
+                          operand_types: bool = True) -> str:
+    """The kernel op (attributes but ``skip``, and its operand and result types) and ``funcs`` printed
+    with names taken out (functions renamed by position, values by first appearance): equal texts run
+    the same code on the same types."""
     attrs = sorted((k, v) for k, v in op.attr_dict.items() if k not in skip)
-    text = "\n".join(print_function(f) for f in funcs) + f"\n{attrs!r}\n" + \
-        ", ".join(str(v.type) for v in (*op.operands, *op.results))
+    values = (*op.operands, *op.results) if operand_types else ()
+    text = "\n".join(print_function(f) for f in funcs) + f"\n{attrs!r}\n" + ", ".join(str(v.type) for v in values)
     renamed = {f.name: f"F{i}" for i, f in enumerate(funcs)}
     # Whole names only: @name in a function's header, "name" in a loop's body attribute.
     text = re.sub(r'(@|")([\w.$]+)', lambda m: m.group(1) + renamed.get(m.group(2), m.group(2)), text)
@@ -253,12 +255,14 @@ def canonical_kernel_text(op: Op, funcs: list[Function], skip: tuple[str, ...] =
     return re.sub(r"%[\w.$]+", lambda m: values.setdefault(m.group(0), f"%v{len(values)}"), text)
 
 
-# Tiling attributes and what tiling itself adds (the config source) stay out of the tuning fingerprint.
+# Tiling's attributes (and the config source it adds) stay out of the tuning fingerprint, and so do
+# what fold-views changes after tiling (the operands' views and bytes): tiling and codegen agree on it.
 _UNTUNED_SKIP = ("callee", "tile", "block", "grid", "squeeze", "bk", "num_warps", "num_stages", "strategy",
-                 "split", "tuned")
+                 "split", "tuned", "in_views", "out_views", "bytes_read", "bytes_written")
 
 
 def tuning_fingerprint(op: Op, functions: dict[str, Function]) -> str:
-    """A short hash of the kernel as fusion made it, before tiling: the cache key's kernel part."""
-    text = canonical_kernel_text(op, [functions[str(op.attr("callee"))]], _UNTUNED_SKIP)
+    """A short hash of the kernel as fusion made it (its callee, kind and space), whatever its tiling
+    or views: the cache key's kernel part."""
+    text = canonical_kernel_text(op, [functions[str(op.attr("callee"))]], _UNTUNED_SKIP, operand_types=False)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
