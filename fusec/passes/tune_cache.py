@@ -162,6 +162,14 @@ def entries(path: Path) -> dict[str, Entry]:
     return _entries(str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
 
+def _parses(raw: Any) -> bool:
+    try:
+        Entry.from_json(raw)
+        return True
+    except (ValueError, TypeError):
+        return False
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,9 +182,10 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def write_entries(path: Path, new: dict[str, dict[str, Any]], note: str | None = None) -> None:
-    """Merges raw ``new`` entries into the file under its lock, then replaces it atomically."""
+    """Merges raw ``new`` entries into the file under its lock (dropping entries that do not
+    parse), then replaces it atomically."""
     with _locked(path):
-        merged = read_raw(path) | new
+        merged = {k: v for k, v in (read_raw(path) | new).items() if _parses(v)}
         data: dict[str, Any] = {"schema": SCHEMA}
         if note:
             data["note"] = note
