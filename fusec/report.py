@@ -130,7 +130,7 @@ def _times(site: _Site) -> int:
     return 1 if site.trips is None else site.trips
 
 
-def _gpu_config(op: Op, module: Module) -> str:
+def gpu_config_of(op: Op, module: Module) -> str:
     """The GPU tile config of a matmul kernel op and its source: the op's own when its tiling came
     from a tuned config, else what GPU tiling finds for it (cache, shipped file) or its default."""
     functions = {f.name: f for f in module.functions}
@@ -174,7 +174,7 @@ def build_report(lowered: Any, gpu: str = "h100") -> Report:
                 [_eqn_primitive(loc) for loc in locs], list(op.attr("grid", ())),
                 list(op.attr("block", ())), read, written, flops, flops / max(read + written, 1), bits,
                 modeled_time(spec, read + written, flops, _dtype_of(module, name)), source, site.body, site.trips,
-                _gpu_config(op, module)))
+                gpu_config_of(op, module)))
     # Ops XLA runs, each with its cost and how often one call runs it.
     outside = [(op, op_cost(op), _times(site), site) for site in sites for op in site.func.ops
                if op.opcode != "kernel" and op.opcode not in FREE_OPS]

@@ -201,12 +201,13 @@ def candidates(facts: TilingFacts, default: TileConfig, limit: int = 16) -> list
     assert facts.k is not None
     m, n, k = facts.space[-2], facts.space[-1], facts.k
     low = PALLAS_TRITON.min_dot_tile
-    ns = [b for b in (32, 64, 128, 256) if b <= max(low, pow2_at_least(n))]
+    gemv = facts.packed and m <= 16
+    ns = [b for b in (32, 64, 128, 256, *((512,) if gemv else ())) if b <= max(low, pow2_at_least(n))]
     if facts.packed:
         bks = [b for b in (32, 64, 128, 256) if b <= max(32, pow2_at_least(k))]
     else:
         bks = [b for b in (16, 32, 64) if b <= max(low, pow2_at_least(k))]
-    if facts.packed and m <= 16:  # GEMV: rows in one block (FMA rows when the default has them)
+    if gemv:  # GEMV: rows in one block (FMA rows when the default has them)
         ms = [default.block_m]
         stages, warps = (3, 4), (4, 8)
     else:
