@@ -143,7 +143,7 @@ def test_cache_round_trip_changes_the_generated_kernel(kernel, user_cache: Path)
     key = store_result(result)
     assert user_cache.exists() and lookup(key) == (Entry(best, "gpu-timed", 1.0), "cache")
     op = _matmul(_lower())
-    assert op.attr("tuned") == "cache" and op.attr("split") == best.split
+    assert op.attr("tuned") == "cache:gpu-timed" and op.attr("split") == best.split
     assert tuple(op.attr("block")) == (best.block_m, best.block_n) and op.attr("num_stages") == best.num_stages
     assert "tuned" not in _matmul(_lower(k=512)).attr_dict  # another shape: not this entry
 
@@ -190,7 +190,7 @@ def test_bad_entries_are_skipped_with_a_warning(kernel, user_cache: Path) -> Non
         assert "tuned" not in _matmul(_lower()).attr_dict
     store(kernel.key(), Entry(good, "model"))  # the rewrite drops the entry that does not parse
     assert list(json.loads(user_cache.read_text())["entries"]) == [kernel.key().text()]
-    assert _matmul(_lower()).attr("tuned") == "cache"
+    assert _matmul(_lower()).attr("tuned") == "cache:model"
 
 
 def _writer(path: str, worker: int, count: int) -> None:
@@ -240,8 +240,18 @@ def test_package_ships_model_picked_entries() -> None:
 
     q = weight_struct(4096, 4096)
     fused = fusec.jit(lambda q, x: x @ q, backend="pallas", interpret=False)
-    op = _matmul(fused.lower(q, jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16)))
-    assert op.attr("tuned") == "shipped"
+    lowered = fused.lower(q, jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16))
+    op = _matmul(lowered)
+    (kern,) = tunable_kernels(lowered.program.module)
+    entry, _ = lookup(kern.key(), shipped=tune_cache.SHIPPED)
+    assert op.attr("tuned") == "shipped:model" and op.attr("split") == entry.config.split
+    assert tuple(op.attr("block")) == (entry.config.block_m, entry.config.block_n)
+    # The kernel report names the config and where it came from.
+    from fusec.report import build_report
+
+    report = build_report(lowered)
+    assert report.kernels[0].gpu_config == f"{entry.config.label} (shipped:model)"
+    assert f"gpu tiles {entry.config.label} (shipped:model)" in str(report)
 
 
 def test_env_var_and_default_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -254,6 +264,21 @@ def test_env_var_and_default_location(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_path() == tmp_path / "xdg" / "fusec" / "autotune.json"
     assert lookup(key, shipped=None) is None
+
+
+def test_tune_function_ranks_by_the_static_model(tmp_path: Path) -> None:
+    """No GPU: two candidates compiled for sm_90 and modeled; the winner is stored and then used."""
+    from fusec.tune import tune_function
+    from tests.test_sass import _tools_or_skip
+
+    _tools_or_skip()
+    path = tmp_path / "tuned.json"
+    q, x = _weight(256, 256), jax.ShapeDtypeStruct((1, 256), jnp.bfloat16)
+    (result,) = tune_function(lambda q, x: x @ q, q, x, method="model", limit=2, path=path)
+    assert result.method == "model" and len(result.modeled) == 2 and not result.errors
+    assert result.modeled[0][1] <= result.modeled[1][1] and result.best == result.modeled[0][0]
+    found = lookup(result.kernel.key(), path, shipped=None)
+    assert found == (Entry(result.best, "model", result.modeled[0][1]), "cache")
 
 
 def test_candidates_respect_the_limit(kernel) -> None:

@@ -143,7 +143,8 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str, config: 
                    source: str | None = None) -> Op:
     """``op`` (a kernel op) with the tiling attributes ``target`` gets, replacing any it had; with
     ``config`` (a matmul on the ``gpu`` target), that config's tiling (checked: ValueError naming the
-    bad field), its ``source`` ("cache", "shipped", "option", ...) kept in the ``tuned`` attribute."""
+    bad field), its ``source`` ("cache:gpu-timed", "shipped:model", "option", ...) kept in the ``tuned``
+    attribute."""
     f = kernel_facts(op, functions)
     if config is not None and target == "gpu":
         tiling = apply_config(f, config)
@@ -157,8 +158,9 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str, config: 
 
 
 def tuned_config(op: Op, functions: dict[str, Function], device: str = "") -> tuple[TileConfig, str] | None:
-    """The tuned config of a matmul kernel op and its source ("cache" or "shipped"), or None: the
-    user's cache, then the shipped file; a config that does not fit the kernel is skipped (warning)."""
+    """The tuned config of a matmul kernel op and its source, the file and how its entry was
+    chosen ("cache:gpu-timed", "cache:model", "shipped:model"), or None: the user's cache, then the
+    shipped file; a config that does not fit the kernel is skipped (warning)."""
     facts = kernel_facts(op, functions)
     if not facts.tunable:
         return None
@@ -171,7 +173,7 @@ def tuned_config(op: Op, functions: dict[str, Function], device: str = "") -> tu
     except ValueError as e:
         warnings.warn(f"fusec autotune {source} entry for kernel {op.attr('callee')} ignored: {e}", stacklevel=2)
         return None
-    return entry.config, source
+    return entry.config, f"{source}:{entry.method}"
 
 
 @register_pass
