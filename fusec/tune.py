@@ -65,7 +65,8 @@ def tune_function(fn: Callable[..., Any], *args: Any, method: str = "auto", gpu:
         timer = None
         if method == "gpu":
             timer = wall_timer(lambda c, k=kernel: _runner(program(c, k.fingerprint), args))
-        result = tune(kernel, kernel.candidates(limit), timer, model_timer(kernel, relower, gpu), top)
+        result = tune(kernel, kernel.candidates(limit), timer, model_timer(kernel, relower, gpu), top,
+                      baseline=kernel.default)
         if store:
             store_result(result, device, path)
         results.append(result)

@@ -63,6 +63,10 @@ def test_tuner_picks_the_fake_timer_minimum(kernel) -> None:
     timer = lambda c: (calls.append(c), times[c])[1]  # noqa: E731
     pruned = tune(kernel, configs, timer=timer, model=model.__getitem__, top=2)
     assert set(calls) == set(configs[-2:]) and pruned.best == min(configs[-2:], key=times.__getitem__)
+    calls.clear()
+    with_default = tune(kernel, configs, timer=timer, model=model.__getitem__, top=2, baseline=configs[0])
+    assert set(calls) == {configs[0], *configs[-2:]}
+    assert with_default.best == min([configs[0], *configs[-2:]], key=times.__getitem__)
 
 
 def test_model_only_path_ranks_by_modeled_time(kernel) -> None:

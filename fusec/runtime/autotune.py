@@ -91,9 +91,10 @@ def _measure(fn: Timer, configs: Sequence[TileConfig], errors: list[tuple[TileCo
 
 
 def tune(kernel: TunableKernel, configs: Sequence[TileConfig], timer: Timer | None = None,
-         model: Timer | None = None, top: int = 4) -> TuneResult:
+         model: Timer | None = None, top: int = 4, baseline: TileConfig | None = None) -> TuneResult:
     """The fastest of ``configs`` for ``kernel``: with ``timer``, the least timed of them (of the
-    ``model``'s ``top`` best when there is a model); without one, the ``model``'s best."""
+    ``model``'s ``top`` best when there is a model, and ``baseline``, timed too for comparison);
+    without one, the ``model``'s best."""
     if not configs:
         raise ValueError(f"tune: no candidate configs for kernel {kernel.name}")
     if timer is None and model is None:
@@ -107,6 +108,8 @@ def tune(kernel: TunableKernel, configs: Sequence[TileConfig], timer: Timer | No
         ranking = modeled
     else:
         pool = [c for c, _ in modeled[:top]] if model is not None else list(configs)
+        if baseline is not None and baseline not in pool:
+            pool.append(baseline)
         timed = _measure(timer, pool, errors)
         ranking = sorted(timed, key=lambda ct: ct[1])
     if not ranking:
