@@ -8,7 +8,7 @@ from typing import Any
 
 from fusec.ir import DType, Function, KernelTiling, LowBitType, Module, Op
 from fusec.passes.cost import FREE_OPS, nbytes, op_cost
-from fusec.passes.tiling import choose_tiling, kernel_facts, tuned_config
+from fusec.passes.tiling import default_tiling, kernel_facts, tuned_config
 from fusec.passes.tune_space import config_of
 from fusec.roofline import gpu as gpu_spec
 from fusec.roofline import modeled_time
@@ -142,8 +142,7 @@ def gpu_config_of(op: Op, module: Module) -> str:
     found = tuned_config(op, functions)
     if found is not None:
         return f"{found[0].label} ({found[1]})"
-    default = choose_tiling(facts.kind, facts.space, facts.k, "gpu", facts.packed, facts.table_bits,
-                            facts.reduce_axes, facts.splittable, facts.group, facts.fma_ok)
+    default = default_tiling(facts, "gpu")
     return f"{config_of(default).label} (default)"
 
 

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 
 from fusec.ir import Function, KernelTiling, Module, Op, parse_elem_type
+from fusec.ir.tile_ops import pair_format_ok
 from fusec.ir.tiling import TILING_ATTRS, cdiv
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.target import PALLAS_TRITON
@@ -28,8 +29,8 @@ from fusec.passes.tune_space import (
     tuning_fingerprint,
 )
 
-__all__ = ["GEMV", "GemvConfig", "Tile", "choose_tiling", "kernel_facts", "pow2_at_least", "tile_kernel_op",
-           "tuned_config"]
+__all__ = ["GEMV", "GemvConfig", "Tile", "choose_tiling", "default_tiling", "kernel_facts", "pow2_at_least",
+           "tile_kernel_op", "tuned_config"]
 
 
 def _dot_k(kernel_func: Function) -> int:
@@ -40,7 +41,7 @@ def _dot_k(kernel_func: Function) -> int:
 
 def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str, packed: bool = False,
                   table_bits: int = 0, reduce_axes: tuple[int, ...] | None = None, splittable: bool = False,
-                  group: int | None = None, fma_ok: bool = False) -> KernelTiling:
+                  group: int | None = None, fma_ok: bool = False, pair_lanes: int = 0) -> KernelTiling:
     """Block, grid, squeezed dims, K step and launch parameters for one kernel. ``packed``: the
     matmul unpacks a low-bit weight, whose K step is 32 (a whole word of 1-bit codes, and a divisor
     of every scale group); ``table_bits``: the width of a NormalFloat or lookup-table format it
@@ -48,7 +49,9 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
     ``splittable``: the kernel is only the K reduction (split-epilogue's form), so its K loop may
     split across programs (split-K), with K steps up to the scale ``group`` (rows per scale);
     ``fma_ok``: it decodes to f32, so a few rows may multiply on the FMA units with the same
-    rounding as the reference (a bfloat16 weight would need rounding there and back)."""
+    rounding as the reference (a bfloat16 weight would need rounding there and back);
+    ``pair_lanes``: the codes per word of a weight ``unpack_pair`` decodes (0: it cannot), which a
+    split-K GEMV with K steps of at least 8 words' rows then does (``gemv-pairs``)."""
     r = len(space)
     if target == "interpret":
         block = [pow2_at_least(d) for d in space]
@@ -99,6 +102,8 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
     strategy = ("gemv" if space[-2] <= 16 else "gemm") if packed else None
     if launch and block[-2] < PALLAS_TRITON.min_dot_tile:
         strategy = "gemv-fma"
+    elif launch and pair_lanes and bk and 2 * bk // pair_lanes >= PALLAS_TRITON.min_dot_tile:
+        strategy = "gemv-pairs"
     return KernelTiling(kind, tuple(space), tuple(block), tuple(cdiv(s, b) for s, b in zip(space, block)), squeeze,
                         bk, strategy=strategy, **launch)
 
@@ -136,7 +141,20 @@ def kernel_facts(op: Op, functions: dict[str, Function]) -> TilingFacts:
         weight = next(o for o in callee.ops if o.opcode == "dequantize").operands[0]
         group = weight.type.elem.rows_per_scale(weight.type.shape[0])  # type: ignore[union-attr]
     fma_ok = any(str(o.result.type.elem) == "f32" for o in callee.ops if o.opcode == "dequantize")
-    return TilingFacts(kind, space, k, bool(formats), table_bits, reduce_axes, splittable, group, fma_ok)
+    pair_lanes = 0
+    if splittable and len(formats) == 1:
+        dq = next(o for o in callee.ops if o.opcode == "dequantize")
+        dtype = str(dq.result.type.elem)
+        plain = not dots[0].attr("lhs_t") and not dots[0].attr("rhs_t") and dots[0].operands[1].name == dq.result.name
+        if plain and str(dots[0].operands[0].type.elem) == dtype and pair_format_ok(formats[0], dtype):
+            pair_lanes = 32 // formats[0].bits  # type: ignore[union-attr]
+    return TilingFacts(kind, space, k, bool(formats), table_bits, reduce_axes, splittable, group, fma_ok, pair_lanes)
+
+
+def default_tiling(f: TilingFacts, target: str) -> KernelTiling:
+    """The tiling ``target`` gets without a tuned config."""
+    return choose_tiling(f.kind, f.space, f.k, target, f.packed, f.table_bits, f.reduce_axes, f.splittable, f.group,
+                         f.fma_ok, f.pair_lanes)
 
 
 def tile_kernel_op(op: Op, functions: dict[str, Function], target: str, config: TileConfig | None = None,
@@ -149,8 +167,7 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str, config: 
     if config is not None and target == "gpu":
         tiling = apply_config(f, config)
     else:
-        tiling = choose_tiling(f.kind, f.space, f.k, target, f.packed, f.table_bits, f.reduce_axes, f.splittable,
-                               f.group, f.fma_ok)
+        tiling = default_tiling(f, target)
     tuned = {"tuned": source} if config is not None and target == "gpu" and source else {}
     attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile", "tuned")}
     attrs |= tiling.as_attrs() | tuned

@@ -53,6 +53,7 @@ class TilingFacts:
     splittable: bool = False
     group: int | None = None
     fma_ok: bool = False
+    pair_lanes: int = 0  # codes per word of a weight unpack_pair decodes (0: it cannot)
 
     @property
     def tunable(self) -> bool:
@@ -161,11 +162,16 @@ def check_config(facts: TilingFacts, config: TileConfig) -> None:
 
 
 def strategy_of(facts: TilingFacts, config: TileConfig) -> str | None:
+    """The matmul strategy a config gives (as ``choose_tiling`` picks it for its defaults)."""
     if not facts.packed:
         return None
-    if config.block_m < PALLAS_TRITON.min_dot_tile:
+    low = PALLAS_TRITON.min_dot_tile
+    if config.block_m < low:
         return "gemv-fma"
-    return "gemv" if facts.space[-2] <= 16 else "gemm"
+    gemv = facts.space[-2] <= 16
+    if gemv and facts.splittable and facts.pair_lanes and 2 * config.bk // facts.pair_lanes >= low:
+        return "gemv-pairs"  # two codes per decode; its K steps hold at least 8 words' rows
+    return "gemv" if gemv else "gemm"
 
 
 def apply_config(facts: TilingFacts, config: TileConfig) -> KernelTiling:

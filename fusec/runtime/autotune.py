@@ -16,7 +16,7 @@ from typing import Any
 
 from fusec.codegen.pallas_refs import identifier
 from fusec.ir import Function, Module, Op
-from fusec.passes.tiling import choose_tiling, kernel_facts
+from fusec.passes.tiling import default_tiling, kernel_facts
 from fusec.passes.tune_cache import Entry, TuneKey, kernel_key, store
 from fusec.passes.tune_space import TileConfig, TilingFacts, candidates, config_of, tuning_fingerprint
 
@@ -35,9 +35,7 @@ class TunableKernel:
 
     @property
     def default(self) -> TileConfig:
-        f = self.facts
-        return config_of(choose_tiling(f.kind, f.space, f.k, "gpu", f.packed, f.table_bits, f.reduce_axes,
-                                       f.splittable, f.group, f.fma_ok))
+        return config_of(default_tiling(self.facts, "gpu"))
 
     def key(self, device: str = "") -> TuneKey:
         return kernel_key(self.callee, self.fingerprint, device)
