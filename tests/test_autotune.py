@@ -64,6 +64,9 @@ def test_tuner_picks_the_fake_timer_minimum(kernel) -> None:
     pruned = tune(kernel, configs, timer=timer, model=model.__getitem__, top=2)
     assert set(calls) == set(configs[-2:]) and pruned.best == min(configs[-2:], key=times.__getitem__)
     calls.clear()
+    broken_model = tune(kernel, configs, timer=timer, model=lambda c: 1 / 0, top=2)  # e.g. no sm_90 tools
+    assert set(calls) == set(configs) and broken_model.best == min(times, key=times.__getitem__)
+    calls.clear()
     with_default = tune(kernel, configs, timer=timer, model=model.__getitem__, top=2, baseline=configs[0])
     assert set(calls) == {configs[0], *configs[-2:]}
     assert with_default.best == min([configs[0], *configs[-2:]], key=times.__getitem__)

@@ -91,8 +91,8 @@ def _measure(fn: Timer, configs: Sequence[TileConfig], errors: list[tuple[TileCo
 def tune(kernel: TunableKernel, configs: Sequence[TileConfig], timer: Timer | None = None,
          model: Timer | None = None, top: int = 4, baseline: TileConfig | None = None) -> TuneResult:
     """The fastest of ``configs`` for ``kernel``: with ``timer``, the least timed of them (of the
-    ``model``'s ``top`` best when there is a model, and ``baseline``, timed too for comparison);
-    without one, the ``model``'s best."""
+    ``model``'s ``top`` best when there is a model that builds them, and ``baseline``, timed too
+    for comparison); without one, the ``model``'s best."""
     if not configs:
         raise ValueError(f"tune: no candidate configs for kernel {kernel.name}")
     if timer is None and model is None:
@@ -105,7 +105,8 @@ def tune(kernel: TunableKernel, configs: Sequence[TileConfig], timer: Timer | No
         timed: list[tuple[TileConfig, float]] = []
         ranking = modeled
     else:
-        pool = [c for c, _ in modeled[:top]] if model is not None else list(configs)
+        # No model, or one that could not build any candidate (no sm_90 tools here): time them all.
+        pool = [c for c, _ in modeled[:top]] if modeled else list(configs)
         if baseline is not None and baseline not in pool:
             pool.append(baseline)
         timed = _measure(timer, pool, errors)
