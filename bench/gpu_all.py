@@ -7,7 +7,8 @@ Stages, each a subprocess with its own time limit (a stage that fails or runs ou
 so; the run goes on): the ``gpu``-marked tests; ``compute-sanitizer`` (memcheck) over
 ``bench.edge_shapes`` on each GPU backend, XLA's allocator switched to plain ``cudaMalloc`` so an
 access past an array's end is outside any allocation; the GPU benchmark table (``bench.gpu``) per
-backend. ``--dry`` checks the script on a CPU (tiny shapes, kernels in the interpreter, no
+backend; autotuning of the benchmark shapes (``bench.autotune_static --method gpu``, winners in
+``autotune.json``). ``--dry`` checks the script on a CPU (tiny shapes, kernels in the interpreter, no
 sanitizer). ``bench/gpu_session.sh`` is the command to hand the GPU machine (it installs the
 carried wheels first).
 """
@@ -115,6 +116,11 @@ def stages(out: Path, dry: bool, backends: list[str], sanitizer: str | None) -> 
     for backend in backends:
         plan.append(Stage(f"bench:{backend}", (py, "-m", "bench.gpu", "--backend", backend, *dry_flag,
                                                "--json", str(out / f"bench_{backend}.json")), 240))
+    # Last, with what time is left: the benchmark shapes' GEMVs autotuned on this GPU (the static
+    # model's best 3 of 8 candidates timed), the winners in an autotune cache file among the results.
+    tune = ("--dry",) if dry else ("--method", "gpu", "--limit", "8", "--top", "3")
+    plan.append(Stage("autotune", (py, "-m", "bench.autotune_static", *tune), 150,
+                      (("FUSEC_AUTOTUNE_CACHE", str(out / "autotune.json")),)))
     return plan
 
 

@@ -25,7 +25,7 @@ from bench.timing import table, write_json
 
 SHAPES = ((4096, 14336), (4096, 4096))
 MS = (1, 16)
-COLUMNS = ["shape", "kernels", "programs", "split", "CTAs/SM", "regs", "spills", "loop instr", "instr/weight",
+COLUMNS = ["shape", "config", "kernels", "programs", "split", "CTAs/SM", "regs", "spills", "loop instr", "instr/weight",
            "cvt/weight", "LDG bits", "KB in flight/SM", "roofline us H100", "issue us", "cvt us", "latency us",
            "modeled us H100",
            "% peak H100", "modeled us H200", "% peak H200", "bound by"]
@@ -45,6 +45,7 @@ def weight_struct(k: int, n: int, bits: int = 4, group: int = 128) -> Any:
 
 def rows() -> list[dict[str, Any]]:
     import fusec
+    from fusec.report import gpu_config_of
 
     matmul = fusec.jit(lambda q, x: x @ q, backend="pallas", interpret=False)
     out = []
@@ -58,7 +59,9 @@ def rows() -> list[dict[str, Any]]:
             # the modeled time is both kernels', one after the other; % peak is the weight
             # kernel's compulsory bytes at peak bandwidth over that time.
             t100, t200 = (sum(x.modeled_us for x in p.kernels) for p in (h100, h200))
-            out.append({"shape": f"M={m} K={k} N={n}", "kernels": len(h100.kernels), "programs": a.programs,
+            op = next(o for o in lowered.program.module.entry.ops if o.attr("kind") == "matmul")
+            out.append({"shape": f"M={m} K={k} N={n}", "config": gpu_config_of(op, lowered.program.module),
+                        "kernels": len(h100.kernels), "programs": a.programs,
                         "split": a.split,
                         "CTAs/SM": f"{a.ctas_per_sm} ({a.modeled.occupancy.limiter})", "regs": a.registers,
                         "spills": a.spills, "loop instr": a.hot_loop_instructions,

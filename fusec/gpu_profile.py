@@ -17,10 +17,9 @@ from fusec.ir import LowBitType
 from fusec.report import _dtype_of
 from fusec.roofline import LAUNCH_OVERHEAD_S, modeled_time
 from fusec.roofline import gpu as roofline_gpu
-from fusec.runtime.gpu_compile import CompiledKernel, compile_kernel_artifacts
-from fusec.runtime.gpu_model import GpuModelSpec, KernelWork, Modeled, mma_clocks, model, model_gpu
-from fusec.runtime.sass import Mix, mix, parse_sass
-from fusec.runtime.sass import hot_loop as find_hot_loop
+from fusec.runtime.gpu_compile import compile_kernel_artifacts
+from fusec.runtime.gpu_model import Modeled, model, model_gpu
+from fusec.runtime.gpu_work import kernel_work
 
 
 @dataclass(frozen=True)
@@ -92,33 +91,6 @@ class GpuProfile:
         return "\n".join(lines)
 
 
-def _kernel_work(ck: CompiledKernel, trips: int, compulsory: int, spec: GpuModelSpec) -> tuple[KernelWork, Mix, Mix]:
-    funcs = parse_sass(ck.sass)
-    func = next((f for f in funcs if f.name == ck.name), funcs[0] if funcs else None)
-    if func is None:
-        raise RuntimeError(f"no SASS for kernel {ck.name} (is nvdisasm installed?)")
-    body = func.executable()
-    loop = find_hot_loop(func)
-    whole = mix(body)
-    hot = mix(loop.instructions) if loop is not None else mix(())
-    extra = max(trips - 1, 0) if loop is not None else 0  # runs of the loop body beyond the one in ``whole``
-    threads = 32 * ck.num_warps
-    overlap = max(1, ck.num_stages - 1)  # K steps whose async copies are in flight at once
-    if loop is not None:
-        inflight = hot.async_load_bytes * overlap + (hot.global_load_bytes - hot.async_load_bytes)
-    else:
-        inflight = whole.global_load_bytes
-    work = KernelWork(
-        programs=ck.programs, warps_per_cta=ck.num_warps, registers=ck.resources.registers,
-        shared_bytes=ck.shared_dynamic + ck.shared_static,
-        warp_instructions=whole.total + hot.total * extra,
-        slow_conversions=whole.slow_conversions + hot.slow_conversions * extra,
-        mma_clocks=mma_clocks(whole.mma, spec) + mma_clocks(hot.mma, spec) * extra,
-        load_bytes_per_cta=threads * (whole.global_load_bytes + hot.global_load_bytes * extra),
-        inflight_bytes_per_cta=threads * inflight, compulsory_bytes=compulsory)
-    return work, whole, hot
-
-
 def build_gpu_profile(lowered: Any, arch: int = 90, gpu: str = "h100") -> GpuProfile:
     """Compiles every kernel of a ``Lowered`` for ``sm_{arch}``, reads its SASS and models it on ``gpu``."""
     if arch != 90:
@@ -138,7 +110,7 @@ def build_gpu_profile(lowered: Any, arch: int = 90, gpu: str = "h100") -> GpuPro
         tile = module.function(str(op.attr("tile"))) if op.attr("tile", None) else None
         trips = max([int(o.attr("trips")) for o in tile.ops if o.opcode == "loop"] if tile else [], default=1)
         read, written, flops = int(op.attr("bytes_read")), int(op.attr("bytes_written")), int(op.attr("flops"))
-        work, whole, hot = _kernel_work(ck, trips, read + written, spec)
+        work, whole, hot = kernel_work(ck, trips, read + written, spec)
         low_bit = [v for v in op.operands if isinstance(v.type.elem, LowBitType)]
         per = "weight" if low_bit else "output"
         elements = sum(v.type.size for v in (low_bit or op.results))

@@ -5,6 +5,9 @@ import pytest
 from hypothesis import settings
 
 os.environ.setdefault("TRITON_HOME", os.path.join(os.environ.get("TMPDIR", "/tmp"), "fusec-triton-home"))
+# Tests never read or write the user's autotune cache (only the shipped file, as users get it).
+os.environ["FUSEC_AUTOTUNE_CACHE"] = os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                  f"fusec-autotune-test-{os.getpid()}", "autotune.json")
 
 # A fixed, modest example budget keeps the default run fast and repeatable; `HYPOTHESIS_PROFILE=long`
 # gives the longer runs quoted in the docs, and the smoke subset a small one.

@@ -76,9 +76,10 @@ def test_gpu_session_plan_uses_the_sanitizer_only_on_a_gpu(tmp_path) -> None:
 
     on_gpu = gpu_all.stages(tmp_path, False, ["pallas", "triton"], "/bin/compute-sanitizer")
     names = [s.name for s in on_gpu]
-    assert names == ["tests", "sanitizer:pallas", "sanitizer:triton", "bench:pallas", "bench:triton"]
+    assert names == ["tests", "sanitizer:pallas", "sanitizer:triton", "bench:pallas", "bench:triton", "autotune"]
+    assert dict(on_gpu[-1].env)["FUSEC_AUTOTUNE_CACHE"] == str(tmp_path / "autotune.json")
     sanitized = on_gpu[1]
     assert sanitized.argv[0] == "/bin/compute-sanitizer"
     assert dict(sanitized.env)["XLA_PYTHON_CLIENT_ALLOCATOR"] == "platform"
     dry = [s.name for s in gpu_all.stages(tmp_path, True, ["pallas"], "/bin/compute-sanitizer")]
-    assert dry == ["tests", "edge-shapes:pallas", "bench:pallas"]
+    assert dry == ["tests", "edge-shapes:pallas", "bench:pallas", "autotune"]

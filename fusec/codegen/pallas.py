@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from fusec.codegen.device import gpu_device_name
 from fusec.codegen.kernel_spec import KernelSpec, kernel_reference
 from fusec.codegen.pallas_body import BodyWriter
 from fusec.codegen.pallas_refs import RefPlan, access_source, identifier, plan_refs
@@ -19,8 +20,9 @@ from fusec.codegen.xla import Evaluator
 from fusec.errors import FusecError
 from fusec.ir import Function, KernelTiling, Module, Op, Value, print_function
 from fusec.ir.tile_ops import ACCESS_OPS
-from fusec.passes.tiling import tile_kernel_op
+from fusec.passes.tiling import tile_kernel_op, tuned_config
 from fusec.passes.to_tile import lower_kernel
+from fusec.passes.tune_space import canonical_kernel_text
 
 _PRELUDE = """import functools
 
@@ -165,7 +167,9 @@ def build_kernel(op: Op, module: Module, interpret: bool, programs: list[Functio
 
     def gpu_builder() -> KernelSpec | None:
         functions = {f.name: f for f in module.functions}
-        gpu_op = tile_kernel_op(op, functions, "gpu")
+        # The autotuner's config for this kernel (its cache, then the shipped file), else the default.
+        found = tuned_config(op, functions, gpu_device_name())
+        gpu_op = tile_kernel_op(op, functions, "gpu", *found) if found else tile_kernel_op(op, functions, "gpu")
         try:
             return build_kernel(gpu_op, module, False)
         except FusecError:
@@ -188,15 +192,7 @@ def masked_refs(source: str, ident: str) -> tuple[int, ...]:
 def kernel_fingerprint(op: Op, module: Module, programs: list[Function]) -> str:
     """The kernel op with its names taken out (its functions renamed by position, values by first
     appearance): two kernel ops with the same fingerprint run the same code on the same types."""
-    funcs = [module.function(str(op.attr("callee"))), *programs]
-    attrs = sorted((k, v) for k, v in op.attr_dict.items() if k not in ("callee", "tile"))
-    text = "\n".join(print_function(f) for f in funcs) + f"\n{attrs!r}\n" + \
-        ", ".join(str(v.type) for v in (*op.operands, *op.results))
-    renamed = {f.name: f"F{i}" for i, f in enumerate(funcs)}
-    # Whole names only: @name in a function's header, "name" in a loop's body attribute.
-    text = re.sub(r'(@|")([\w.$]+)', lambda m: m.group(1) + renamed.get(m.group(2), m.group(2)), text)
-    values: dict[str, str] = {}
-    return re.sub(r"%[\w.$]+", lambda m: values.setdefault(m.group(0), f"%v{len(values)}"), text)
+    return canonical_kernel_text(op, [module.function(str(op.attr("callee"))), *programs])
 
 
 def kernel_ops(module: Module) -> list[Op]:
