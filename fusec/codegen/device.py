@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 
+from fusec.ir import Module, Op
+from fusec.passes.tiling import tile_kernel_op, tuned_config
+
 
 @functools.lru_cache(maxsize=1)
 def gpu_device_name() -> str:
@@ -15,3 +18,11 @@ def gpu_device_name() -> str:
         return next((d.device_kind for d in jax.devices() if d.platform == "gpu"), "")
     except RuntimeError:
         return ""
+
+
+def gpu_tiled_op(op: Op, module: Module) -> Op:
+    """A kernel op (tiled for whatever target) tiled for a GPU: the autotuner's config for it on
+    this process's GPU (its cache, then the shipped file), else the default tiling."""
+    functions = {f.name: f for f in module.functions}
+    found = tuned_config(op, functions, gpu_device_name())
+    return tile_kernel_op(op, functions, "gpu", *found) if found else tile_kernel_op(op, functions, "gpu")

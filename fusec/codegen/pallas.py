@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from fusec.codegen.device import gpu_device_name
+from fusec.codegen.device import gpu_tiled_op
 from fusec.codegen.kernel_spec import KernelSpec, kernel_reference
 from fusec.codegen.pallas_body import BodyWriter
 from fusec.codegen.pallas_refs import RefPlan, access_source, identifier, plan_refs
@@ -20,7 +20,6 @@ from fusec.codegen.xla import Evaluator
 from fusec.errors import FusecError
 from fusec.ir import Function, KernelTiling, Module, Op, Value, print_function
 from fusec.ir.tile_ops import ACCESS_OPS
-from fusec.passes.tiling import tile_kernel_op, tuned_config
 from fusec.passes.to_tile import lower_kernel
 from fusec.passes.tune_space import canonical_kernel_text
 
@@ -166,12 +165,8 @@ def build_kernel(op: Op, module: Module, interpret: bool, programs: list[Functio
     exec(compile(source, filename, "exec"), namespace)
 
     def gpu_builder() -> KernelSpec | None:
-        functions = {f.name: f for f in module.functions}
-        # The autotuner's config for this kernel (its cache, then the shipped file), else the default.
-        found = tuned_config(op, functions, gpu_device_name())
-        gpu_op = tile_kernel_op(op, functions, "gpu", *found) if found else tile_kernel_op(op, functions, "gpu")
         try:
-            return build_kernel(gpu_op, module, False)
+            return build_kernel(gpu_tiled_op(op, module), module, False)
         except FusecError:
             return None  # a folded view these blocks cannot address: lowering keeps the interpreter
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from fusec.codegen import pallas
+from fusec.codegen.device import gpu_tiled_op
 from fusec.codegen.kernel_spec import KernelSpec, kernel_reference
 from fusec.codegen.pallas_refs import identifier
 from fusec.codegen.triton.kernel import ArraySig, TritonKernel
@@ -24,7 +25,6 @@ from fusec.codegen.triton.source import generate_kernel, kernel_text
 from fusec.codegen.xla import Evaluator
 from fusec.errors import FusecError, Unsupported
 from fusec.ir import Function, Module, Op
-from fusec.passes.tiling import tile_kernel_op
 
 _GPU_CALL: list[Callable[..., list[Any]]] = []
 
@@ -75,10 +75,8 @@ def build_kernel(op: Op, module: Module, interpret: bool, programs: list[Functio
     source = "".join(f"# {line}\n".replace("# \n", "#\n") for line in text.splitlines()) + "\n" + kernel.source
 
     def gpu_builder() -> KernelSpec | None:
-        functions = {f.name: f for f in module.functions}
-        gpu_op = tile_kernel_op(op, functions, "gpu")
         try:
-            return build_kernel(gpu_op, module, False)
+            return build_kernel(gpu_tiled_op(op, module), module, False)
         except FusecError:
             return None  # a folded view these blocks cannot address: lowering keeps the interpreter
 
