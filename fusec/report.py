@@ -13,7 +13,9 @@ from fusec.passes.tune_space import config_of
 from fusec.roofline import gpu as gpu_spec
 from fusec.roofline import modeled_time
 
-REPORT_VERSION = 4  # 2: equation counts and each kernel's primitives; 3: bodies, trips, fallback bytes; 4: gpu_config
+# 2: equation counts and each kernel's primitives; 3: bodies, trips, fallback bytes; 4: gpu_config;
+# 5: gpu_backend (what lowering for cuda emits, and why when it is not the backend asked for)
+REPORT_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,15 @@ class Report:
     bytes_fused: int
     modeled_time_op_by_op_s: float
     modeled_time_fused_s: float
+    gpu_backend: str = ""  # the kernels lowering for cuda emits: the backend, or Pallas and the reason
 
     def to_json(self) -> str:
         """Stable JSON: keys sorted, a ``version`` field; documented in the README."""
         return json.dumps({"version": REPORT_VERSION, **asdict(self)}, sort_keys=True, indent=1)
 
     def __str__(self) -> str:
-        lines = [f"fusec report ({self.backend} backend, modeled on {self.gpu})",
+        gpu = f"; GPU kernels: {self.gpu_backend}" if self.gpu_backend not in ("", self.backend) else ""
+        lines = [f"fusec report ({self.backend} backend{gpu}, modeled on {self.gpu})",
                  f"{'kernel':24s} {'kind':11s} {'ops':>4s} {'grid':>12s} {'bytes':>12s} {'flops':>14s} "
                  f"{'flop/B':>7s} {'bits/w':>6s} {'model us':>9s}"]
         for k in self.kernels:
@@ -194,4 +198,15 @@ def build_report(lowered: Any, gpu: str = "h100") -> Report:
             fallbacks.append({"primitive": str(op.attr("primitive")), "reason": str(op.attr("reason")),
                               "body": site.body, "bytes": moved, "share": moved / max(fused, 1)})
     return Report(spec.name, program.backend, kernels, program.num_eqns, len(fused_locs), len(xla_locs), xla_ops,
-                  fallbacks, op_by_op, fused, time_op_by_op, time_fused)
+                  fallbacks, op_by_op, fused, time_op_by_op, time_fused, gpu_backend(program.backend))
+
+
+def gpu_backend(backend: str) -> str:
+    """What lowering for cuda emits for ``backend``'s kernels: itself, or for the Triton backend
+    where the installed jax-triton cannot lower them, Pallas kernels and the one-line reason."""
+    if backend != "triton":
+        return backend if backend in ("pallas",) else ""
+    from fusec.runtime.triton_call import triton_backend_problem
+
+    problem = triton_backend_problem()
+    return "triton" if problem is None else f"pallas (the Triton backend cannot lower for cuda here: {problem})"

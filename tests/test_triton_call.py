@@ -116,3 +116,22 @@ def test_samples_run_on_the_gpu_like_numpy(name: str) -> None:
     for g, h in zip(got, again):
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=1e-4)
 
+
+
+def test_triton_backend_lowers_pallas_kernels_for_cuda_where_jax_triton_cannot(monkeypatch) -> None:
+    """Where the installed jax-triton cannot lower (jax 0.12 without fusec's rule adaptation, say),
+    lowering for cuda emits the same tile programs as Pallas kernels, with a warning and a report
+    line saying why: never a crash, never a silent switch."""
+    import fusec
+    from fusec.runtime.jax_internals import triton_kernels_in
+
+    reason = "jax-triton 0.4.1 with jax 0.12.0 fails: TypeError: takes 2 positional arguments but 3 were given"
+    monkeypatch.setattr(triton_call, "triton_backend_problem", lambda: reason)
+    fn = fusec.jit(lambda x: jnp.tanh(x) * 2.0, backend="triton")
+    x = jnp.ones((1000,), jnp.float32)
+    with pytest.warns(UserWarning, match="lowers for cuda as a Pallas kernel"):
+        lowered = jax.jit(fn).trace(x).lower(lowering_platforms=("cuda",))
+    assert triton_kernels_in(lowered)  # Pallas's Triton IR custom calls, not jax-triton's
+    report = fn.inspect(x)
+    assert report.backend == "triton" and report.gpu_backend.startswith("pallas") and reason in report.gpu_backend
+    assert "GPU kernels: pallas" in str(report)
