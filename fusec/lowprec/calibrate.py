@@ -1,0 +1,223 @@
+"""Calibrated quantization: ``calibrate(apply_fn, params, batches, bits=4)`` runs the model on
+calibration batches, collects each matmul weight's input statistics (:mod:`hessian`), and quantizes
+it with GPTQ error feedback and Hessian-weighted scale search (:mod:`gptq`), or, given a
+``budget`` in average bits per weight (scales and zero-points counted), picks each matrix's width
+from its measured sensitivity. The result has the same ``QuantizedArray`` leaves as
+``lowprec.quantize``, so fused kernels and the reference decoder read it unchanged.
+
+What is quantized: every float leaf of 2+ dimensions that a ``dot_general`` reads directly (through
+transposes and dtype conversions) along one set of axes; embedding tables read by ``gather`` stay
+float. The budget averages over exactly those matrices.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from fusec.lowprec.formats import Format
+from fusec.lowprec.gptq import gptq, output_error, rtn
+from fusec.lowprec.hessian import Hessian, collect_hessians
+from fusec.lowprec.qarray import QuantSpec, from_codes, packed_shape
+from fusec.lowprec.quantize import SCALE_DTYPES, QuantizedCodes, dequantize_codes
+
+METHODS = ("gptq", "rtn")
+WIDTHS = (2, 3, 4, 5, 6, 7, 8)
+
+
+@dataclass(frozen=True)
+class MatrixResult:
+    """One calibrated matrix: how it was quantized and what that costs in size and output error
+    (tr(D^T H D) / tr(W^T H W) on the calibration inputs, D the weight's change)."""
+
+    path: str
+    method: str
+    format: str  # e.g. "int4g128"
+    bits: int
+    weights: int
+    bits_per_weight: float  # codes, scales and zero-points, as stored
+    output_error: float
+    rtn_error: float  # the same width by plain round-to-nearest, for comparison
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    matrices: tuple[MatrixResult, ...]
+    left_float: tuple[tuple[str, str], ...]  # (path, why) for float matrices not quantized
+    batches: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        """The average over the quantized matrices, scales and zero-points counted."""
+        total = sum(m.weights for m in self.matrices)
+        return sum(m.bits_per_weight * m.weights for m in self.matrices) / max(total, 1)
+
+    @property
+    def mean_output_error(self) -> float:
+        return float(np.mean([m.output_error for m in self.matrices])) if self.matrices else 0.0
+
+    def __str__(self) -> str:
+        lines = [f"{'matrix':40s} {'method':12s} {'format':10s} {'bpw':>6s} {'out err':>9s} {'rtn err':>9s}"]
+        lines += [f"{m.path:40s} {m.method:12s} {m.format:10s} {m.bits_per_weight:6.3f} {m.output_error:9.2e} "
+                  f"{m.rtn_error:9.2e}" for m in self.matrices]
+        lines.append(f"{len(self.matrices)} matrices, {sum(m.weights for m in self.matrices)} weights, "
+                     f"{self.bits_per_weight:.3f} bits per weight (scales and zero-points counted), mean output "
+                     f"error {self.mean_output_error:.2e} (RTN {np.mean([m.rtn_error for m in self.matrices]):.2e}), "
+                     f"{self.batches} calibration batches")
+        lines += [f"left float: {path}: {why}" for path, why in self.left_float]
+        return "\n".join(lines)
+
+
+def storage_bits(k: int, n: int, bits: int, group: int, family: str, scale_dtype: str) -> int:
+    """Bits a [K, N] ``QuantizedArray`` stores: codes (K padded to 32), scales, zero-points."""
+    padded = -(-k // 32) * 32
+    scale_bits = 8 * np.dtype(SCALE_DTYPES[scale_dtype]).itemsize
+    return padded * n * bits + (k // group) * n * (scale_bits + (8 if family == "uint" else 0))
+
+
+def _check_args(bits: int | None, budget: float | None, group: int | None, fmt: str, method: str,
+                scale_dtype: str, widths: tuple[int, ...]) -> None:
+    if (bits is None) == (budget is None):
+        raise ValueError("calibrate needs exactly one of bits= (one width for every matrix) or budget= "
+                         f"(average bits per weight); got bits={bits!r}, budget={budget!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {scale_dtype!r}")
+    if group is not None and (not isinstance(group, int) or group <= 0):
+        raise ValueError(f"group must be a positive int or None (one scale per column), got {group!r}")
+    if bits is not None:
+        QuantSpec(bits, group, fmt).format()  # raises naming the bad width or format
+        return
+    if not isinstance(budget, (int, float)) or not 1 <= budget <= 8:
+        raise ValueError(f"budget must be an average of 1 to 8 bits per weight, got {budget!r}")
+    if fmt not in ("int", "uint", "nf"):
+        raise ValueError(f"a bit budget varies widths, which format {fmt!r} cannot; use int, uint or nf")
+    if not widths or any(not isinstance(b, int) or not 1 <= b <= 8 for b in widths):
+        raise ValueError(f"widths must be bit widths in 1..8, got {widths!r}")
+    if fmt == "nf" and min(widths) < 2:
+        raise ValueError("NormalFloat needs at least 2 bits; drop width 1 from widths")
+
+
+def _matrix(leaf: Any, contract: tuple[int, ...]) -> np.ndarray:
+    arr = np.asarray(leaf, np.float64)
+    k, n = packed_shape(arr.shape, contract)
+    return arr.T if contract == (1,) else arr.reshape(k, n)
+
+
+def _quantize(w: np.ndarray, h: np.ndarray, fmt: Format, group: int, scale_dtype: str, method: str,
+              search: bool, act_order: bool, damp: float, block: int) -> QuantizedCodes:
+    if method == "rtn":
+        return rtn(w, h, fmt, group, scale_dtype, search=search)
+    return gptq(w, h, fmt, group, scale_dtype, damp=damp, block=block, act_order=act_order, search=search)
+
+
+def _allocate(costs: list[list[int]], errors: list[list[float]], limit: float) -> list[int] | None:
+    """Per matrix, an index into its widths so the summed cost stays <= limit, greedily buying the
+    largest error drop per bit; None if even the narrowest widths exceed the limit."""
+    choice = [0] * len(costs)
+    total = sum(c[0] for c in costs)
+    if total > limit:
+        return None
+    while True:
+        best, best_gain = -1, 0.0
+        for m, i in enumerate(choice):
+            if i + 1 < len(costs[m]) and total - costs[m][i] + costs[m][i + 1] <= limit:
+                gain = (errors[m][i] - errors[m][i + 1]) / max(costs[m][i + 1] - costs[m][i], 1)
+                if gain > best_gain:
+                    best, best_gain = m, gain
+        if best < 0:
+            return choice
+        total += costs[best][choice[best] + 1] - costs[best][choice[best]]
+        choice[best] += 1
+
+
+def _method_name(method: str, search: bool, act_order: bool) -> str:
+    return method + ("+search" if search else "") + ("+act" if act_order and method == "gptq" else "")
+
+
+def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any], *, bits: int | None = None,
+              budget: float | None = None, group: int | None = 128, fmt: str = "int", scale_dtype: str = "bf16",
+              method: str = "gptq", search: bool = True, act_order: bool = False, damp: float = 0.01,
+              block: int = 128, widths: tuple[int, ...] = WIDTHS, where: Callable[[str, Any], bool] | None = None,
+              progress: bool = False, with_report: bool = False) -> Any:
+    """``params`` with every matmul weight quantized against ``apply_fn(params, *batch)`` on
+    ``batches`` (tuples of the arguments after ``params``; a non-tuple is the one argument).
+
+    ``bits``: one width for every matrix; or ``budget``: an average bits per weight, scales and
+    zero-points counted, met by choosing each matrix's width in ``widths`` by its measured output
+    error (GPTQ at every width). ``group`` rows per scale along the contracted axis (None: one per
+    column); ``fmt`` int | uint | nf (or fp/lut with ``bits``); ``method`` "gptq" (error feedback)
+    or "rtn"; ``search``: Hessian-weighted clipping search for each group's scale; ``act_order``:
+    GPTQ in decreasing input-energy order (undone offline). ``where(path, leaf)`` narrows the
+    matrices. With ``with_report`` returns ``(qparams, CalibrationReport)``. Every argument, batch
+    and matrix is checked before any weight is quantized; errors raise ``ValueError``.
+    """
+    _check_args(bits, budget, group, fmt, method, scale_dtype, tuple(widths))
+    batch_list = list(batches)
+    hessians, skipped = collect_hessians(apply_fn, params, batch_list, where)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    by_path = {jax.tree_util.keystr(p) or "<root>": i for i, (p, _) in enumerate(leaves)}
+    chosen: list[tuple[str, Hessian, np.ndarray]] = []
+    for path, hess in hessians.items():
+        w = _matrix(leaves[by_path[path]][1], hess.contract)
+        g = w.shape[0] if group is None else group
+        if w.shape[0] % g:
+            skipped[path] = f"its contracted size {w.shape[0]} is not a whole number of {g}-row groups"
+            continue
+        chosen.append((path, hess, w))
+    left = tuple(sorted(skipped.items()))
+    if not chosen:
+        why = "; ".join(f"{p}: {r}" for p, r in left) or "params has no float matrix"
+        raise ValueError(f"calibrate found no matrix to quantize (bits={bits}, budget={budget}, group={group}, "
+                         f"where={'given' if where else 'None'}): {why}")
+    if where is not None:
+        unread = [p for p, r in left if r == "no matmul reads it"]
+        if unread:
+            raise ValueError(f"where selects {unread}, but no matmul reads them, so there is nothing to "
+                             "calibrate them on; leave them out or use lowprec.quantize")
+    candidate_widths = (bits,) if bits is not None else tuple(sorted(set(widths)))
+    spec_fmt = {b: QuantSpec(b, group, fmt).format() for b in candidate_widths}
+    results: list[list[tuple[QuantizedCodes, float, int]]] = []
+    for i, (path, hess, w) in enumerate(chosen):
+        if progress:
+            print(f"\rcalibrate: matrix {i + 1}/{len(chosen)} {path}", end="", file=sys.stderr, flush=True)
+        g = w.shape[0] if group is None else group
+        row = []
+        for b in candidate_widths:
+            q = _quantize(w, hess.h, spec_fmt[b], g, scale_dtype, method, search, act_order, damp, block)
+            row.append((q, output_error(w, dequantize_codes(q), hess.h),
+                        storage_bits(*w.shape, b, g, fmt, scale_dtype)))
+        results.append(row)
+    if progress:
+        print(file=sys.stderr)
+    if budget is None:
+        picks = [0] * len(chosen)
+    else:
+        total_weights = sum(w.size for _, _, w in chosen)
+        picked = _allocate([[c for _, _, c in r] for r in results], [[e for _, e, _ in r] for r in results],
+                           budget * total_weights)
+        if picked is None:
+            least = sum(r[0][2] for r in results) / total_weights
+            raise ValueError(f"budget {budget} bits per weight is below the least these matrices can be stored in "
+                             f"({least:.3f} at {candidate_widths[0]} bits with group {group} {scale_dtype} scales)")
+        picks = picked
+    out = [leaf for _, leaf in leaves]
+    report_rows = []
+    for (path, hess, w), row, pick in zip(chosen, results, picks):
+        q, err, cost = row[pick]
+        leaf = leaves[by_path[path]][1]
+        out[by_path[path]] = from_codes(q, np.shape(leaf), leaf.dtype, hess.contract)
+        rtn_q = rtn(w, hess.h, q.fmt, q.group, scale_dtype)
+        name = f"{q.fmt.family}{q.fmt.bits}g{q.group}"
+        report_rows.append(MatrixResult(path, _method_name(method, search, act_order), name, q.fmt.bits, w.size,
+                                        cost / w.size, err, output_error(w, dequantize_codes(rtn_q), hess.h)))
+    qparams = jax.tree_util.tree_unflatten(treedef, out)
+    if with_report:
+        return qparams, CalibrationReport(tuple(report_rows), left, len(batch_list))
+    return qparams
