@@ -135,7 +135,7 @@ def collect_hessians(apply_fn: Callable[..., Any], params: Any, batches: Iterabl
     n_batches = 0
     for index, batch in enumerate(batches):
         args = batch if isinstance(batch, tuple) else (batch,)
-        key = jax.tree.structure(args), tuple((np.shape(a), np.result_type(a)) for a in jax.tree.leaves(args))
+        key = jax.tree.structure(args), tuple((np.shape(a), str(jnp.result_type(a))) for a in jax.tree.leaves(args))
         if key not in compiled:  # a batch shaped like an earlier one traces the same
             try:
                 closed = jax.make_jaxpr(apply_fn)(params, *args)
