@@ -22,7 +22,7 @@ import numpy as np
 
 from fusec.lowprec.formats import Format
 from fusec.lowprec.gptq import gptq, output_error, rtn
-from fusec.lowprec.hessian import Hessian, collect_hessians
+from fusec.lowprec.hessian import Hessian, HessianCollector
 from fusec.lowprec.qarray import QuantSpec, from_codes, packed_shape
 from fusec.lowprec.quantize import SCALE_DTYPES, QuantizedCodes, dequantize_codes
 
@@ -137,15 +137,36 @@ def _allocate(costs: list[list[int]], errors: list[list[float]], limit: float) -
         choice[best] += 1
 
 
-def _method_name(method: str, search: bool, act_order: bool) -> str:
-    return method + ("+search" if search else "") + ("+act" if act_order and method == "gptq" else "")
+def _method_name(method: str, search: bool, act_order: bool, sequential: bool) -> str:
+    return (method + ("+search" if search else "") + ("+act" if act_order and method == "gptq" else "")
+            + ("+seq" if sequential else ""))
+
+
+def _one(w: np.ndarray, h: np.ndarray, bits: int, group: int | None, fmt: str, scale_dtype: str, method: str,
+         search: bool, act_order: bool, damp: float, block: int) -> tuple[QuantizedCodes, float, int]:
+    """One matrix at one width: its codes, relative output error and stored bits."""
+    g = w.shape[0] if group is None else group
+    q = _quantize(w, h, QuantSpec(bits, group, fmt).format(), g, scale_dtype, method, search, act_order, damp, block)
+    return q, output_error(w, dequantize_codes(q), h), storage_bits(*w.shape, bits, g, fmt, scale_dtype)
+
+
+def _say(on: bool, line: str, last: bool) -> None:
+    """A progress line on stderr, rewritten in place."""
+    if on:
+        print(f"\rcalibrate: {line}", end="\n" if last else "", file=sys.stderr, flush=True)
+
+
+def _progress(items: list[Any], on: bool, what: str) -> Any:
+    for i, item in enumerate(items):
+        _say(on, f"{what} {i + 1}/{len(items)} {item[0]}", i + 1 == len(items))
+        yield item
 
 
 def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any], *, bits: int | None = None,
               budget: float | None = None, group: int | None = 128, fmt: str = "int", scale_dtype: str = "bf16",
               method: str = "gptq", search: bool = True, act_order: bool = False, damp: float = 0.01,
               block: int = 128, widths: tuple[int, ...] = WIDTHS, where: Callable[[str, Any], bool] | None = None,
-              progress: bool = False, with_report: bool = False) -> Any:
+              sequential: bool = False, progress: bool = False, with_report: bool = False) -> Any:
     """``params`` with every matmul weight quantized against ``apply_fn(params, *batch)`` on
     ``batches`` (tuples of the arguments after ``params``; a non-tuple is the one argument).
 
@@ -154,17 +175,20 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
     error (GPTQ at every width). ``group`` rows per scale along the contracted axis (None: one per
     column); ``fmt`` int | uint | nf (or fp/lut with ``bits``); ``method`` "gptq" (error feedback)
     or "rtn"; ``search``: Hessian-weighted clipping search for each group's scale; ``act_order``:
-    GPTQ in decreasing input-energy order (undone offline). ``where(path, leaf)`` narrows the
+    GPTQ in decreasing input-energy order (undone offline); ``sequential``: each matrix's inputs
+    are collected with the matrices before it already quantized (as GPTQ does layer by layer), so
+    it compensates their error too. ``where(path, leaf)`` narrows the
     matrices. With ``with_report`` returns ``(qparams, CalibrationReport)``. Every argument, batch
     and matrix is checked before any weight is quantized; errors raise ``ValueError``.
     """
     _check_args(bits, budget, group, fmt, method, scale_dtype, tuple(widths))
     batch_list = list(batches)
-    hessians, skipped = collect_hessians(apply_fn, params, batch_list, where)
+    collector = HessianCollector(apply_fn, params, batch_list, where)
+    skipped = dict(collector.skipped)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     by_path = {jax.tree_util.keystr(p) or "<root>": i for i, (p, _) in enumerate(leaves)}
     chosen: list[tuple[str, Hessian, np.ndarray]] = []
-    for path, hess in hessians.items():
+    for path, hess in collector.hessians.items():
         w = _matrix(leaves[by_path[path]][1], hess.contract)
         g = w.shape[0] if group is None else group
         if w.shape[0] % g:
@@ -181,42 +205,52 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
         if unread:
             raise ValueError(f"where selects {unread}, but no matmul reads them, so there is nothing to "
                              "calibrate them on; leave them out or use lowprec.quantize")
-    candidate_widths = (bits,) if bits is not None else tuple(sorted(set(widths)))
-    spec_fmt = {b: QuantSpec(b, group, fmt).format() for b in candidate_widths}
-    results: list[list[tuple[QuantizedCodes, float, int]]] = []
-    for i, (path, hess, w) in enumerate(chosen):
-        if progress:
-            print(f"\rcalibrate: matrix {i + 1}/{len(chosen)} {path}", end="", file=sys.stderr, flush=True)
-        g = w.shape[0] if group is None else group
-        row = []
-        for b in candidate_widths:
-            q = _quantize(w, hess.h, spec_fmt[b], g, scale_dtype, method, search, act_order, damp, block)
-            row.append((q, output_error(w, dequantize_codes(q), hess.h),
-                        storage_bits(*w.shape, b, g, fmt, scale_dtype)))
-        results.append(row)
-    if progress:
-        print(file=sys.stderr)
-    if budget is None:
-        picks = [0] * len(chosen)
-    else:
+    args = (scale_dtype, method, search, act_order, damp, block)
+    picks = {path: bits for path, _, _ in chosen}
+    first: dict[str, tuple[QuantizedCodes, float, int]] = {}
+    if budget is not None:  # every width on the float model's inputs: each matrix's sensitivity
+        candidates = tuple(sorted(set(widths)))
+        results = [[_one(w, hess.h, b, group, fmt, *args) for b in candidates]
+                   for _, hess, w in _progress(chosen, progress, "sensitivity")]
         total_weights = sum(w.size for _, _, w in chosen)
         picked = _allocate([[c for _, _, c in r] for r in results], [[e for _, e, _ in r] for r in results],
                            budget * total_weights)
         if picked is None:
             least = sum(r[0][2] for r in results) / total_weights
             raise ValueError(f"budget {budget} bits per weight is below the least these matrices can be stored in "
-                             f"({least:.3f} at {candidate_widths[0]} bits with group {group} {scale_dtype} scales)")
-        picks = picked
+                             f"({least:.3f} at {candidates[0]} bits with group {group} {scale_dtype} scales)")
+        picks = {path: candidates[i] for (path, _, _), i in zip(chosen, picked)}
+        first = {path: r[i] for (path, _, _), r, i in zip(chosen, results, picked)}
+    stages = sorted({collector.stages.get(path, 0) for path, _, _ in chosen})
     out = [leaf for _, leaf in leaves]
+    current = list(out)  # the model as later stages see it: earlier stages' weights dequantized
+    final: dict[str, tuple[QuantizedCodes, float, int, np.ndarray]] = {}
+    done = 0
+    for stage in stages:
+        hs = collector.hessians
+        if sequential and stage != stages[0]:
+            hs = collector.collect(jax.tree_util.tree_unflatten(treedef, current))
+        for path, hess, w in [c for c in chosen if collector.stages.get(c[0], 0) == stage]:
+            done += 1
+            _say(progress, f"quantize {done}/{len(chosen)} {path}", done == len(chosen))
+            h = hs[path].h
+            q, err, cost = first[path] if path in first and h is hess.h else _one(w, h, picks[path], group, fmt,
+                                                                                   *args)
+            final[path] = (q, err, cost, h)
+            leaf = leaves[by_path[path]][1]
+            values = dequantize_codes(q)
+            current[by_path[path]] = jax.numpy.asarray(
+                (values.T if hess.contract == (1,) else values.reshape(np.shape(leaf))), leaf.dtype)
     report_rows = []
-    for (path, hess, w), row, pick in zip(chosen, results, picks):
-        q, err, cost = row[pick]
+    for path, hess, w in chosen:
+        q, err, cost, h = final[path]
         leaf = leaves[by_path[path]][1]
         out[by_path[path]] = from_codes(q, np.shape(leaf), leaf.dtype, hess.contract)
-        rtn_q = rtn(w, hess.h, q.fmt, q.group, scale_dtype)
+        rtn_q = rtn(w, h, q.fmt, q.group, scale_dtype)
         name = f"{q.fmt.family}{q.fmt.bits}g{q.group}"
-        report_rows.append(MatrixResult(path, _method_name(method, search, act_order), name, q.fmt.bits, w.size,
-                                        cost / w.size, err, output_error(w, dequantize_codes(rtn_q), hess.h)))
+        report_rows.append(MatrixResult(path, _method_name(method, search, act_order, sequential), name,
+                                        q.fmt.bits, w.size, cost / w.size, err,
+                                        output_error(w, dequantize_codes(rtn_q), h)))
     qparams = jax.tree_util.tree_unflatten(treedef, out)
     if with_report:
         return qparams, CalibrationReport(tuple(report_rows), left, len(batch_list))
