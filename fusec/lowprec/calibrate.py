@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from fusec.lowprec.codebook import learn_table
 from fusec.lowprec.formats import Format
 from fusec.lowprec.gptq import gptq, output_error, rtn
 from fusec.lowprec.hessian import Hessian, HessianCollector
@@ -92,12 +93,13 @@ def _check_args(bits: int | None, budget: float | None, group: int | None, fmt: 
     if group is not None and (not isinstance(group, int) or group <= 0):
         raise ValueError(f"group must be a positive int or None (one scale per column), got {group!r}")
     if bits is not None:
-        QuantSpec(bits, group, fmt).format()  # raises naming the bad width or format
+        # raises naming the bad width or format; a lut's table is learned, so any stands in for it
+        QuantSpec(bits, group, fmt, lut=(0.0,) * 2**bits if fmt == "lut" and bits in range(1, 9) else None).format()
         return
     if not isinstance(budget, (int, float)) or not 1 <= budget <= 8:
         raise ValueError(f"budget must be an average of 1 to 8 bits per weight, got {budget!r}")
-    if fmt not in ("int", "uint", "nf"):
-        raise ValueError(f"a bit budget varies widths, which format {fmt!r} cannot; use int, uint or nf")
+    if fmt not in ("int", "uint", "nf", "lut"):
+        raise ValueError(f"a bit budget varies widths, which format {fmt!r} cannot; use int, uint, nf or lut")
     if not widths or any(not isinstance(b, int) or not 1 <= b <= 8 for b in widths):
         raise ValueError(f"widths must be bit widths in 1..8, got {widths!r}")
     if fmt == "nf" and min(widths) < 2:
@@ -146,7 +148,8 @@ def _one(w: np.ndarray, h: np.ndarray, bits: int, group: int | None, fmt: str, s
          search: bool, act_order: bool, damp: float, block: int) -> tuple[QuantizedCodes, float, int]:
     """One matrix at one width: its codes, relative output error and stored bits."""
     g = w.shape[0] if group is None else group
-    q = _quantize(w, h, QuantSpec(bits, group, fmt).format(), g, scale_dtype, method, search, act_order, damp, block)
+    spec = learn_table(w, np.diag(h), bits, g) if fmt == "lut" else QuantSpec(bits, group, fmt).format()
+    q = _quantize(w, h, spec, g, scale_dtype, method, search, act_order, damp, block)
     return q, output_error(w, dequantize_codes(q), h), storage_bits(*w.shape, bits, g, fmt, scale_dtype)
 
 
@@ -173,7 +176,8 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
     ``bits``: one width for every matrix; or ``budget``: an average bits per weight, scales and
     zero-points counted, met by choosing each matrix's width in ``widths`` by its measured output
     error (GPTQ at every width). ``group`` rows per scale along the contracted axis (None: one per
-    column); ``fmt`` int | uint | nf (or fp/lut with ``bits``); ``method`` "gptq" (error feedback)
+    column); ``fmt`` int | uint | nf | lut (a table learned per matrix, see :mod:`codebook`), or fp
+    with ``bits``; ``method`` "gptq" (error feedback)
     or "rtn"; ``search``: Hessian-weighted clipping search for each group's scale; ``act_order``:
     GPTQ in decreasing input-energy order (undone offline); ``sequential``: each matrix's inputs
     are collected with the matrices before it already quantized (as GPTQ does layer by layer), so
