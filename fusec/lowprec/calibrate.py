@@ -153,6 +153,34 @@ def _one(w: np.ndarray, h: np.ndarray, bits: int, group: int | None, fmt: str, s
     return q, output_error(w, dequantize_codes(q), h), storage_bits(*w.shape, bits, g, fmt, scale_dtype)
 
 
+def _with_values(leaves: list[Any], index: int, contract: tuple[int, ...], q: QuantizedCodes) -> list[Any]:
+    """``leaves`` with leaf ``index`` replaced by the float values of its codes."""
+    leaf = leaves[index]
+    values = dequantize_codes(q)
+    out = list(leaves)
+    out[index] = jax.numpy.asarray(values.T if contract == (1,) else values.reshape(np.shape(leaf)), leaf.dtype)
+    return out
+
+
+def _model_gains(apply_fn: Callable[..., Any], params: Any, batches: list[Any],
+                 where: list[tuple[int, tuple[int, ...]]], probes: list[tuple[QuantizedCodes, float, int]]
+                 ) -> list[float]:
+    """Per matrix, the squared error of the model's outputs on ``batches`` with only that matrix
+    quantized (its ``probes`` codes), per unit of its own relative output error: how much its error
+    matters downstream, so widths go where the model's output gains most."""
+    leaves, treedef = jax.tree.flatten(params)
+    run = jax.jit(lambda p, *a: jax.tree.leaves(apply_fn(p, *a)))
+    batches = [b if isinstance(b, tuple) else (b,) for b in batches]
+    reference = [run(params, *b) for b in batches]
+    gains = []
+    for (index, contract), (q, rel, _) in zip(where, probes):
+        probe = jax.tree.unflatten(treedef, _with_values(leaves, index, contract, q))
+        err = sum(float(np.sum((np.asarray(o, np.float64) - np.asarray(r, np.float64)) ** 2))
+                  for b, ref in zip(batches, reference) for o, r in zip(run(probe, *b), ref))
+        gains.append(err / max(rel, 1e-30))
+    return gains
+
+
 def _say(on: bool, line: str, last: bool) -> None:
     """A progress line on stderr, rewritten in place."""
     if on:
@@ -174,16 +202,17 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
     ``batches`` (tuples of the arguments after ``params``; a non-tuple is the one argument).
 
     ``bits``: one width for every matrix; or ``budget``: an average bits per weight, scales and
-    zero-points counted, met by choosing each matrix's width in ``widths`` by its measured output
-    error (GPTQ at every width). ``group`` rows per scale along the contracted axis (None: one per
-    column); ``fmt`` int | uint | nf | lut (a table learned per matrix, see :mod:`codebook`), or fp
-    with ``bits``; ``method`` "gptq" (error feedback)
-    or "rtn"; ``search``: Hessian-weighted clipping search for each group's scale; ``act_order``:
-    GPTQ in decreasing input-energy order (undone offline); ``sequential``: each matrix's inputs
-    are collected with the matrices before it already quantized (as GPTQ does layer by layer), so
-    it compensates their error too. ``where(path, leaf)`` narrows the
-    matrices. With ``with_report`` returns ``(qparams, CalibrationReport)``. Every argument, batch
-    and matrix is checked before any weight is quantized; errors raise ``ValueError``.
+    zero-points counted, met by choosing each matrix's width in ``widths`` (GPTQ at every width)
+    for the least model output error: each matrix's own output error per width, times how much the
+    model's outputs on the batches move with that matrix alone quantized. ``group``: rows per scale
+    along the contracted axis (None: one per column); ``fmt`` int | uint | nf | lut (a table
+    learned per matrix, see :mod:`codebook`), or fp with ``bits``; ``method`` "gptq" (error
+    feedback) or "rtn"; ``search``: Hessian-weighted clipping search for each group's scale;
+    ``act_order``: GPTQ in decreasing input-energy order (undone offline); ``sequential``: each
+    matrix's inputs are collected with the matrices before it already quantized (as GPTQ does
+    layer by layer). ``where(path, leaf)`` narrows the matrices. With ``with_report`` returns
+    ``(qparams, CalibrationReport)``. Every argument, batch and matrix is checked before any
+    weight is quantized; errors raise ``ValueError``.
     """
     _check_args(bits, budget, group, fmt, method, scale_dtype, tuple(widths))
     batch_list = list(batches)
@@ -217,8 +246,11 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
         results = [[_one(w, hess.h, b, group, fmt, *args) for b in candidates]
                    for _, hess, w in _progress(chosen, progress, "sensitivity")]
         total_weights = sum(w.size for _, _, w in chosen)
-        picked = _allocate([[c for _, _, c in r] for r in results], [[e for _, e, _ in r] for r in results],
-                           budget * total_weights)
+        probe = min(range(len(candidates)), key=lambda i: abs(candidates[i] - budget))
+        gains = _model_gains(apply_fn, params, batch_list, [(by_path[p], hess.contract) for p, hess, _ in chosen],
+                             [r[probe] for r in results])
+        picked = _allocate([[c for _, _, c in r] for r in results],
+                           [[gain * e for _, e, _ in r] for gain, r in zip(gains, results)], budget * total_weights)
         if picked is None:
             least = sum(r[0][2] for r in results) / total_weights
             raise ValueError(f"budget {budget} bits per weight is below the least these matrices can be stored in "
@@ -241,10 +273,7 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
             q, err, cost = first[path] if path in first and h is hess.h else _one(w, h, picks[path], group, fmt,
                                                                                    *args)
             final[path] = (q, err, cost, h)
-            leaf = leaves[by_path[path]][1]
-            values = dequantize_codes(q)
-            current[by_path[path]] = jax.numpy.asarray(
-                (values.T if hess.contract == (1,) else values.reshape(np.shape(leaf))), leaf.dtype)
+            current = _with_values(current, by_path[path], hess.contract, q)
     report_rows = []
     for path, hess, w in chosen:
         q, err, cost, h = final[path]
