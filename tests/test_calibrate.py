@@ -57,16 +57,21 @@ def _output_error(params, qparams, batches) -> float:
     return float(np.mean((got - ref) ** 2))
 
 
-@pytest.mark.parametrize("bits,fmt,act_order", [(3, "int", False), (4, "uint", False), (3, "nf", True)])
-def test_gptq_beats_round_to_nearest_on_the_calibration_outputs(bits: int, fmt: str, act_order: bool) -> None:
+@pytest.mark.parametrize("bits,fmt,act_order,sequential", [(3, "int", False, True), (4, "uint", False, False),
+                                                          (3, "nf", True, False), (3, "lut", False, False)])
+def test_gptq_beats_round_to_nearest_on_the_calibration_outputs(bits: int, fmt: str, act_order: bool,
+                                                                sequential: bool) -> None:
     params, batches = _params(), _batches()
     kw = dict(bits=bits, group=32, fmt=fmt)
     rtn = lowprec.calibrate(_mlp, params, batches, method="rtn", search=False, **kw)
     searched = lowprec.calibrate(_mlp, params, batches, method="rtn", **kw)
-    gptq, report = lowprec.calibrate(_mlp, params, batches, act_order=act_order, with_report=True, **kw)
+    gptq, report = lowprec.calibrate(_mlp, params, batches, act_order=act_order, sequential=sequential,
+                                     with_report=True, **kw)
     errors = [_output_error(params, q, batches) for q in (rtn, searched, gptq)]
     assert errors[2] < errors[1] <= errors[0] * 1.0001, errors
     assert all(m.output_error < m.rtn_error for m in report.matrices)
+    if fmt == "lut":
+        return  # a learned table: no lowprec.quantize spec to compare with
     # RTN without search is exactly lowprec.quantize (with the axes the matmuls contract).
     axes = lowprec.contraction_axes(_mlp, params, *batches[0])
     plain = lowprec.quantize(params, lowprec.QuantSpec(bits, 32, fmt), axes=axes)
@@ -76,8 +81,10 @@ def test_gptq_beats_round_to_nearest_on_the_calibration_outputs(bits: int, fmt: 
 
 def test_calibrated_leaves_run_through_the_fused_kernels() -> None:
     params, batches = _params(), _batches(n=1)
-    q = lowprec.calibrate(_mlp, params, batches, bits=3, group=32, act_order=True)
+    # Mixed widths and learned lookup tables, the least common path through the kernels.
+    q = lowprec.calibrate(_mlp, params, batches, budget=4.0, group=32, fmt="lut", act_order=True)
     assert all(isinstance(q[k]["w"], lowprec.QuantizedArray) for k in ("l0", "l1"))
+    assert {q[k]["w"].fmt.family for k in ("l0", "l1")} == {"lut"}
     assert q["l1"]["w"].contract == (1,) and q["l1"]["w"].shape == (32, 128)
     x = batches[0][0][:8]
     ref = jax.jit(_mlp)(lowprec.dequantize(q), x)
