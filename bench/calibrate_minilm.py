@@ -1,6 +1,6 @@
 """Calibrated quantization on all-MiniLM-L6-v2 with its real weights (``examples/minilm.py``).
 
-    python -m bench.calibrate_minilm [quick]
+    python -m bench.calibrate_minilm [table | budget]
 
 Calibrates on CALIBRATION sentences, evaluates on EVALUATION sentences (disjoint, written for this
 benchmark), and prints the mean and smallest cosine between each quantized model's embeddings and
@@ -93,7 +93,6 @@ def cosines(encode, params, qparams, ids, mask) -> tuple[float, float]:
 def main() -> None:
     import minilm
 
-    quick = "quick" in sys.argv[1:]
     params = minilm.load_params()
     cal = batches(CALIBRATION)
     ids, mask = minilm.tokenize(EVALUATION)
@@ -108,15 +107,19 @@ def main() -> None:
         print(f"{label:34s} {rep.bits_per_weight:6.3f} {mean:8.5f} {least:8.5f} {seconds:7.1f}", flush=True)
 
     print(f"{'method':34s} {'bpw':>6s} {'mean cos':>8s} {'min cos':>8s} {'seconds':>7s}")
-    configs = [("rtn", dict(method="rtn", search=False)), ("rtn+search", dict(method="rtn")),
-               ("gptq", dict(search=False)), ("gptq+search", {}), ("gptq+search+act", dict(act_order=True))]
-    for b in ((4, 3) if quick else (8, 6, 5, 4, 3)):
-        for group in ((128,) if quick or b > 4 else (128, 64)):
-            for name, kw in configs:
-                run(f"{name} int{b} g{group}", bits=b, group=group, **kw)
-    for budget in (4.25, 3.25):
-        for group in (128, 64):
-            run(f"gptq+search budget {budget} g{group}", budget=budget, group=group)
+    if "budget" not in sys.argv[1:]:
+        for b in (8, 6, 5, 4, 3):
+            run(f"rtn int{b} g128", bits=b, method="rtn", search=False)
+            run(f"gptq+search int{b} g128", bits=b)
+        for b in (4, 3):
+            run(f"rtn+search int{b} g128", bits=b, method="rtn")
+            run(f"gptq int{b} g128", bits=b, search=False)
+            run(f"gptq+search+act int{b} g128", bits=b, act_order=True)
+            run(f"gptq+search nf{b} g128", bits=b, fmt="nf")
+            run(f"gptq+search lut{b} g128 (learned)", bits=b, fmt="lut")
+    if "table" not in sys.argv[1:]:
+        run("gptq+search nf budget 4.25 g128", budget=4.25, fmt="nf", widths=(3, 4, 5, 6))
+        run("gptq+search nf budget 3.25 g128", budget=3.25, fmt="nf", widths=(2, 3, 4, 5))
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def storage_bits(k: int, n: int, bits: int, group: int, family: str, scale_dtype
     return padded * n * bits + (k // group) * n * (scale_bits + (8 if family == "uint" else 0))
 
 
-def _check_args(bits: int | None, budget: float | None, group: int | None, fmt: str, method: str,
+def _check_args(bits: int | None, budget: float | None, group: Any, fmt: str, method: str,
                 scale_dtype: str, widths: tuple[int, ...]) -> None:
     if (bits is None) == (budget is None):
         raise ValueError("calibrate needs exactly one of bits= (one width for every matrix) or budget= "
@@ -90,8 +90,10 @@ def _check_args(bits: int | None, budget: float | None, group: int | None, fmt: 
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {scale_dtype!r}")
-    if group is not None and (not isinstance(group, int) or group <= 0):
-        raise ValueError(f"group must be a positive int or None (one scale per column), got {group!r}")
+    groups = group if isinstance(group, tuple) and budget is not None else (group,)
+    if not groups or any(g is not None and (not isinstance(g, int) or g <= 0) for g in groups):
+        raise ValueError("group must be a positive int or None (one scale per column), or with a budget a "
+                         f"tuple of them to choose from, got {group!r}")
     if bits is not None:
         # raises naming the bad width or format; a lut's table is learned, so any stands in for it
         QuantSpec(bits, group, fmt, lut=(0.0,) * 2**bits if fmt == "lut" and bits in range(1, 9) else None).format()
@@ -122,21 +124,24 @@ def _quantize(w: np.ndarray, h: np.ndarray, fmt: Format, group: int, scale_dtype
 def _allocate(costs: list[list[int]], errors: list[list[float]], limit: float) -> list[int] | None:
     """Per matrix, an index into its widths so the summed cost stays <= limit, greedily buying the
     largest error drop per bit; None if even the narrowest widths exceed the limit."""
-    choice = [0] * len(costs)
-    total = sum(c[0] for c in costs)
+    choice = [int(np.argmin(c)) for c in costs]
+    total = sum(c[i] for c, i in zip(costs, choice))
     if total > limit:
         return None
-    while True:
-        best, best_gain = -1, 0.0
+    while True:  # any dearer option may be the next step: error need not fall evenly with cost
+        best, best_gain = (-1, -1), 0.0
         for m, i in enumerate(choice):
-            if i + 1 < len(costs[m]) and total - costs[m][i] + costs[m][i + 1] <= limit:
-                gain = (errors[m][i] - errors[m][i + 1]) / max(costs[m][i + 1] - costs[m][i], 1)
-                if gain > best_gain:
-                    best, best_gain = m, gain
-        if best < 0:
+            for j, cost in enumerate(costs[m]):
+                extra = cost - costs[m][i]
+                if extra > 0 and total + extra <= limit:
+                    gain = (errors[m][i] - errors[m][j]) / extra
+                    if gain > best_gain:
+                        best, best_gain = (m, j), gain
+        m, j = best
+        if m < 0:
             return choice
-        total += costs[best][choice[best] + 1] - costs[best][choice[best]]
-        choice[best] += 1
+        total += costs[m][j] - costs[m][choice[m]]
+        choice[m] = j
 
 
 def _method_name(method: str, search: bool, act_order: bool, sequential: bool) -> str:
@@ -194,7 +199,8 @@ def _progress(items: list[Any], on: bool, what: str) -> Any:
 
 
 def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any], *, bits: int | None = None,
-              budget: float | None = None, group: int | None = 128, fmt: str = "int", scale_dtype: str = "bf16",
+              budget: float | None = None, group: int | None | tuple[int | None, ...] = 128, fmt: str = "int",
+              scale_dtype: str = "bf16",
               method: str = "gptq", search: bool = True, act_order: bool = False, damp: float = 0.01,
               block: int = 128, widths: tuple[int, ...] = WIDTHS, where: Callable[[str, Any], bool] | None = None,
               sequential: bool = False, progress: bool = False, with_report: bool = False) -> Any:
@@ -205,7 +211,8 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
     zero-points counted, met by choosing each matrix's width in ``widths`` (GPTQ at every width)
     for the least model output error: each matrix's own output error per width, times how much the
     model's outputs on the batches move with that matrix alone quantized. ``group``: rows per scale
-    along the contracted axis (None: one per column); ``fmt`` int | uint | nf | lut (a table
+    along the contracted axis (None: one per column; with a budget, a tuple of sizes to choose
+    from per matrix as well); ``fmt`` int | uint | nf | lut (a table
     learned per matrix, see :mod:`codebook`), or fp with ``bits``; ``method`` "gptq" (error
     feedback) or "rtn"; ``search``: Hessian-weighted clipping search for each group's scale;
     ``act_order``: GPTQ in decreasing input-energy order (undone offline); ``sequential``: each
@@ -221,12 +228,16 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     by_path = {jax.tree_util.keystr(p) or "<root>": i for i, (p, _) in enumerate(leaves)}
     chosen: list[tuple[str, Hessian, np.ndarray]] = []
+    groups = group if isinstance(group, tuple) else (group,)
+    fits: dict[str, list[int | None]] = {}
     for path, hess in collector.hessians.items():
         w = _matrix(leaves[by_path[path]][1], hess.contract)
-        g = w.shape[0] if group is None else group
-        if w.shape[0] % g:
-            skipped[path] = f"its contracted size {w.shape[0]} is not a whole number of {g}-row groups"
+        fit = [g for g in groups if g is None or w.shape[0] % g == 0]
+        if not fit:
+            skipped[path] = (f"its contracted size {w.shape[0]} is not a whole number of "
+                             f"{' or '.join(map(str, groups))}-row groups")
             continue
+        fits[path] = fit
         chosen.append((path, hess, w))
     left = tuple(sorted(skipped.items()))
     if not chosen:
@@ -239,23 +250,25 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
             raise ValueError(f"where selects {unread}, but no matmul reads them, so there is nothing to "
                              "calibrate them on; leave them out or use lowprec.quantize")
     args = (scale_dtype, method, search, act_order, damp, block)
-    picks = {path: bits for path, _, _ in chosen}
+    picks = {path: (bits, group) for path, _, _ in chosen}
     first: dict[str, tuple[QuantizedCodes, float, int]] = {}
     if budget is not None:  # every width on the float model's inputs: each matrix's sensitivity
-        candidates = tuple(sorted(set(widths)))
-        results = [[_one(w, hess.h, b, group, fmt, *args) for b in candidates]
-                   for _, hess, w in _progress(chosen, progress, "sensitivity")]
+        options = {p: [(b, g) for b in sorted(set(widths)) for g in fits[p]] for p, _, _ in chosen}
+        results = [[_one(w, hess.h, b, g, fmt, *args) for b, g in options[path]]
+                   for path, hess, w in _progress(chosen, progress, "sensitivity")]
         total_weights = sum(w.size for _, _, w in chosen)
-        probe = min(range(len(candidates)), key=lambda i: abs(candidates[i] - budget))
+        # Each matrix's effect on the model is probed at the option nearest the budget.
+        probes = [r[min(range(len(r)), key=lambda i: abs(r[i][2] / w.size - budget))]
+                  for r, (_, _, w) in zip(results, chosen)]
         gains = _model_gains(apply_fn, params, batch_list, [(by_path[p], hess.contract) for p, hess, _ in chosen],
-                             [r[probe] for r in results])
+                             probes)
         picked = _allocate([[c for _, _, c in r] for r in results],
                            [[gain * e for _, e, _ in r] for gain, r in zip(gains, results)], budget * total_weights)
         if picked is None:
-            least = sum(r[0][2] for r in results) / total_weights
+            least = sum(min(c for _, _, c in r) for r in results) / total_weights
             raise ValueError(f"budget {budget} bits per weight is below the least these matrices can be stored in "
-                             f"({least:.3f} at {candidates[0]} bits with group {group} {scale_dtype} scales)")
-        picks = {path: candidates[i] for (path, _, _), i in zip(chosen, picked)}
+                             f"({least:.3f} at {min(widths)} bits with group {group} {scale_dtype} scales)")
+        picks = {path: options[path][i] for (path, _, _), i in zip(chosen, picked)}
         first = {path: r[i] for (path, _, _), r, i in zip(chosen, results, picked)}
     stages = sorted({collector.stages.get(path, 0) for path, _, _ in chosen})
     out = [leaf for _, leaf in leaves]
@@ -270,7 +283,7 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
             done += 1
             _say(progress, f"quantize {done}/{len(chosen)} {path}", done == len(chosen))
             h = hs[path].h
-            q, err, cost = first[path] if path in first and h is hess.h else _one(w, h, picks[path], group, fmt,
+            q, err, cost = first[path] if path in first and h is hess.h else _one(w, h, *picks[path], fmt,
                                                                                    *args)
             final[path] = (q, err, cost, h)
             current = _with_values(current, by_path[path], hess.contract, q)
