@@ -198,10 +198,15 @@ def kernel_ops(module: Module) -> list[Op]:
 KernelCaller = Callable[[KernelSpec, list[Any]], list[Any]]
 
 
+KernelBuilder = Callable[[Op, Module, bool, list[Function]], KernelSpec]
+
+
 def module_to_callable(module: Module, interpret: bool, call_kernel: KernelCaller | None = None,
-                       make_weak: Callable[[Any], Any] | None = None
+                       make_weak: Callable[[Any], Any] | None = None, builder: KernelBuilder | None = None
                        ) -> tuple[Callable[..., list[Any]], dict[str, KernelSpec]]:
-    """The entry function as a callable whose kernel ops run as Pallas kernels, and the kernels."""
+    """The entry function as a callable whose kernel ops run as the kernels ``builder`` makes
+    (Pallas kernels by default), and the kernels."""
+    builder = builder or build_kernel
     built: dict[str, KernelSpec] = {}
     specs: dict[str, KernelSpec] = {}
     for op in kernel_ops(module):
@@ -210,7 +215,7 @@ def module_to_callable(module: Module, interpret: bool, call_kernel: KernelCalle
         programs = tile_programs(op, module)
         fingerprint = kernel_fingerprint(op, module, programs)
         if fingerprint not in built:
-            built[fingerprint] = build_kernel(op, module, interpret, programs)
+            built[fingerprint] = builder(op, module, interpret, programs)
         specs[str(op.attr("callee"))] = built[fingerprint]
     caller = call_kernel or (lambda spec, args: spec.run(*args, interpret=spec.interpret))
 

@@ -9,14 +9,14 @@ knows the refs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from fusec.codegen.pallas_special import SPECIAL_FUNCTIONS
 from fusec.codegen.pallas_text import jnp_dtype, literal
 from fusec.codegen.pallas_unpack import unpack_pair_source, unpack_source
+from fusec.codegen.source_writer import SourceWriter
 from fusec.codegen.xla import LAX_BINARY, LAX_UNARY
 from fusec.errors import FusecError
-from fusec.ir import DType, Op, Value
+from fusec.ir import DType, Op
 
 # Never widened: exact in any float width (no rounding), or, for nextafter, defined by the format
 # itself (float32's neighbour rounds back to the input); its helper works on 16-bit floats directly.
@@ -27,33 +27,8 @@ _REDUCE = {"sum": "jnp.sum", "prod": "jnp.prod", "max": "jnp.max", "min": "jnp.m
 _NOT_LAX = frozenset({"stop_gradient", "shift_left", "shift_right_logical", "shift_right_arithmetic"})
 
 
-@dataclass
-class BodyWriter:
-    """Python identifiers of a tile program's values, and the lines written so far."""
-
-    lines: list[str] = field(default_factory=list)
-    names: dict[str, str] = field(default_factory=dict)  # the current function's values
-    used: set[str] = field(default_factory=set)  # every identifier written, in any scope
-    consts: dict[str, int] = field(default_factory=dict)  # scalar integer constants, by value name
-    indent: str = ""
-
-    def name(self, v: Value) -> str:
-        if v.name not in self.names:
-            base = "v_" + "".join(ch if ch.isalnum() else "_" for ch in v.name)
-            ident, n = base, 0
-            while ident in self.used:
-                n += 1
-                ident = f"{base}_{n}"
-            self.names[v.name] = ident
-            self.used.add(ident)
-        return self.names[v.name]
-
-    def index_name(self, v: Value) -> str:
-        """A block index in source: its literal when it is a constant."""
-        return str(self.consts[v.name]) if v.name in self.consts else self.name(v)
-
-    def line(self, text: str) -> None:
-        self.lines.append(self.indent + text)
+class BodyWriter(SourceWriter):
+    """Identifiers of a tile program's values, and the lines written so far."""
 
     def emit(self, op: Op) -> None:
         emitter = EMITTERS.get(op.opcode)

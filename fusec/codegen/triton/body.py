@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fusec.codegen.source_writer import SourceWriter
 from fusec.codegen.triton.text import constant_value, float_value, is_narrow, pow2, shape_text, tl_dtype
 from fusec.codegen.triton.unpack import unpack_lines, unpack_pair_lines
 from fusec.errors import Unsupported
@@ -37,13 +38,9 @@ _REDUCE = {"sum": "tl.standard._sum_combine", "max": "tl.standard._elementwise_m
 
 
 @dataclass
-class BodyWriter:
+class BodyWriter(SourceWriter):
     """Identifiers of a tile program's values, and the lines written so far."""
 
-    lines: list[str] = field(default_factory=list)
-    names: dict[str, str] = field(default_factory=dict)  # the current function's values
-    used: set[str] = field(default_factory=set)  # every identifier written, in any scope
-    consts: dict[str, int] = field(default_factory=dict)  # scalar integer constants, by value name
     helpers: set[str] = field(default_factory=set)  # prelude helpers the kernel calls
     grid: tuple[int, ...] = ()  # the launch grid (more than 3 axes are folded into axis 0)
     indent: str = "    "
@@ -56,26 +53,8 @@ class BodyWriter:
             inner *= g
         return f"((tl.program_id(0) // {inner}) % {self.grid[axis]})"
 
-    def name(self, v: Value) -> str:
-        if v.name not in self.names:
-            self.names[v.name] = self.fresh("v_" + "".join(ch if ch.isalnum() else "_" for ch in v.name))
-        return self.names[v.name]
-
-    def fresh(self, base: str) -> str:
-        """An identifier not used yet in the kernel: ``base``, or ``base_1``, ``base_2``, ..."""
-        ident, n = base, 0
-        while ident in self.used:
-            n += 1
-            ident = f"{base}_{n}"
-        self.used.add(ident)
-        return ident
-
     def index(self, v: Value) -> str:
-        """A scalar block index in source: its literal when it is a constant."""
-        return str(self.consts[v.name]) if v.name in self.consts else self.name(v)
-
-    def line(self, text: str) -> None:
-        self.lines.append(self.indent + text)
+        return self.index_name(v)
 
     def emit(self, op: Op) -> None:
         emitter = EMITTERS.get(op.opcode)

@@ -22,7 +22,6 @@ from fusec.codegen.kernel_spec import KernelSpec, kernel_reference
 from fusec.codegen.pallas_refs import identifier
 from fusec.codegen.triton.kernel import ArraySig, TritonKernel
 from fusec.codegen.triton.source import generate_kernel, kernel_text
-from fusec.codegen.xla import Evaluator
 from fusec.errors import FusecError, Unsupported
 from fusec.ir import Function, Module, Op
 
@@ -86,27 +85,12 @@ def build_kernel(op: Op, module: Module, interpret: bool, programs: list[Functio
                       backend_kernel=kernel)
 
 
-KernelCaller = Callable[[KernelSpec, list[Any]], list[Any]]
+KernelCaller = pallas.KernelCaller
 
 
 def module_to_callable(module: Module, interpret: bool, call_kernel: KernelCaller | None = None,
                        make_weak: Callable[[Any], Any] | None = None
                        ) -> tuple[Callable[..., list[Any]], dict[str, KernelSpec]]:
-    """The entry function as a callable whose kernel ops run as Triton kernels, and the kernels."""
-    built: dict[str, KernelSpec] = {}
-    specs: dict[str, KernelSpec] = {}
-    for op in pallas.kernel_ops(module):
-        # Repeated layers' kernels are one kernel, built once (as the Pallas backend does).
-        programs = pallas.tile_programs(op, module)
-        fingerprint = pallas.kernel_fingerprint(op, module, programs)
-        if fingerprint not in built:
-            built[fingerprint] = build_kernel(op, module, interpret, programs)
-        specs[str(op.attr("callee"))] = built[fingerprint]
-    caller = call_kernel or (lambda spec, args: spec.run(*args, interpret=spec.interpret))
-
-    def emit_kernel(op: Op, args: list[Any], ev: Evaluator) -> list[Any]:
-        flat = [x for a in args for x in (a if isinstance(a, tuple) else (a,))]
-        return list(caller(specs[str(op.attr("callee"))], flat))
-
-    evaluator = Evaluator(module, overrides={"kernel": emit_kernel}, make_weak=make_weak)
-    return (lambda *args: evaluator.run(module.entry, args)), specs
+    """The entry function as a callable whose kernel ops run as Triton kernels, and the kernels
+    (repeated layers' kernels built once, as the Pallas backend does)."""
+    return pallas.module_to_callable(module, interpret, call_kernel, make_weak, build_kernel)
