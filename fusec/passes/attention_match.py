@@ -84,6 +84,12 @@ def relabel_reshape(labels: Labels, out_shape: tuple[int, ...]) -> Labels | None
     return tuple(lb for lb in out if lb is not None)
 
 
+def broadcast_source_labels(op: Op, labels: Labels) -> Labels:
+    """The labels of a broadcast's operand, given its result's: size-1 dimensions broadcast."""
+    src, out = op.operands[0].type.shape, op.result.type.shape
+    return tuple(labels[d] if src[i] == out[d] else ONE for i, d in enumerate(op.attr("dims")))
+
+
 @dataclass(frozen=True)
 class Operand:
     """A kernel array and the label of each of its dimensions."""
@@ -109,7 +115,9 @@ class AttentionMatch:
     chain: list[Op]
     x: Value
     labels: dict[str, Labels]
-    sides: dict[str, str]  # side value -> "const" | "iota" | "op" | "input"
+    # (side value, its labels) -> "const" | "iota" | "op" | "input": one value may serve with two
+    # labellings (an iota broadcast along the queries and along the keys).
+    sides: dict[tuple[str, Labels], str]
     inputs: list[Operand]
     ops: list[Op]  # every op of the pattern, in function order
     batch: int
@@ -151,7 +159,7 @@ class _Matcher:
         k_roles = blabels + ((("k", 1, tk), ("d", 1, head_dim)) if qk.attr("rhs_t") else
                              (("d", 1, head_dim), ("k", 1, tk)))
         self.labels: dict[str, Labels] = {qk.result.name: blabels + (lab("q", tq), lab("k", tk))}
-        self.sides: dict[str, str] = {}
+        self.sides: dict[tuple[str, Labels], str] = {}
         self.inputs: list[Operand] = []
         self.pattern: set[int] = {id(qk)}
         self.tq, self.tk = tq, tk
@@ -227,9 +235,10 @@ class _Matcher:
 
     def side(self, v: Value, labels: Labels) -> bool:
         """Classifies a side operand of the chain (and what it is made of) with ``labels``."""
-        if v.name in self.labels:
-            return self.labels[v.name] == labels and v.name in self.sides
-        self.labels[v.name] = labels
+        if (v.name, labels) in self.sides:
+            return True
+        if v.name in self.labels:  # a score value itself
+            return False
         op = self.producer.get(v.name)
         kind = "input"
         if op is not None and op.opcode == "constant" and not isinstance(op.attr("value"), tuple):
@@ -239,11 +248,8 @@ class _Matcher:
                 return False
             kind = "iota"
         elif op is not None and op.opcode == "broadcast":
-            src = op.operands[0]
-            dims = op.attr("dims")
-            src_labels = tuple(labels[d] if src.type.shape[i] == v.type.shape[d] else ONE for i, d in enumerate(dims))
             kind = "op"
-            if not self.side(src, src_labels):
+            if not self.side(op.operands[0], broadcast_source_labels(op, labels)):
                 return False
         elif op is not None and OPDEFS.get(op.opcode) is not None and OPDEFS[op.opcode].kind == "elementwise" and \
                 all(u.type.shape in ((), v.type.shape) for u in op.operands):
@@ -254,11 +260,11 @@ class _Matcher:
             seq = [r[0] for r in labels if r[0] in ("q", "k")]
             if seq not in ([], ["q"], ["k"], ["q", "k"]):
                 return False  # a tile with the key axis first would need a transpose
-            if v.name not in {o.value.name for o in self.inputs}:
+            if Operand(v, labels) not in self.inputs:
                 self.inputs.append(Operand(v, labels))
         else:
             self.pattern.add(id(op))
-        self.sides[v.name] = kind
+        self.sides[(v.name, labels)] = kind
         return True
 
     def softmax(self, x: Value) -> Value | None:
@@ -358,12 +364,13 @@ class _Matcher:
         """Attributes for reports: a causal (iota) mask, the splat scale, an input bias or mask."""
         scale = 1.0
         for op in m.chain:
-            consts = [self.producer[v.name] for v in op.operands if self.sides.get(v.name) == "const"]
+            consts = [self.producer[v.name] for v in op.operands
+                      if self.sides.get((v.name, self.labels[op.result.name] if v.type.shape else ())) == "const"]
             if op.opcode in ("mul", "div") and len(consts) == 1 and isinstance(consts[0].attr("value"), float):
                 value = float(consts[0].attr("value"))
                 scale = scale * value if op.opcode == "mul" else (scale / value if value else scale)
-        causal = {self.labels[v][int(self.producer[v].attr("dimension"))][0]
-                  for v, kind in self.sides.items() if kind == "iota"} >= {"q", "k"}
+        causal = {labels[int(self.producer[v].attr("dimension"))][0]
+                  for (v, labels), kind in self.sides.items() if kind == "iota"} >= {"q", "k"}
         return {"causal": causal, "scale": scale, "has_bias": bool(m.inputs), "gqa_group": 1}
 
 

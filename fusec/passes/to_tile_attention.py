@@ -14,7 +14,7 @@ from __future__ import annotations
 from fusec.errors import FusecError
 from fusec.ir import Function, KernelTiling, Op, TensorType, Value
 from fusec.ir.types import BOOL, F32, I32
-from fusec.passes.attention_match import AttentionMatch, Labels, Operand, match_attention
+from fusec.passes.attention_match import AttentionMatch, Labels, Operand, broadcast_source_labels, match_attention
 from fusec.passes.tile_builder import SCALAR, TileBuilder
 from fusec.passes.tiling import pow2_at_least
 
@@ -115,13 +115,15 @@ class _AttentionLowering:
         if elem != F32:
             s = b.value("convert", [s], scores.with_elem(elem), "s", dtype=str(elem))
         self.tiles: dict[str, Value] = {m.qk.result.name: s}
-        self.memo: dict[str, Value] = {}
+        self.memo: dict[tuple[str, Labels], Value] = {}
         for op in m.chain:
             src = self.tiles[op.operands[0].name] if op.opcode in ("reshape", "transpose", "stop_gradient") else None
             if src is not None:
                 self.tiles[op.result.name] = src
                 continue
-            args = [self.tiles[v.name] if v.name in self.tiles else self.side(b, v) for v in op.operands]
+            labels = m.labels[op.result.name]
+            args = [self.tiles[v.name] if v.name in self.tiles else self.side(b, v, labels if v.type.shape else ())
+                    for v in op.operands]
             self.tiles[op.result.name] = b.value(op.opcode, args, scores.with_elem(op.result.type.elem), "x",
                                                  **op.attr_dict)
         x = self.tiles[m.x.name]
@@ -159,14 +161,15 @@ class _AttentionLowering:
             acc = b.value("dot_acc", [acc, v_tile, p], acc.type, "acc", lhs_t=k_first, rhs_t=True, **precision)
         return [m_new, l_new, acc]
 
-    def side(self, b: TileBuilder, v: Value) -> Value:
-        """A side operand of the chain as a full [bq, bk] tile."""
-        if v.name in self.memo:
-            return self.memo[v.name]
+    def side(self, b: TileBuilder, v: Value, labels: Labels) -> Value:
+        """A side operand of the chain (with ``labels``) as a full [bq, bk] tile."""
+        key = (v.name, labels)
+        if key in self.memo:
+            return self.memo[key]
         m, bq, bk = self.m, self.bq, self.bk
         g0, g1, kk = self.g
         full = TensorType(v.type.elem, (bq, bk))
-        kind, labels, op = m.sides[v.name], m.labels[v.name], self.producer.get(v.name)
+        kind, op = m.sides[key], self.producer.get(v.name)
         if kind == "const":
             assert op is not None
             tile = b.const(op.attr("value"), full)
@@ -184,13 +187,13 @@ class _AttentionLowering:
         elif kind == "op":
             assert op is not None
             if op.opcode == "broadcast":
-                tile = self.side(b, op.operands[0])
+                tile = self.side(b, op.operands[0], broadcast_source_labels(op, labels))
             else:
-                args = [self.side(b, u) for u in op.operands]
+                args = [self.side(b, u, labels if u.type.shape else ()) for u in op.operands]
                 tile = b.value(op.opcode, args, full, "m", **op.attr_dict)
         else:
             tile = self.load_input(b, Operand(v, labels), full)
-        self.memo[v.name] = tile
+        self.memo[key] = tile
         return tile
 
     def load_input(self, b: TileBuilder, operand: Operand, full: TensorType) -> Value:
