@@ -26,11 +26,11 @@ def attention_kernel(m: AttentionMatch, name: str) -> tuple[Op, Function]:
     for operand in (m.q, m.k, m.v, *m.inputs):
         if operand.value.name not in {p.name for p in params}:
             params.append(operand.value)
-    callee = Function(name, tuple(params), tuple(m.ops), (m.pv.result,))
+    callee = Function(name, tuple(params), tuple(m.ops), (m.out.value,))
     flops = 2 * m.batch * m.tq * m.tk * (m.head_dim + m.value_dim)
-    kernel = Op.make("kernel", params, [m.pv.result], callee=name, kind="attention",
+    kernel = Op.make("kernel", params, [m.out.value], callee=name, kind="attention",
                      space=(m.batch, m.tq, m.value_dim), bytes_read=sum(nbytes(p.type) for p in params),
-                     bytes_written=nbytes(m.pv.result.type), flops=flops, **m.attrs)
+                     bytes_written=nbytes(m.out.value.type), flops=flops, **m.attrs)
     return Op(kernel.opcode, kernel.operands, kernel.results, kernel.attrs, m.pv.loc), callee
 
 
@@ -50,11 +50,13 @@ class RecognizeAttention(Pass):
             if not found:
                 out.append(func)
                 continue
-            replace: dict[int, Op] = {}
+            replace: dict[int, Op | None] = {}
             for m in found:
                 kernel, callee = attention_kernel(m, fresh_name(f"{func.name}.attn", names))
-                replace[id(m.pv)] = kernel
+                # The kernel writes the last of the PV dot's layout ops' results, in its place.
+                replace.update({id(op): None for op in (m.pv, *m.tail)})
+                replace[id((m.tail or [m.pv])[-1])] = kernel
                 added.append(callee)
-            ops = tuple(replace.get(id(op), op) for op in func.ops)
+            ops = tuple(new for op in func.ops if (new := replace.get(id(op), op)) is not None)
             out.append(Function(func.name, func.params, ops, func.returns))
         return module.replace_functions(out + added)

@@ -90,12 +90,33 @@ def broadcast_source_labels(op: Op, labels: Labels) -> Labels:
     return tuple(labels[d] if src[i] == out[d] else ONE for i, d in enumerate(op.attr("dims")))
 
 
+def merge_split(roles: Labels, merged: tuple[int, ...], split: tuple[int, ...]) -> Labels | None:
+    """The labels of ``merged``, a shape that joins a batch factor with the head-dim axis after
+    it (``[T, H, hd] -> [T, H * hd]``), given the labels of ``split``: that axis becomes
+    ``("m", stride, H)``, heads of a power-of-two size read as whole blocks."""
+    if len(merged) != len(split) - 1 or any(r[0] == "m" for r in roles):
+        return None
+    for i in range(len(roles) - 1):
+        a, b = roles[i], roles[i + 1]
+        if a[0] == "b" and b[0] == "d" and not b[2] & (b[2] - 1) and \
+                split[:i] + (a[2] * b[2],) + split[i + 2:] == merged:
+            return roles[:i] + (("m", a[1], a[2]),) + roles[i + 2:]
+    return None
+
+
+def _kinds(roles: Labels) -> list[str]:
+    """The query, key and head-dim axes an array has (a merged heads axis holds the head dim)."""
+    return sorted("d" if r[0] == "m" else r[0] for r in roles if r[0] not in ("b", "1"))
+
+
 @dataclass(frozen=True)
 class Operand:
-    """A kernel array and the label of each of its dimensions."""
+    """A kernel array and the label of each of its dimensions; ``offset`` is the first head (in
+    whole heads) of its merged heads axis, where a slice of a fused QKV array starts."""
 
     value: Value
     roles: Labels
+    offset: int = 0
 
     def dims(self, *kinds: str) -> list[int]:
         return [d for d, r in enumerate(self.roles) if r[0] in kinds]
@@ -125,6 +146,7 @@ class AttentionMatch:
     tk: int
     head_dim: int
     value_dim: int
+    tail: list[Op]  # transposes and reshapes of the PV dot's result that the kernel's store does
     attrs: dict[str, object] = field(default_factory=dict)
 
 
@@ -197,13 +219,73 @@ class _Matcher:
             return None
         v_op, v_roles, out_roles = found
         self.pattern.add(id(pv))
-        ops = [o for o in self.func.ops if id(o) in self.pattern]
         value_dim = next(rl[2] for rl in out_roles if rl[0] == "d")
-        m = AttentionMatch(qk, pv, Operand(lhs, q_roles), Operand(rhs, k_roles), Operand(v_op, v_roles),
-                           Operand(pv.result, out_roles), chain, x, self.labels, self.sides, self.inputs, ops,
-                           math.prod(bshape), tq, tk, head_dim, value_dim)
+        q_op, k_op, v_op = (self.walk_back(Operand(x, roles), hd) for x, roles, hd in
+                            ((lhs, q_roles, head_dim), (rhs, k_roles, head_dim), (v_op, v_roles, value_dim)))
+        out, tail = self.walk_forward(Operand(pv.result, out_roles))
+        ops = [o for o in self.func.ops if id(o) in self.pattern]
+        m = AttentionMatch(qk, pv, q_op, k_op, v_op,
+                           out, chain, x, self.labels, self.sides, self.inputs, ops,
+                           math.prod(bshape), tq, tk, head_dim, value_dim, tail)
         m.attrs = self.describe(m)
         return m
+
+    def walk_back(self, operand: Operand, hd: int) -> Operand:
+        """The array the kernel reads for a dot operand: through the transposes, reshapes,
+        broadcasts and head slices that made it (a GQA repeat of key/value heads, a [B, T, H, D]
+        layout, a fused QKV projection), as long as its query, key and head-dim axes stay whole."""
+        while True:
+            op = self.producer.get(operand.value.name)
+            if op is None or op.opcode not in ("transpose", "reshape", "broadcast", "slice"):
+                return operand
+            roles, offset = operand.roles, operand.offset
+            if any(r[2] == 1 and r != ONE for r in roles):
+                return operand  # a size-1 sequence or head axis has no label to carry back
+            src = op.operands[0]
+            new: Labels | None = roles
+            if op.opcode == "transpose":
+                perm = op.attr("perm")
+                new = tuple(roles[perm.index(d)] for d in range(len(perm)))
+            elif op.opcode == "reshape":
+                new = merge_split(roles, src.type.shape, operand.value.type.shape)
+                if new is None and not any(r[0] == "m" for r in roles):
+                    new = relabel_reshape(roles, src.type.shape)
+            elif op.opcode == "broadcast":
+                new = broadcast_source_labels(op, roles)
+            else:  # a slice of whole heads along a merged heads axis
+                for d, (lo, hi, step) in enumerate(zip(op.attr("start"), op.attr("limit"), op.attr("strides"))):
+                    if (lo, hi, step) == (0, src.type.shape[d], 1):
+                        continue
+                    if roles[d][0] != "m" or step != 1 or lo % hd:
+                        return operand
+                    offset += lo // hd
+            if new is None or _kinds(new) != _kinds(roles):
+                return operand
+            self.pattern.add(id(op))
+            operand = Operand(src, new, offset)
+
+    def walk_forward(self, operand: Operand) -> tuple[Operand, list[Op]]:
+        """The array the kernel writes: through the transposes and reshapes that alone read the
+        PV dot's result (heads merged back into the model width)."""
+        tail: list[Op] = []
+        while True:
+            op = self.only_user(operand.value)
+            roles = operand.roles
+            if op is None or op.opcode not in ("transpose", "reshape") or \
+                    any(r[2] == 1 and r != ONE for r in roles):
+                return operand, tail
+            new: Labels | None
+            if op.opcode == "transpose":
+                new = tuple(roles[p] for p in op.attr("perm"))
+            else:
+                new = merge_split(roles, op.result.type.shape, operand.value.type.shape)
+                if new is None and not any(r[0] == "m" for r in roles):
+                    new = relabel_reshape(roles, op.result.type.shape)
+            if new is None or _kinds(new) != _kinds(roles):
+                return operand, tail
+            self.pattern.add(id(op))
+            tail.append(op)
+            operand = Operand(op.result, new)
 
     def relabel(self, op: Op, v: Value) -> bool:
         labels = self.labels[v.name]
@@ -371,7 +453,9 @@ class _Matcher:
                 scale = scale * value if op.opcode == "mul" else (scale / value if value else scale)
         causal = {labels[int(self.producer[v].attr("dimension"))][0]
                   for (v, labels), kind in self.sides.items() if kind == "iota"} >= {"q", "k"}
-        return {"causal": causal, "scale": scale, "has_bias": bool(m.inputs), "gqa_group": 1}
+        kv_heads = math.prod(r[2] for r in m.k.roles if r[0] == "b")
+        return {"causal": causal, "scale": scale, "has_bias": bool(m.inputs),
+                "gqa_group": m.batch // kv_heads if kv_heads and m.batch % kv_heads == 0 else 1}
 
 
 def match_attention(func: Function, qk: Op) -> AttentionMatch | None:

@@ -41,13 +41,17 @@ class _AttentionLowering:
         return x
 
     def access(self, b: TileBuilder, opcode: str, ref: Value, roles: Labels, seq: dict[str, tuple[Value, int]],
-               g0: Value, value: Value | None = None, hint: str = "t") -> Value | None:
+               g0: Value, value: Value | None = None, hint: str = "t", offset: int = 0) -> Value | None:
         indices, blocks = [], []
         for role in roles:
             if role[0] in seq:
                 index, block = seq[role[0]]
                 indices.append(index)
                 blocks.append(block)
+            elif role[0] == "m":  # a merged heads axis: the head's block of the head-dim axis
+                index = self.batch_index(b, g0, ("b", role[1], role[2]))
+                indices.append(index if not offset else b.value("add", [index, b.const(offset)], SCALAR, "i"))
+                blocks.append(seq["d"][1])
             else:
                 indices.append(self.batch_index(b, g0, role))
                 blocks.append(None)
@@ -56,7 +60,7 @@ class _AttentionLowering:
     @staticmethod
     def first(roles: Labels, a: str, b: str) -> bool:
         """Whether the dimension labelled ``a`` comes before the one labelled ``b``."""
-        kinds = [r[0] for r in roles]
+        kinds = ["d" if r[0] == "m" else r[0] for r in roles]
         return kinds.index(a) < kinds.index(b)
 
     def lower(self) -> list[Function]:
@@ -67,7 +71,7 @@ class _AttentionLowering:
         g0, g1 = b.program_id(0), b.program_id(1)
         zero = b.const(0)
         q_tile = self.access(b, "load", refs[m.q.value.name], m.q.roles, {"q": (g1, bq), "d": (zero, self.dp)}, g0,
-                             hint="q")
+                             hint="q", offset=m.q.offset)
         assert q_tile is not None
         dvp = t.block[2]
         rows_first = self.first(m.out.roles, "q", "d")
@@ -105,7 +109,7 @@ class _AttentionLowering:
         m, bq, bk = self.m, self.bq, self.bk
         g0, g1, kk = self.g
         k_tile = self.access(b, "load", self.body_refs[m.k.value.name], m.k.roles, {"k": (kk, bk), "d": (
-            b.const(0), self.dp)}, g0, hint="k")
+            b.const(0), self.dp)}, g0, hint="k", offset=m.k.offset)
         assert k_tile is not None
         scores = TensorType(F32, (bq, bk))
         precision = {key: m.qk.attr(key) for key in _PRECISION if m.qk.attr(key) is not None}
@@ -151,7 +155,7 @@ class _AttentionLowering:
         if v_elem != F32:
             p = b.value("convert", [p], scores.with_elem(v_elem), "p", dtype=str(v_elem))
         v_tile = self.access(b, "load", self.body_refs[m.v.value.name], m.v.roles, {"k": (kk, bk), "d": (
-            b.const(0), self.t.block[2])}, g0, hint="v")
+            b.const(0), self.t.block[2])}, g0, hint="v", offset=m.v.offset)
         assert v_tile is not None
         k_first = self.first(m.v.roles, "k", "d")
         precision = {key: m.pv.attr(key) for key in _PRECISION if m.pv.attr(key) is not None}
