@@ -108,7 +108,22 @@ def test_gqa_by_repeat_with_bias() -> None:
         return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
 
     q, k, v, bias = _inputs((1, 4, 33, 64), (1, 2, 33, 64), (1, 2, 33, 64), (4, 33, 33))
-    _check(attn, q, k, v, bias, tq=33, tk=33, planes=False)  # the bias is a [H, T, T] input
+    lowered = _check(attn, q, k, v, bias, tq=33, tk=33, planes=False)  # the bias is a [H, T, T] input
+    (op,) = _kernels(lowered, "attention")
+    # The kernel reads the unrepeated key/value heads: no repeat is left to run.
+    assert op.attr("gqa_group") == 2 and op.attr("has_bias")
+    assert not [o for o in lowered.program.module.entry.ops if o.opcode == "broadcast"]
+
+
+def test_mqa_bthd_layout() -> None:
+    def attn(q, k, v):  # one key/value head for all query heads, [B, T, H, D]
+        k, v = (jnp.broadcast_to(t, (t.shape[0], t.shape[1], q.shape[2], t.shape[3])) for t in (k, v))
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = _inputs((2, 33, 4, 32), (2, 33, 1, 32), (2, 33, 1, 32))
+    lowered = _check(attn, q, k, v, tq=33, tk=33)
+    (op,) = _kernels(lowered, "attention")
+    assert op.attr("gqa_group") == 4 and op.attr("causal")
 
 
 def test_sliding_window_with_inf_mask() -> None:
@@ -172,3 +187,12 @@ def test_two_layers_share_one_mask() -> None:
 
     q, k, v = _inputs((1, 2, 33, 32), (1, 2, 33, 32), (1, 2, 33, 32))
     _check(two, q, k, v, tq=33, tk=33, n=2)
+
+
+@pytest.mark.parametrize("t,d", [(1000, 64), pytest.param(1000, 128, marks=pytest.mark.slow)])
+def test_cuda_lowering_masks_at_1000(t: int, d: int) -> None:
+    from tests.test_bounds import check_masks, gpu
+
+    q = jnp.zeros((1, 2, t, d), jnp.bfloat16)
+    # Q (query tail), K and V (key tail) and O (query tail) overhang their blocks.
+    assert check_masks(gpu(lambda q, k, v: mha(q, k, v, True)), q, q, q) >= 4

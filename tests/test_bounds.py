@@ -45,6 +45,8 @@ def _outputs_needing_masks(program) -> dict[str, set[int]]:
             continue
         space, block, squeeze = op.attr("space"), op.attr("block"), op.attr("squeeze")
         folded = {int(j) for j, _ in op.attr("out_views", ())}
+        if op.attr("kind") == "attention":  # writes through its labels (to_tile_attention), not the space
+            folded = set(range(len(op.results)))
         spec = program.kernels[str(op.attr("callee"))]
         if spec.interpret:  # lowering for cuda uses the kernel's GPU tiles
             op = tile_kernel_op(op, {f.name: f for f in program.module.functions}, "gpu")
