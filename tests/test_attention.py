@@ -196,3 +196,23 @@ def test_cuda_lowering_masks_at_1000(t: int, d: int) -> None:
     q = jnp.zeros((1, 2, t, d), jnp.bfloat16)
     # Q (query tail), K and V (key tail) and O (query tail) overhang their blocks.
     assert check_masks(gpu(lambda q, k, v: mha(q, k, v, True)), q, q, q) >= 4
+
+
+def test_gpu_tiles_match_in_interpret_mode() -> None:
+    """The GPU tiling (64 x 64 blocks: several query blocks and key steps, partial last ones) runs
+    the same kernel in interpret mode; with a padding mask and a causal mask."""
+    from fusec.pipeline import resolve_pipeline
+
+    def attn(q, k, v, mask):
+        t = q.shape[2]
+        keep = jnp.tril(jnp.ones((t, t), bool)) & mask[:, None, None, :]
+        s = jnp.where(keep, jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.125, -1e9)
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+
+    q, k, v = _inputs((2, 1, 100, 32), (2, 1, 100, 32), (2, 1, 100, 32))
+    mask = jnp.arange(100)[None, :] < jnp.array([[70], [100]])
+    passes = resolve_pipeline(None, "pallas", interpret=False)
+    f = fusec.jit(attn, backend="pallas", interpret=True, passes=passes)
+    (op,) = _kernels(f.lower(q, k, v, mask), "attention")
+    assert op.attr("grid") == (2, 2, 1) and op.attr("bk") == 64
+    np.testing.assert_allclose(f(q, k, v, mask), jax.jit(attn)(q, k, v, mask), rtol=2e-5, atol=2e-5)

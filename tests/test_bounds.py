@@ -163,9 +163,9 @@ def test_cuda_lowering_from_a_cpu_with_default_options_gets_gpu_kernels() -> Non
     kernels = fn.lower(x, params).program.kernels
     assert all(spec.interpret for spec in kernels.values())
     text = jax.jit(fn).trace(x, params).lower(lowering_platforms=("cuda",)).as_text()
-    # The two layer norms are one kernel: 10 kernel calls, 9 Triton kernels.
+    # The two layer norms are one kernel, attention another: 7 kernel calls, 6 Triton kernels.
     distinct = fn.lower(x, params).program.distinct_kernels
-    assert len(kernels) == 10 and text.count("__gpu$xla.gpu.triton") == len(distinct) == 9
+    assert len(kernels) == 7 and text.count("__gpu$xla.gpu.triton") == len(distinct) == 6
     check_masks(fn, x, params)
     np.testing.assert_allclose(np.asarray(fn(x, params)), np.asarray(jax.jit(gpt2_block)(x, params)),
                                rtol=2e-5, atol=2e-5)

@@ -125,7 +125,7 @@ def _gpt2_counts(backend_interpret: bool):
     entry = lowered.program.module.entry
     kernels = sum(op.opcode == "kernel" for op in entry.ops)
     leftovers = [op.opcode for op in entry.ops if op.opcode != "kernel" and op.opcode not in FREE_OPS]
-    before = function_cost(lowered.program.module_before("fuse").entry).bytes
+    before = function_cost(lowered.program.module_before("recognize-attention").entry).bytes
     after = function_cost(entry).bytes
     return fn, (x, p), kernels, leftovers, before, after
 
