@@ -216,3 +216,25 @@ def test_gpu_tiles_match_in_interpret_mode() -> None:
     (op,) = _kernels(f.lower(q, k, v, mask), "attention")
     assert op.attr("grid") == (2, 2, 1) and op.attr("bk") == 64
     np.testing.assert_allclose(f(q, k, v, mask), jax.jit(attn)(q, k, v, mask), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["quickstart", "llama_nnx", *(pytest.param(n, marks=pytest.mark.slow) for n in
+                                                           ("linen_block", "equinox_block", "haiku_block"))])
+def test_examples_have_one_attention_kernel(name: str) -> None:
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    if name != "quickstart":
+        pytest.importorskip({"llama_nnx": "flax", "linen_block": "flax", "equinox_block": "equinox",
+                             "haiku_block": "haiku"}[name])
+    mod = importlib.import_module(name)
+    fn, args = (mod.gpt2_block, mod.example_inputs()) if name == "quickstart" else (mod.forward, mod.example_inputs())
+    # 24 tokens: a length no head or model width shares, so a [T, T] plane cannot hide.
+    i = 0 if name == "quickstart" else 1
+    x = jnp.concatenate([args[i], args[i][..., :8, :]], axis=-2)
+    args = (x, args[1]) if i == 0 else (args[0], x)
+    lowered = _pallas(fn).lower(*args)
+    assert len(_kernels(lowered, "attention")) == 1
+    _no_scores_in_entry(lowered, x.shape[-2], x.shape[-2])
