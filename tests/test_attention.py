@@ -149,10 +149,15 @@ def test_grad_through_attention() -> None:
     def loss(q, k, v):
         return jnp.sum(mha(q, k, v, True) ** 2)
 
-    got = _pallas(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
     want = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+    # grad of the fused function (the kernel primitive's JVP differentiates its reference), and
+    # fusec.jit of the gradient program.
+    fused = _pallas(lambda q, k, v: mha(q, k, v, True))
+    outside = jax.grad(lambda q, k, v: jnp.sum(fused(q, k, v) ** 2), argnums=(0, 1, 2))(q, k, v)
+    inside = _pallas(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for got in (outside, inside):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
     # The forward pass under grad is still one attention kernel.
     fwd = _pallas(lambda q, k, v: jax.value_and_grad(loss)(q, k, v)[0])
     assert len(_kernels(fwd.lower(q, k, v), "attention")) >= 1

@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from fusec.ir import Function, Op, Value
-from fusec.ir.opdefs import OPDEFS
+from fusec.ir import DType, Function, Op, Value
+from fusec.passes.fusion_rules import TARGET, types_ok
 
 Label = tuple[str, int, int]
 Labels = tuple[Label, ...]
@@ -170,7 +170,7 @@ class _Matcher:
     def match(self, qk: Op) -> AttentionMatch | None:
         lhs, rhs = qk.operands
         r = qk.result.type.rank
-        if r < 2:
+        if r < 2 or str(lhs.type.elem) not in TARGET.dot_dtypes:
             return None
         bshape = qk.result.type.shape[:-2]
         tq, tk = qk.result.type.shape[-2:]
@@ -209,7 +209,7 @@ class _Matcher:
                 return None
             if op.opcode == "dot":
                 break
-            if op.opcode not in _LAYOUT or not self.relabel(op, p):
+            if op.opcode not in _LAYOUT or not types_ok(op) or not self.relabel(op, p):
                 return None
             self.pattern.add(id(op))
             p = op.result
@@ -218,6 +218,8 @@ class _Matcher:
         if found is None:
             return None
         v_op, v_roles, out_roles = found
+        if str(v_op.type.elem) not in TARGET.dot_dtypes or not types_ok(pv):
+            return None
         self.pattern.add(id(pv))
         value_dim = next(rl[2] for rl in out_roles if rl[0] == "d")
         q_op, k_op, v_op = (self.walk_back(Operand(x, roles), hd) for x, roles, hd in
@@ -303,10 +305,9 @@ class _Matcher:
     def chain_op(self, op: Op, c: Value) -> bool:
         """Whether ``op`` continues the score chain at ``c`` (recording its side operands)."""
         if op.opcode in _LAYOUT:
-            return self.relabel(op, c)
-        opdef = OPDEFS.get(op.opcode)
-        if opdef is None or opdef.kind != "elementwise" or op.opcode == "stop_gradient":
-            return False
+            return types_ok(op) and self.relabel(op, c)
+        if op.opcode not in TARGET.elementwise or op.opcode == "stop_gradient" or not types_ok(op):
+            return False  # what a kernel cannot compute stays outside, and the pattern with it
         if [v.name for v in op.operands].count(c.name) != 1 or op.result.type.shape != c.type.shape:
             return False
         labels = self.labels[c.name]
@@ -333,12 +334,14 @@ class _Matcher:
             kind = "op"
             if not self.side(op.operands[0], broadcast_source_labels(op, labels)):
                 return False
-        elif op is not None and OPDEFS.get(op.opcode) is not None and OPDEFS[op.opcode].kind == "elementwise" and \
+        elif op is not None and op.opcode in TARGET.elementwise and types_ok(op) and \
                 all(u.type.shape in ((), v.type.shape) for u in op.operands):
             kind = "op"
             if not all(self.side(u, labels if u.type.shape else ()) for u in op.operands):
                 return False
         if kind == "input":
+            if not (isinstance(v.type.elem, DType) and v.type.elem.name in TARGET.dtypes):
+                return False
             seq = [r[0] for r in labels if r[0] in ("q", "k")]
             if seq not in ([], ["q"], ["k"], ["q", "k"]):
                 return False  # a tile with the key axis first would need a transpose
