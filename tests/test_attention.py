@@ -126,6 +126,15 @@ def test_mqa_bthd_layout() -> None:
     assert op.attr("gqa_group") == 4 and op.attr("causal")
 
 
+def test_bias_laid_out_keys_first() -> None:
+    """A [Tk, Tq] bias transposed in: XLA transposes it, the kernel reads the result."""
+    def attn(q, k, v, bias):
+        return jax.nn.softmax(jnp.einsum("hqd,hkd->hqk", q, k) + bias.T, axis=-1) @ v
+
+    q, k, v, bias = _inputs((2, 7, 32), (2, 9, 32), (2, 9, 32), (9, 7))
+    _check(attn, q, k, v, bias, tq=7, tk=9, planes=False)
+
+
 def test_sliding_window_with_inf_mask() -> None:
     """Rows whose first key blocks are all -inf (a window far from the start) stay finite."""
     def attn(q, k, v):
@@ -164,7 +173,8 @@ def test_grad_through_attention() -> None:
 
 
 def test_unrecognised_forms_stay_correct() -> None:
-    """Probabilities used twice, or a softmax over the query axis: no attention kernel, same result."""
+    """Probabilities used twice, or a softmax over the query axis: no attention kernel, the same
+    result."""
     def returns_probs(q, k, v):
         p = jax.nn.softmax(jnp.einsum("hqd,hkd->hqk", q, k), axis=-1)
         return p @ v, p
@@ -243,3 +253,17 @@ def test_examples_have_one_attention_kernel(name: str) -> None:
     lowered = _pallas(fn).lower(*args)
     assert len(_kernels(lowered, "attention")) == 1
     _no_scores_in_entry(lowered, x.shape[-2], x.shape[-2])
+
+
+def test_cost_is_q_k_v_and_o_at_2048() -> None:
+    """The kernel's modeled bytes at T = 2048, d_head = 64: Q, K, V and O once each (K and V of a
+    batch-head are re-read by every query block, from L2: not counted)."""
+    def attn(q, k, v):  # bfloat16 throughout (a weakly typed scale)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=0.125)
+
+    q = jax.ShapeDtypeStruct((1, 2048, 4, 64), jnp.bfloat16)
+    lowered = _pallas(attn).lower(q, q, q)
+    (op,) = _kernels(lowered, "attention")
+    qkvo = 4 * (4 * 2048 * 64 * 2)
+    assert int(op.attr("bytes_read")) + int(op.attr("bytes_written")) <= 1.2 * qkvo
+    assert int(op.attr("flops")) == 2 * 4 * 2048 * 2048 * (64 + 64)
