@@ -11,6 +11,8 @@ import pytest
 
 import fusec
 
+SMOKE = ("test_mha_matches_jit", "test_padding_mask")
+
 
 def _pallas(fn):
     return fusec.jit(fn, backend="pallas", interpret=True)
