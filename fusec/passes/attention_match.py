@@ -1,15 +1,13 @@
 """Finding softmax(f(Q K^T)) V in a graph-level function, where f is any chain of elementwise ops
 (scales, masks, biases, soft-caps) and layout ops (reshapes, transposes) on the scores.
 
-Every value of the pattern is described in one canonical space, the scores ``[B, Tq, Tk]`` of the
-QK dot flattened to one batch axis: each of its axes carries a :data:`Label`, ``("b", stride,
-size)`` (a factor of the batch: batch index ``(b // stride) % size``), ``("q", 1, Tq)``,
-``("k", 1, Tk)``, ``("d", 1, D)`` (head dim, on Q, K, V and O) or ``ONE`` (a size-1 axis that
-broadcasts). Reshapes and transposes relabel; broadcasts give their source the labels of the axes
-they map to. The side operands of the chain (what the scores are combined with) are splat
-constants, iotas along the query or key axis and elementwise ops of them (a causal mask), or
-inputs read by their labels (a padding mask, a bias). The same matcher runs on the function the
-``recognize-attention`` pass builds, so ``to-tile`` sees exactly what was recognised.
+Every value of the pattern is described in the scores' canonical space by labels
+(:mod:`fusec.passes.attention_labels`). The side operands of the chain (what the scores are
+combined with) are splat constants, iotas along the query or key axis and elementwise ops of them
+(a causal or sliding-window mask), or inputs read by their labels (a padding mask, a bias). Q, K
+and V are followed back, and O forward, through layout ops, to the arrays the kernel reads and
+writes. The same matcher runs on the function the ``recognize-attention`` pass builds, so
+``to-tile`` sees exactly what was recognised.
 """
 
 from __future__ import annotations
@@ -18,108 +16,21 @@ import math
 from dataclasses import dataclass, field
 
 from fusec.ir import DType, Function, Op, Value
+from fusec.passes.attention_labels import (
+    ONE,
+    Label,
+    Labels,
+    Operand,
+    batch_labels,
+    broadcast_source_labels,
+    lab,
+    merge_split,
+    relabel_reshape,
+    seq_kinds,
+)
 from fusec.passes.fusion_rules import TARGET, types_ok
 
-Label = tuple[str, int, int]
-Labels = tuple[Label, ...]
-ONE: Label = ("1", 1, 1)
 _LAYOUT = ("reshape", "transpose", "convert", "stop_gradient")
-
-
-def lab(kind: str, size: int, stride: int = 1) -> Label:
-    return ONE if size == 1 else (kind, stride, size)
-
-
-def batch_labels(shape: tuple[int, ...]) -> Labels:
-    """Row-major batch labels of batch dimensions ``shape``."""
-    out: list[Label] = []
-    stride = 1
-    for n in reversed(shape):
-        out.append(lab("b", n, stride))
-        stride *= n
-    return tuple(reversed(out))
-
-
-def relabel_reshape(labels: Labels, out_shape: tuple[int, ...]) -> Labels | None:
-    """The labels after a reshape, or None when it mixes axes of different meaning (or splits a
-    run of batch axes that is not row-major contiguous)."""
-    tokens: list[list[Label]] = []
-    for lb in labels:
-        if lb == ONE:
-            continue
-        last = tokens[-1][-1] if tokens else None
-        if lb[0] == "b" and last is not None and last[0] == "b" and last[1] == lb[1] * lb[2]:
-            tokens[-1].append(lb)
-        else:
-            tokens.append([lb])
-    out: list[Label | None] = []
-    ti, acc, pending = 0, 1, []
-    for n in out_shape:
-        if n == 1:
-            out.append(ONE)
-            continue
-        if ti >= len(tokens):
-            return None
-        run = tokens[ti]
-        if run[0][0] != "b":
-            if n != run[0][2]:
-                return None
-            out.append(run[0])
-            ti += 1
-            continue
-        total = math.prod(lb[2] for lb in run)
-        pending.append((len(out), n))
-        out.append(None)
-        acc *= n
-        if total % acc:
-            return None
-        if acc == total:
-            stride = run[-1][1]
-            for pos, size in reversed(pending):
-                out[pos] = ("b", stride, size)
-                stride *= size
-            pending, acc, ti = [], 1, ti + 1
-    if ti != len(tokens) or pending:
-        return None
-    return tuple(lb for lb in out if lb is not None)
-
-
-def broadcast_source_labels(op: Op, labels: Labels) -> Labels:
-    """The labels of a broadcast's operand, given its result's: size-1 dimensions broadcast."""
-    src, out = op.operands[0].type.shape, op.result.type.shape
-    return tuple(labels[d] if src[i] == out[d] else ONE for i, d in enumerate(op.attr("dims")))
-
-
-def merge_split(roles: Labels, merged: tuple[int, ...], split: tuple[int, ...]) -> Labels | None:
-    """The labels of ``merged``, a shape that joins a batch factor with the head-dim axis after
-    it (``[T, H, hd] -> [T, H * hd]``), given the labels of ``split``: that axis becomes
-    ``("m", stride, H)``, heads of a power-of-two size read as whole blocks."""
-    if len(merged) != len(split) - 1 or any(r[0] == "m" for r in roles):
-        return None
-    for i in range(len(roles) - 1):
-        a, b = roles[i], roles[i + 1]
-        if a[0] == "b" and b[0] == "d" and not b[2] & (b[2] - 1) and \
-                split[:i] + (a[2] * b[2],) + split[i + 2:] == merged:
-            return roles[:i] + (("m", a[1], a[2]),) + roles[i + 2:]
-    return None
-
-
-def _kinds(roles: Labels) -> list[str]:
-    """The query, key and head-dim axes an array has (a merged heads axis holds the head dim)."""
-    return sorted("d" if r[0] == "m" else r[0] for r in roles if r[0] not in ("b", "1"))
-
-
-@dataclass(frozen=True)
-class Operand:
-    """A kernel array and the label of each of its dimensions; ``offset`` is the first head (in
-    whole heads) of its merged heads axis, where a slice of a fused QKV array starts."""
-
-    value: Value
-    roles: Labels
-    offset: int = 0
-
-    def dims(self, *kinds: str) -> list[int]:
-        return [d for d, r in enumerate(self.roles) if r[0] in kinds]
 
 
 @dataclass
@@ -261,7 +172,7 @@ class _Matcher:
                     if roles[d][0] != "m" or step != 1 or lo % hd:
                         return operand
                     offset += lo // hd
-            if new is None or _kinds(new) != _kinds(roles):
+            if new is None or seq_kinds(new) != seq_kinds(roles):
                 return operand
             self.pattern.add(id(op))
             operand = Operand(src, new, offset)
@@ -283,7 +194,7 @@ class _Matcher:
                 new = merge_split(roles, op.result.type.shape, operand.value.type.shape)
                 if new is None and not any(r[0] == "m" for r in roles):
                     new = relabel_reshape(roles, op.result.type.shape)
-            if new is None or _kinds(new) != _kinds(roles):
+            if new is None or seq_kinds(new) != seq_kinds(roles):
                 return operand, tail
             self.pattern.add(id(op))
             tail.append(op)

@@ -14,7 +14,8 @@ from __future__ import annotations
 from fusec.errors import FusecError
 from fusec.ir import Function, KernelTiling, Op, TensorType, Value
 from fusec.ir.types import BOOL, F32, I32
-from fusec.passes.attention_match import AttentionMatch, Labels, Operand, broadcast_source_labels, match_attention
+from fusec.passes.attention_labels import Labels, Operand, broadcast_source_labels
+from fusec.passes.attention_match import AttentionMatch, match_attention
 from fusec.passes.tile_builder import SCALAR, TileBuilder
 from fusec.passes.tiling import pow2_at_least
 
