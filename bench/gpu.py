@@ -85,7 +85,7 @@ def _columns(q: Any, n: int) -> Any:
                    shape=(q.shape[0], n))
 
 
-def lowbit_rows(sizes: Sizes, interpret: bool, peak: float | None) -> list[dict[str, Any]]:
+def lowbit_rows(sizes: Sizes, interpret: bool, peak: float | None, backend: str = "pallas") -> list[dict[str, Any]]:
     import fusec
     from fusec import lowprec
 
@@ -98,7 +98,7 @@ def lowbit_rows(sizes: Sizes, interpret: bool, peak: float | None) -> list[dict[
     # does); narrower weights are column slices, which is exact: groups run down the columns.
     wide = {name: lowprec.quantize({"w": w_wide}, lowprec.QuantSpec(bits, group, fmt))["w"]
             for name, (bits, group, fmt) in FORMATS.items()}
-    matmul = fusec.jit(lambda q, x: x @ q, backend="pallas", interpret=interpret)
+    matmul = fusec.jit(lambda q, x: x @ q, backend=backend, interpret=interpret)
     dot = jax.jit(jnp.dot)
     reference = jax.jit(lambda q, x: jnp.dot(x.astype(jnp.float32), q.dequantize().astype(jnp.float32)))
     for _, n in sizes.weights:
@@ -120,7 +120,7 @@ def lowbit_rows(sizes: Sizes, interpret: bool, peak: float | None) -> list[dict[
     return rows
 
 
-def block_rows(sizes: Sizes, interpret: bool) -> list[dict[str, Any]]:
+def block_rows(sizes: Sizes, interpret: bool, backend: str = "pallas") -> list[dict[str, Any]]:
     import fusec
 
     rows = []
@@ -133,13 +133,13 @@ def block_rows(sizes: Sizes, interpret: bool) -> list[dict[str, Any]]:
     for name, (fn, params, width) in {"gpt2 block": gpt2, "llama block": llama}.items():
         for b, s in sizes.batch_seq:
             x = jax.random.normal(key, (b, s, width), jnp.bfloat16)
-            t = median_seconds(fusec.jit(fn, backend="pallas", interpret=interpret), params, x, reps=sizes.reps)
+            t = median_seconds(fusec.jit(fn, backend=backend, interpret=interpret), params, x, reps=sizes.reps)
             base = median_seconds(jax.jit(fn), params, x, reps=sizes.reps)
             rows.append(_row("model block", name, f"{b}x{s} d={width}", t, "jax.jit", base))
     return rows
 
 
-def norm_rows(sizes: Sizes, interpret: bool, peak: float | None) -> list[dict[str, Any]]:
+def norm_rows(sizes: Sizes, interpret: bool, peak: float | None, backend: str = "pallas") -> list[dict[str, Any]]:
     from jax.experimental.pallas.ops.gpu import layer_norm, rms_norm, softmax
 
     import fusec
@@ -157,7 +157,7 @@ def norm_rows(sizes: Sizes, interpret: bool, peak: float | None) -> list[dict[st
                     lambda x, g, b: softmax.softmax(x, axis=-1, interpret=interpret)),
     }
     for name, (fn, pallas_op) in cases.items():
-        t = median_seconds(fusec.jit(fn, backend="pallas", interpret=interpret), x, g, b, reps=sizes.reps)
+        t = median_seconds(fusec.jit(fn, backend=backend, interpret=interpret), x, g, b, reps=sizes.reps)
         nbytes = 2 * x.nbytes
         rows.append(_row("norm", name, f"{r}x{c} bf16", t, "jax.jit",
                          median_seconds(jax.jit(fn), x, g, b, reps=sizes.reps), nbytes, peak))
@@ -169,7 +169,8 @@ def norm_rows(sizes: Sizes, interpret: bool, peak: float | None) -> list[dict[st
     return rows
 
 
-def attention_rows(sizes: Sizes, interpret: bool, peak: float | None) -> list[dict[str, Any]]:
+def attention_rows(sizes: Sizes, interpret: bool, peak: float | None, backend: str = "pallas"
+                   ) -> list[dict[str, Any]]:
     """Prefill (causal) and decode (one query, a long cache) through fusec's attention kernel, vs
     ``jax.nn.dot_product_attention``'s XLA implementation and, on a GPU, its cuDNN one."""
     import fusec
@@ -182,7 +183,7 @@ def attention_rows(sizes: Sizes, interpret: bool, peak: float | None) -> list[di
         name, shape = "prefill causal" if causal else "decode", f"{b}x{h} heads, {tq}x{tk}, d={d} bf16"
         nbytes = 2 * (q.nbytes + k.nbytes + v.nbytes)  # Q, K, V read and O written once
         fused = fusec.jit(functools.partial(jax.nn.dot_product_attention, is_causal=causal, implementation="xla"),
-                          backend="pallas", interpret=interpret)
+                          backend=backend, interpret=interpret)
         t = median_seconds(fused, q, k, v, reps=sizes.reps)
         for impl in ("xla",) if interpret else ("xla", "cudnn"):
             try:
@@ -194,7 +195,7 @@ def attention_rows(sizes: Sizes, interpret: bool, peak: float | None) -> list[di
     return rows
 
 
-def compile_rows(sizes: Sizes, interpret: bool) -> list[dict[str, Any]]:
+def compile_rows(sizes: Sizes, interpret: bool, backend: str = "pallas") -> list[dict[str, Any]]:
     import fusec
 
     d, heads = sizes.gpt2
@@ -202,7 +203,7 @@ def compile_rows(sizes: Sizes, interpret: bool) -> list[dict[str, Any]]:
     fn = lambda p, x: models.gpt2_block(p, x, heads)  # noqa: E731
     params = models.gpt2_params(jax.random.key(3), d, jnp.bfloat16)
     x = jax.random.normal(jax.random.key(4), (b, s, d), jnp.bfloat16)
-    t = first_call_seconds(fusec.jit(fn, backend="pallas", interpret=interpret), params, x)
+    t = first_call_seconds(fusec.jit(fn, backend=backend, interpret=interpret), params, x)
     base = first_call_seconds(jax.jit(fn), params, x)  # fusec.jit traced fn itself, not through jax.jit
     return [_row("compile", "gpt2 block first call", f"{b}x{s} d={d}", t, "jax.jit first call", base)]
 
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry", action="store_true", help="tiny shapes in Pallas interpret mode (runs on a CPU)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--backend", default="pallas", help="fusec's code generator for every row")
     parser.add_argument("--only", default="lowbit,blocks,norms,attention,compile", help="comma-separated row groups")
     ns = parser.parse_args(argv)
     device = jax.devices()[0]
@@ -223,22 +225,23 @@ def main(argv: list[str] | None = None) -> int:
     groups = set(ns.only.split(","))
     rows: list[dict[str, Any]] = []
     if "lowbit" in groups:
-        rows += lowbit_rows(sizes, interpret, peak)
+        rows += lowbit_rows(sizes, interpret, peak, ns.backend)
     if "blocks" in groups:
-        rows += block_rows(sizes, interpret)
+        rows += block_rows(sizes, interpret, ns.backend)
     if "norms" in groups:
-        rows += norm_rows(sizes, interpret, peak)
+        rows += norm_rows(sizes, interpret, peak, ns.backend)
     if "attention" in groups:
-        rows += attention_rows(sizes, interpret, peak)
+        rows += attention_rows(sizes, interpret, peak, ns.backend)
     if "compile" in groups:
-        rows += compile_rows(sizes, interpret)
-    mode = "dry run: tiny shapes, interpret mode" if ns.dry else "full"
+        rows += compile_rows(sizes, interpret, ns.backend)
+    mode = ("dry run: tiny shapes, interpret mode" if ns.dry else "full") + f", backend {ns.backend}"
     title = (f"# fusec GPU suite on {device.device_kind} ({mode})"
              f", jax {jax.__version__}, peak bandwidth {'unknown' if peak is None else f'{peak / 1e12:.2f} TB/s'}")
     print(title)
     print(table(rows, COLUMNS))
     print(f"# {len(rows)} rows in {time.perf_counter() - t0:.0f} s")
-    write_json(ns.json, {"device": device.device_kind, "dry": ns.dry, "jax": jax.__version__, "rows": rows})
+    write_json(ns.json, {"backend": ns.backend, "device": device.device_kind, "dry": ns.dry, "jax": jax.__version__,
+                         "rows": rows})
     return 0
 
 

@@ -1,10 +1,10 @@
 """The static sm_90 report of fusec's low-bit GEMV/GEMM kernels, on a CPU machine (no GPU needed).
 
-    python -m bench.sass_report [--json out.json] [--markdown]
+    python -m bench.sass_report [--json out.json] [--markdown] [--backend pallas|triton]
 
 For int4 weights with group-128 scales (``QuantSpec(4, 128)``, from a bfloat16 weight, so scales
 and output are bfloat16 as in ``bench.gpu``), K x N = 4096 x 14336 and 4096 x 4096, M = 1 and 16:
-compiles ``x @ w`` under ``fusec.jit(backend="pallas")`` for sm_90, reads its SASS and models it
+compiles ``x @ w`` under ``fusec.jit(backend=...)`` for sm_90, reads its SASS and models it
 (``Lowered.gpu_profile``, docs/gpu-model.md) on H100 and H200. Every number printed is computed
 here; none is typed in. The issue, conversion and latency terms do not depend on the GPU's HBM
 bandwidth, so they are the same on both; "bound by" gives H100's and H200's when they differ.
@@ -25,7 +25,7 @@ from bench.timing import table, write_json
 
 SHAPES = ((4096, 14336), (4096, 4096))
 MS = (1, 16)
-COLUMNS = ["shape", "kernels", "programs", "split", "CTAs/SM", "regs", "spills", "loop instr", "instr/weight",
+COLUMNS = ["shape", "config", "kernels", "programs", "split", "CTAs/SM", "regs", "spills", "loop instr", "instr/weight",
            "cvt/weight", "LDG bits", "KB in flight/SM", "roofline us H100", "issue us", "cvt us", "latency us",
            "modeled us H100",
            "% peak H100", "modeled us H200", "% peak H200", "bound by"]
@@ -43,10 +43,11 @@ def weight_struct(k: int, n: int, bits: int = 4, group: int = 128) -> Any:
                    shape=(k, n))
 
 
-def rows() -> list[dict[str, Any]]:
+def rows(backend: str = "pallas") -> list[dict[str, Any]]:
     import fusec
+    from fusec.report import gpu_config_of
 
-    matmul = fusec.jit(lambda q, x: x @ q, backend="pallas", interpret=False)
+    matmul = fusec.jit(lambda q, x: x @ q, backend=backend, interpret=False)
     out = []
     for k, n in SHAPES:
         q = weight_struct(k, n)
@@ -58,7 +59,9 @@ def rows() -> list[dict[str, Any]]:
             # the modeled time is both kernels', one after the other; % peak is the weight
             # kernel's compulsory bytes at peak bandwidth over that time.
             t100, t200 = (sum(x.modeled_us for x in p.kernels) for p in (h100, h200))
-            out.append({"shape": f"M={m} K={k} N={n}", "kernels": len(h100.kernels), "programs": a.programs,
+            op = next(o for o in lowered.program.module.entry.ops if o.attr("kind") == "matmul")
+            out.append({"shape": f"M={m} K={k} N={n}", "config": gpu_config_of(op, lowered.program.module),
+                        "kernels": len(h100.kernels), "programs": a.programs,
                         "split": a.split,
                         "CTAs/SM": f"{a.ctas_per_sm} ({a.modeled.occupancy.limiter})", "regs": a.registers,
                         "spills": a.spills, "loop instr": a.hot_loop_instructions,
@@ -91,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="write the rows as JSON")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--backend", default="pallas", choices=("pallas", "triton"), help="fusec's GPU code generator")
     ns = parser.parse_args(argv)
-    measured = rows()
-    head = (f"# fusec static sm_90 report, int4 g128 GEMV/GEMM: {datetime.date.today()}, commit {_commit()}, "
-            f"jax {jax.__version__}")
+    measured = rows(ns.backend)
+    head = (f"# fusec static sm_90 report, int4 g128 GEMV/GEMM, backend {ns.backend}: {datetime.date.today()}, "
+            f"commit {_commit()}, jax {jax.__version__}")
     print(head)
     if ns.markdown:
         def cell(v: Any) -> str:

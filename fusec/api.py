@@ -18,6 +18,7 @@ from typing import Any
 import jax
 
 from fusec.codegen import check_backend, has_gpu
+from fusec.codegen.device import gpu_device_name
 from fusec.lowprec import dequantize
 from fusec.passes import Pass
 from fusec.pipeline import resolve_pipeline
@@ -144,7 +145,8 @@ class FusecFunction:
         self._backend = check_backend(backend)
         # Pallas kernels run in interpret mode when asked, or where there is no GPU to run them on.
         self._interpret = bool(interpret) if interpret is not None else not has_gpu()
-        self._passes = resolve_pipeline(passes, self._backend, self._interpret)
+        device = gpu_device_name() if self._backend in ("pallas", "triton") and not self._interpret else ""
+        self._passes = resolve_pipeline(passes, self._backend, self._interpret, device)
         self._verify = verify
         self._programs: dict[Any, tuple[Program, Any]] = {}  # signature -> (program, output treedef)
         self._lock = threading.Lock()

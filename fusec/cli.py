@@ -171,9 +171,12 @@ def _cmd_graph(ns: argparse.Namespace) -> int:
 def _program_options(p: argparse.ArgumentParser, backend: str) -> None:
     p.add_argument("target", help="FILE.py:FUNCTION")
     p.add_argument("--args", default=None, help='argument types, e.g. "x=f32[8,1024] w=bf16[1024,4096]"')
-    p.add_argument("--backend", default=backend, choices=["auto", "xla", "pallas"],
-                   help="auto (Pallas kernels with a GPU, else the reference), xla or pallas")
-    p.add_argument("--interpret", action="store_true", help="build Pallas kernels for interpret mode")
+    from fusec.codegen.backend import backend_names
+
+    p.add_argument("--backend", default=backend, choices=list(backend_names()),
+                   help="auto (Pallas kernels with a GPU, else the reference), xla, pallas or triton")
+    p.add_argument("--interpret", action="store_true",
+                   help="build kernels for an interpreter (Pallas interpret mode, the Triton interpreter)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,15 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fusec.codegen.pallas import tile_programs
 from fusec.codegen.pallas_refs import identifier
 from fusec.ir import LowBitType
 from fusec.report import _dtype_of
 from fusec.roofline import LAUNCH_OVERHEAD_S, modeled_time
 from fusec.roofline import gpu as roofline_gpu
-from fusec.runtime.gpu_compile import CompiledKernel, compile_kernel_artifacts
-from fusec.runtime.gpu_model import GpuModelSpec, KernelWork, Modeled, mma_clocks, model, model_gpu
-from fusec.runtime.sass import Mix, mix, parse_sass
-from fusec.runtime.sass import hot_loop as find_hot_loop
+from fusec.runtime.gpu_compile import compile_kernel_artifacts
+from fusec.runtime.gpu_model import Modeled, model, model_gpu
+from fusec.runtime.gpu_work import kernel_work
+from fusec.runtime.triton_compile import compile_triton_kernel
 
 
 @dataclass(frozen=True)
@@ -92,33 +93,6 @@ class GpuProfile:
         return "\n".join(lines)
 
 
-def _kernel_work(ck: CompiledKernel, trips: int, compulsory: int, spec: GpuModelSpec) -> tuple[KernelWork, Mix, Mix]:
-    funcs = parse_sass(ck.sass)
-    func = next((f for f in funcs if f.name == ck.name), funcs[0] if funcs else None)
-    if func is None:
-        raise RuntimeError(f"no SASS for kernel {ck.name} (is nvdisasm installed?)")
-    body = func.executable()
-    loop = find_hot_loop(func)
-    whole = mix(body)
-    hot = mix(loop.instructions) if loop is not None else mix(())
-    extra = max(trips - 1, 0) if loop is not None else 0  # runs of the loop body beyond the one in ``whole``
-    threads = 32 * ck.num_warps
-    overlap = max(1, ck.num_stages - 1)  # K steps whose async copies are in flight at once
-    if loop is not None:
-        inflight = hot.async_load_bytes * overlap + (hot.global_load_bytes - hot.async_load_bytes)
-    else:
-        inflight = whole.global_load_bytes
-    work = KernelWork(
-        programs=ck.programs, warps_per_cta=ck.num_warps, registers=ck.resources.registers,
-        shared_bytes=ck.shared_dynamic + ck.shared_static,
-        warp_instructions=whole.total + hot.total * extra,
-        slow_conversions=whole.slow_conversions + hot.slow_conversions * extra,
-        mma_clocks=mma_clocks(whole.mma, spec) + mma_clocks(hot.mma, spec) * extra,
-        load_bytes_per_cta=threads * (whole.global_load_bytes + hot.global_load_bytes * extra),
-        inflight_bytes_per_cta=threads * inflight, compulsory_bytes=compulsory)
-    return work, whole, hot
-
-
 def build_gpu_profile(lowered: Any, arch: int = 90, gpu: str = "h100") -> GpuProfile:
     """Compiles every kernel of a ``Lowered`` for ``sm_{arch}``, reads its SASS and models it on ``gpu``."""
     if arch != 90:
@@ -126,7 +100,7 @@ def build_gpu_profile(lowered: Any, arch: int = 90, gpu: str = "h100") -> GpuPro
     spec = model_gpu(gpu)
     roof = roofline_gpu(gpu)
     module = lowered.program.module
-    compiled = {ck.name: ck for ck in compile_kernel_artifacts(lowered.lower_for("cuda"), arch, sass=True)}
+    compiled = _compiled_kernels(lowered, arch)
     profiles = []
     for op in module.entry.ops:
         if op.opcode != "kernel":
@@ -135,10 +109,13 @@ def build_gpu_profile(lowered: Any, arch: int = 90, gpu: str = "h100") -> GpuPro
         ck = compiled.get("k_" + identifier(name))
         if ck is None:
             continue  # a kernel that did not become a Triton kernel
-        tile = module.function(str(op.attr("tile"))) if op.attr("tile", None) else None
-        trips = max([int(o.attr("trips")) for o in tile.ops if o.opcode == "loop"] if tile else [], default=1)
+        # The GPU tiling's trips (the op in the module may be tiled for an interpreter).
+        gpu = lowered.program.kernels[name].for_gpu() if name in lowered.program.kernels else None
+        tiled = gpu.op if gpu is not None and gpu.op is not None else op
+        programs = tile_programs(tiled, gpu.module if gpu is not None and gpu.module is not None else module)
+        trips = max([int(o.attr("trips")) for f in programs[:1] for o in f.ops if o.opcode == "loop"], default=1)
         read, written, flops = int(op.attr("bytes_read")), int(op.attr("bytes_written")), int(op.attr("flops"))
-        work, whole, hot = _kernel_work(ck, trips, read + written, spec)
+        work, whole, hot = kernel_work(ck, trips, read + written, spec)
         low_bit = [v for v in op.operands if isinstance(v.type.elem, LowBitType)]
         per = "weight" if low_bit else "output"
         elements = sum(v.type.size for v in (low_bit or op.results))
@@ -150,5 +127,21 @@ def build_gpu_profile(lowered: Any, arch: int = 90, gpu: str = "h100") -> GpuPro
             name, ck.programs, ck.num_warps, ck.num_stages, ck.resources.registers, ck.resources.spills,
             work.shared_bytes, whole.total, hot.total, trips, per, elements, counted.total * scale,
             counted.conversions * scale, tuple(8 * w for w in counted.global_load_widths), counted.by_category,
-            model(work, spec), roofline, int(op.attr("split", 1))))
+            model(work, spec), roofline, int(tiled.attr("split", 1))))
     return GpuProfile(spec.name, arch, tuple(profiles))
+
+
+def _compiled_kernels(lowered: Any, arch: int) -> dict[str, Any]:
+    """Every GPU kernel compiled for ``sm_{arch}``, by kernel name: Pallas kernels from the program
+    lowered for cuda (the Triton IR inside its custom calls), the Triton backend's from their
+    source (jax-triton's custom calls carry compiled code, not Triton IR)."""
+    specs = lowered.program.distinct_kernels
+    compiled: dict[str, Any] = {}
+    if any(s.backend == "pallas" for s in specs):
+        compiled |= {ck.name: ck for ck in compile_kernel_artifacts(lowered.lower_for("cuda"), arch, sass=True)}
+    for s in specs:
+        gpu = s.for_gpu() if s.backend == "triton" else None
+        if gpu is not None and gpu.backend == "triton" and gpu.backend_kernel is not None:
+            ck = compile_triton_kernel(gpu.backend_kernel, arch)
+            compiled[ck.name] = ck
+    return compiled

@@ -10,6 +10,7 @@ from absl import logging
 
 from fusec.ir import Module
 from fusec.passes import Pass, parse_pipeline
+from fusec.passes.tiling import Tile
 
 DEFAULT_PIPELINE: tuple[str, ...] = ("inline", "canonicalize", "fold-constants", "cse", "dce")
 # Kernel backends add fusion and tiling (with the tile target chosen by where kernels run).
@@ -21,13 +22,14 @@ KERNEL_PASSES: tuple[str, ...] = ("sink-reshapes", "cse", "dce", "recognize-atte
 
 
 def resolve_pipeline(passes: str | Sequence[str | Pass] | None, backend: str = "xla",
-                     interpret: bool = True) -> list[Pass]:
-    """``None`` gives the default pipeline for ``backend``; otherwise a pipeline string or list."""
+                     interpret: bool = True, device: str = "") -> list[Pass]:
+    """``None`` gives the default pipeline for ``backend``; otherwise a pipeline string or list.
+    ``device``: the GPU whose autotuned configs GPU tiles take ("" for the static model's)."""
     if passes is not None:
         return parse_pipeline(passes)
-    names = list(DEFAULT_PIPELINE)
-    if backend == "pallas":
-        tile = "tile{target=%s}" % ("interpret" if interpret else "gpu")
+    names: list[str | Pass] = list(DEFAULT_PIPELINE)
+    if backend in ("pallas", "triton"):
+        tile = Tile(target="interpret" if interpret else "gpu", device=device)
         names += [*KERNEL_PASSES, tile, "fold-views", "dce", "to-tile"]
     return parse_pipeline(names)
 

@@ -6,12 +6,16 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fusec.ir import DType, Function, LowBitType, Module
+from fusec.ir import DType, Function, KernelTiling, LowBitType, Module, Op
 from fusec.passes.cost import FREE_OPS, nbytes, op_cost
+from fusec.passes.tiling import default_tiling, kernel_facts, tuned_config
+from fusec.passes.tune_space import config_of
 from fusec.roofline import gpu as gpu_spec
 from fusec.roofline import modeled_time
 
-REPORT_VERSION = 3  # 2: equation counts and each kernel's primitives; 3: bodies, trips, fallback bytes
+# 2: equation counts and each kernel's primitives; 3: bodies, trips, fallback bytes; 4: gpu_config;
+# 5: gpu_backend (what lowering for cuda emits, and why when it is not the backend asked for)
+REPORT_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,9 @@ class KernelReport:
     source: str
     body: str = ""  # the loop or branch body it belongs to ("" at the top level), outer bodies first
     trips: int | None = 1  # runs per call of the program (None: a while loop's, not static)
+    # A matmul's GPU tile config and where it came from: "m16n128k128s4w4p3 (shipped)" (autotune
+    # cache, shipped file, tile pass option or default); "" for other kernels.
+    gpu_config: str = ""
 
 
 @dataclass(frozen=True)
@@ -48,13 +55,15 @@ class Report:
     bytes_fused: int
     modeled_time_op_by_op_s: float
     modeled_time_fused_s: float
+    gpu_backend: str = ""  # the kernels lowering for cuda emits: the backend, or Pallas and the reason
 
     def to_json(self) -> str:
         """Stable JSON: keys sorted, a ``version`` field; documented in the README."""
         return json.dumps({"version": REPORT_VERSION, **asdict(self)}, sort_keys=True, indent=1)
 
     def __str__(self) -> str:
-        lines = [f"fusec report ({self.backend} backend, modeled on {self.gpu})",
+        gpu = f"; GPU kernels: {self.gpu_backend}" if self.gpu_backend not in ("", self.backend) else ""
+        lines = [f"fusec report ({self.backend} backend{gpu}, modeled on {self.gpu})",
                  f"{'kernel':24s} {'kind':11s} {'ops':>4s} {'grid':>12s} {'bytes':>12s} {'flops':>14s} "
                  f"{'flop/B':>7s} {'bits/w':>6s} {'model us':>9s}"]
         for k in self.kernels:
@@ -62,7 +71,8 @@ class Report:
             runs = "" if not k.body else f"  in {k.body} x {k.trips if k.trips is not None else '?'}"
             lines.append(f"{k.name[:24]:24s} {k.kind:11s} {len(k.ops):4d} {str(k.grid):>12s} "
                          f"{k.bytes_read + k.bytes_written:12d} {k.flops:14d} {k.arithmetic_intensity:7.2f} "
-                         f"{bits:>6s} {k.modeled_time_s * 1e6:9.2f}{runs}")
+                         f"{bits:>6s} {k.modeled_time_s * 1e6:9.2f}{runs}"
+                         + (f"  gpu tiles {k.gpu_config}" if k.gpu_config else ""))
         lines.append(f"jaxpr equations: {self.num_eqns}: {self.num_fused_eqns} inside kernels, {self.num_xla_eqns} run "
                      f"by XLA, the rest folded into views or constants or removed")
         lines.append(f"XLA ops outside kernels: {len(self.xla_ops)} {self.xla_ops if self.xla_ops else ''}".rstrip())
@@ -124,6 +134,22 @@ def _times(site: _Site) -> int:
     return 1 if site.trips is None else site.trips
 
 
+def gpu_config_of(op: Op, module: Module) -> str:
+    """The GPU tile config of a matmul kernel op and its source: the op's own when its tiling came
+    from a tuned config, else what GPU tiling finds for it (cache, shipped file) or its default."""
+    functions = {f.name: f for f in module.functions}
+    facts = kernel_facts(op, functions)
+    if not facts.tunable:
+        return ""
+    if op.attr("tuned") is not None:
+        return f"{config_of(KernelTiling.from_attrs(op.attr_dict)).label} ({op.attr('tuned')})"
+    found = tuned_config(op, functions)
+    if found is not None:
+        return f"{found[0].label} ({found[1]})"
+    default = default_tiling(facts, "gpu")
+    return f"{config_of(default).label} (default)"
+
+
 def build_report(lowered: Any, gpu: str = "h100") -> Report:
     """The report for a ``Lowered`` (see :meth:`fusec.FusecFunction.lower`). Kernels of loop and
     branch bodies are listed with their body and trip count; bytes and modeled times count each
@@ -150,7 +176,8 @@ def build_report(lowered: Any, gpu: str = "h100") -> Report:
                 name, str(op.attr("kind")), program.backend, [o.opcode for o in func.ops],
                 [_eqn_primitive(loc) for loc in locs], list(op.attr("grid", ())),
                 list(op.attr("block", ())), read, written, flops, flops / max(read + written, 1), bits,
-                modeled_time(spec, read + written, flops, _dtype_of(module, name)), source, site.body, site.trips))
+                modeled_time(spec, read + written, flops, _dtype_of(module, name)), source, site.body, site.trips,
+                gpu_config_of(op, module)))
     # Ops XLA runs, each with its cost and how often one call runs it.
     outside = [(op, op_cost(op), _times(site), site) for site in sites for op in site.func.ops
                if op.opcode != "kernel" and op.opcode not in FREE_OPS]
@@ -173,4 +200,15 @@ def build_report(lowered: Any, gpu: str = "h100") -> Report:
             fallbacks.append({"primitive": str(op.attr("primitive")), "reason": str(op.attr("reason")),
                               "body": site.body, "bytes": moved, "share": moved / max(fused, 1)})
     return Report(spec.name, program.backend, kernels, program.num_eqns, len(fused_locs), len(xla_locs), xla_ops,
-                  fallbacks, op_by_op, fused, time_op_by_op, time_fused)
+                  fallbacks, op_by_op, fused, time_op_by_op, time_fused, gpu_backend(program.backend))
+
+
+def gpu_backend(backend: str) -> str:
+    """What lowering for cuda emits for ``backend``'s kernels: itself, or for the Triton backend
+    where the installed jax-triton cannot lower them, Pallas kernels and the one-line reason."""
+    if backend != "triton":
+        return backend if backend in ("pallas",) else ""
+    from fusec.runtime.triton_call import triton_backend_problem
+
+    problem = triton_backend_problem()
+    return "triton" if problem is None else f"pallas (the Triton backend cannot lower for cuda here: {problem})"

@@ -5,6 +5,9 @@ import pytest
 from hypothesis import settings
 
 os.environ.setdefault("TRITON_HOME", os.path.join(os.environ.get("TMPDIR", "/tmp"), "fusec-triton-home"))
+# Tests never read or write the user's autotune cache (only the shipped file, as users get it).
+os.environ["FUSEC_AUTOTUNE_CACHE"] = os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                  f"fusec-autotune-test-{os.getpid()}", "autotune.json")
 
 # A fixed, modest example budget keeps the default run fast and repeatable; `HYPOTHESIS_PROFILE=long`
 # gives the longer runs quoted in the docs, and the smoke subset a small one.
@@ -16,7 +19,8 @@ settings.register_profile("long", max_examples=2000, deadline=None)
 # SMOKE_PER_MODULE test functions (or of the functions a module names in a `SMOKE` tuple), plus
 # anything marked @pytest.mark.smoke; never a slow test. It runs with small example budgets.
 SMOKE_PER_MODULE = int(os.environ.get("FUSEC_SMOKE_PER_MODULE", "2"))
-SMOKE_BUDGETS = {"HYPOTHESIS_PROFILE": "smoke", "FUSEC_DIFF_EXAMPLES": "12", "FUSEC_SPECIAL_EXAMPLES": "8"}
+SMOKE_BUDGETS = {"HYPOTHESIS_PROFILE": "smoke", "FUSEC_DIFF_EXAMPLES": "12", "FUSEC_SPECIAL_EXAMPLES": "8",
+                 "FUSEC_TRITON_DIFF_EXAMPLES": "12"}
 
 
 def pytest_configure(config: pytest.Config) -> None:

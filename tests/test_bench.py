@@ -4,6 +4,7 @@ CPU suite's pieces that CI does not otherwise reach (``python -m bench.cpu`` its
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 
@@ -50,3 +51,35 @@ def test_first_call_worker_splits_the_time() -> None:
     assert fusec_run["kernels"] > fusec_run["distinct"] > 0  # repeated kernels are lowered once
     jax_run = first_call.worker("gpt2", "jax")
     assert set(jax_run) >= {"trace", "lower", "compile", "total"} and "kernels" not in jax_run
+
+
+def test_gpu_session_stages_record_failures_and_time_limits(tmp_path) -> None:
+    import time
+
+    from bench import gpu_all
+
+    py = sys.executable
+    plan = [gpu_all.Stage("tests", (py, "-c", "print('===== 3 passed, 1 skipped in 0.5s =====')"), 30),
+            gpu_all.Stage("edge-shapes:pallas", (py, "-c", "print('x'); raise SystemExit(1)"), 30),
+            gpu_all.Stage("bench:pallas", (py, "-c", "import time; time.sleep(30)"), 6)]
+    results = [gpu_all.run_stage(s, time.monotonic() + 60) for s in plan]
+    assert [r.status for r in results] == ["ok", "failed (rc 1)", "timed out after 6 s"]
+    assert results[0].summary == "3 passed, 1 skipped in 0.5s"
+    # Past the session's budget a stage is skipped, not started.
+    assert gpu_all.run_stage(plan[0], time.monotonic() + 1).status.startswith("skipped")
+    md = gpu_all.markdown("test device", results, [])
+    assert "| edge-shapes:pallas | failed (rc 1) |" in md
+
+
+def test_gpu_session_plan_uses_the_sanitizer_only_on_a_gpu(tmp_path) -> None:
+    from bench import gpu_all
+
+    on_gpu = gpu_all.stages(tmp_path, False, ["pallas", "triton"], "/bin/compute-sanitizer")
+    names = [s.name for s in on_gpu]
+    assert names == ["tests", "sanitizer:pallas", "sanitizer:triton", "bench:pallas", "bench:triton", "autotune"]
+    assert dict(on_gpu[-1].env)["FUSEC_AUTOTUNE_CACHE"] == str(tmp_path / "autotune.json")
+    sanitized = on_gpu[1]
+    assert sanitized.argv[0] == "/bin/compute-sanitizer"
+    assert dict(sanitized.env)["XLA_PYTHON_CLIENT_ALLOCATOR"] == "platform"
+    dry = [s.name for s in gpu_all.stages(tmp_path, True, ["pallas"], "/bin/compute-sanitizer")]
+    assert dry == ["tests", "edge-shapes:pallas", "bench:pallas", "autotune"]

@@ -19,7 +19,9 @@ HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 SMOKE = ("test_the_running_jax_is_a_supported_one", "test_pallas_triton_gpu_info_branch",
          "test_cuda_lowering_gets_an_abstract_h100_only_where_jax_needs_one",
          "test_kernels_lower_for_cuda_on_this_machine", "test_newer_primitives_compile_without_fallbacks",
-         "test_dce_rule_arity_branch", "test_jax_triton_kernels_lower_for_cuda_on_this_machine")
+         "test_dce_rule_arity_branch", "test_jax_triton_kernels_lower_for_cuda_on_this_machine",
+         "test_jax_tritons_dce_rule_takes_what_the_running_jax_passes",
+         "test_call_triton_kernel_lowers_for_cuda_or_says_why_not")
 
 
 def test_the_running_jax_is_a_supported_one() -> None:
@@ -126,3 +128,38 @@ def test_jax_triton_kernels_lower_for_cuda_on_this_machine() -> None:
     with jax_internals.gpu_lowering_target("cuda"):
         lowered = jax.jit(f).trace(x, x).lower(lowering_platforms=("cuda",))
     assert "triton_kernel_call" in lowered.as_text()
+
+
+def test_jax_tritons_dce_rule_takes_what_the_running_jax_passes() -> None:
+    try:
+        jt = jax_internals.load_jax_triton()
+    except ImportError as e:  # jax-triton 0.3 on a CPU-only jaxlib
+        pytest.skip(f"jax-triton does not load here: {e}")
+    import inspect
+
+    from jax._src.interpreters import partial_eval as pe
+
+    rule = pe.dce_rules.get(jt.triton_lib.triton_kernel_call_p)
+    if rule is None:  # jax-triton 0.3 registers none: JAX's default rule applies
+        assert jt.__version__.startswith("0.3."), jt.__version__
+        return
+    arity = 3 if jax_internals.DCE_RULES_TAKE_LIVE_INPUTS else 2
+    assert len(inspect.signature(rule).parameters) == arity, jax.__version__
+
+
+def test_call_triton_kernel_lowers_for_cuda_or_says_why_not() -> None:
+    from fusec.runtime import triton_call
+    from tests.triton_samples import SAMPLES
+
+    problem = triton_call.triton_backend_problem()
+    if problem is not None:
+        # The only accepted reason on a supported release: the CUDA plugin is not installed.
+        assert "\n" not in problem and triton_call.plugin_install_command() in problem, problem
+        pytest.skip(problem)
+    sample = SAMPLES["column_sums"]  # two outputs, one zeroed, one dropped below (DCE)
+    x = jnp.asarray(sample.inputs()[0])
+    with jax_internals.gpu_lowering_target("cuda"):
+        lowered = jax.jit(lambda a: triton_call.call_triton_kernel(sample.kernel, a)[1] + 1.0).trace(x).lower(
+            lowering_platforms=("cuda",))
+    calls = [line for line in lowered.as_text().splitlines() if "custom_call @triton_kernel_call" in line]
+    assert len(calls) == 1, lowered.as_text()

@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parent.parent / "fusec"
 ORDER = ["errors", "ir", "frontend", "passes", "pipeline", "codegen", "runtime", "report", "api"]
 RANK = {name: i for i, name in enumerate(ORDER)}
 # Side by side with a layer above: the low-bit formats and the GPU roofline beside the passes, the
-# fused-graph picture and the static GPU profile beside the report, the CLI beside the API.
+# fused-graph picture and the static GPU profile beside the report, the CLI and the tuner beside the API.
 RANK |= {"lowprec": RANK["passes"], "roofline": RANK["passes"], "picture": RANK["report"],
-         "picture_svg": RANK["report"], "gpu_profile": RANK["report"], "cli": RANK["api"]}
+         "picture_svg": RANK["report"], "gpu_profile": RANK["report"], "cli": RANK["api"],
+         "tune": RANK["api"]}
 NO_JAX = {"ir", "passes"}
 
 

@@ -57,7 +57,7 @@ def test_report_json_matches_the_kernels(quickstart) -> None:
     args = quickstart.example_inputs()
     report = fn.inspect(*args, gpu="a100")
     data = json.loads(report.to_json())
-    assert data["version"] == 3 and data["gpu"] == "NVIDIA A100 SXM 80GB"
+    assert data["version"] == 5 and data["gpu"] == "NVIDIA A100 SXM 80GB"
     kernel_ops = [op for op in fn.lower(*args).program.module.entry.ops if op.opcode == "kernel"]
     assert [k["name"] for k in data["kernels"]] == [str(op.attr("callee")) for op in kernel_ops]
     for k, op in zip(data["kernels"], kernel_ops):

@@ -195,8 +195,10 @@ def test_small_int4_gemv_hot_loop() -> None:
     # Every K step loads at least its share of the packed weights (4 bits each).
     step_weight_bytes = k_dim * n // 2 / (k.programs * k.loop_trips)
     assert k.modeled.inflight_bytes_per_sm >= step_weight_bytes
-    # bfloat16 codes and scales decode in packed bfloat16: no conversions at all.
-    assert k.conversions_per_element == 0 and k.mix["mma"] > 0 and k.mix["fp16x2"] > 0
+    # The paired decode: codes ORed into bfloat16 bit patterns, two per 32-bit operation, the bias
+    # and scale applied after the dot: no conversions and no packed bfloat16 arithmetic per weight.
+    assert op.attr("strategy") == "gemv-pairs"
+    assert k.conversions_per_element == 0 and k.mix["mma"] > 0 and k.mix.get("fp16x2", 0) == 0
 
 
 def test_cli_inspect_sass(tmp_path: Path, capsys) -> None:

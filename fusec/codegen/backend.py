@@ -60,8 +60,24 @@ class PallasBackend:
         return CompiledModule(run, kernels)
 
 
+@dataclass(frozen=True)
+class TritonBackend:
+    """Kernels from tile programs as Triton source: the Triton interpreter on a CPU, and
+    ``jax_triton.triton_call`` on NVIDIA GPUs (a kernel Triton source cannot express here falls
+    back to its Pallas kernel, with a warning)."""
+
+    name: str = "triton"
+    kernel_target: str | None = "triton"
+
+    def compile(self, module: Module, *, interpret: bool, call_kernel: KernelCaller | None,
+                make_weak: Callable[[Any], Any] | None) -> CompiledModule:
+        from fusec.codegen.triton import build
+        run, kernels = build.module_to_callable(module, interpret, call_kernel, make_weak)
+        return CompiledModule(run, kernels)
+
+
 BACKEND_REGISTRY: dict[str, Backend] = {}
-_NOT_BUILT = ("triton",)
+_NOT_BUILT: tuple[str, ...] = ()
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -72,6 +88,7 @@ def register_backend(backend: Backend) -> Backend:
 
 register_backend(XlaBackend())
 register_backend(PallasBackend())
+register_backend(TritonBackend())
 
 
 def backend_names() -> tuple[str, ...]:

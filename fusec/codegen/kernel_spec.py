@@ -39,6 +39,8 @@ class KernelSpec:
     op: Op | None = field(default=None, repr=False)
     module: Module | None = field(default=None, repr=False)
     batched: tuple[KernelSpec, tuple[int | None, ...], int] | None = field(default=None, repr=False)
+    # The backend's own description of the kernel, where it has one (the Triton backend's TritonKernel).
+    backend_kernel: Any = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         return f"KernelSpec({self.name})"

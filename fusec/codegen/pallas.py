@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from fusec.codegen.device import gpu_tiled_op
 from fusec.codegen.kernel_spec import KernelSpec, kernel_reference
 from fusec.codegen.pallas_body import BodyWriter
 from fusec.codegen.pallas_refs import RefPlan, access_source, identifier, plan_refs
@@ -19,8 +20,8 @@ from fusec.codegen.xla import Evaluator
 from fusec.errors import FusecError
 from fusec.ir import Function, KernelTiling, Module, Op, Value, print_function
 from fusec.ir.tile_ops import ACCESS_OPS
-from fusec.passes.tiling import tile_kernel_op
 from fusec.passes.to_tile import lower_kernel
+from fusec.passes.tune_space import canonical_kernel_text
 
 _PRELUDE = """import functools
 
@@ -164,10 +165,8 @@ def build_kernel(op: Op, module: Module, interpret: bool, programs: list[Functio
     exec(compile(source, filename, "exec"), namespace)
 
     def gpu_builder() -> KernelSpec | None:
-        functions = {f.name: f for f in module.functions}
-        gpu_op = tile_kernel_op(op, functions, "gpu")
         try:
-            return build_kernel(gpu_op, module, False)
+            return build_kernel(gpu_tiled_op(op, module), module, False)
         except FusecError:
             return None  # a folded view these blocks cannot address: lowering keeps the interpreter
 
@@ -188,15 +187,7 @@ def masked_refs(source: str, ident: str) -> tuple[int, ...]:
 def kernel_fingerprint(op: Op, module: Module, programs: list[Function]) -> str:
     """The kernel op with its names taken out (its functions renamed by position, values by first
     appearance): two kernel ops with the same fingerprint run the same code on the same types."""
-    funcs = [module.function(str(op.attr("callee"))), *programs]
-    attrs = sorted((k, v) for k, v in op.attr_dict.items() if k not in ("callee", "tile"))
-    text = "\n".join(print_function(f) for f in funcs) + f"\n{attrs!r}\n" + \
-        ", ".join(str(v.type) for v in (*op.operands, *op.results))
-    renamed = {f.name: f"F{i}" for i, f in enumerate(funcs)}
-    # Whole names only: @name in a function's header, "name" in a loop's body attribute.
-    text = re.sub(r'(@|")([\w.$]+)', lambda m: m.group(1) + renamed.get(m.group(2), m.group(2)), text)
-    values: dict[str, str] = {}
-    return re.sub(r"%[\w.$]+", lambda m: values.setdefault(m.group(0), f"%v{len(values)}"), text)
+    return canonical_kernel_text(op, [module.function(str(op.attr("callee"))), *programs])
 
 
 def kernel_ops(module: Module) -> list[Op]:

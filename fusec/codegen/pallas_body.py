@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from fusec.codegen.pallas_special import SPECIAL_FUNCTIONS
 from fusec.codegen.pallas_text import jnp_dtype, literal
-from fusec.codegen.pallas_unpack import unpack_source
+from fusec.codegen.pallas_unpack import unpack_pair_source, unpack_source
 from fusec.codegen.xla import LAX_BINARY, LAX_UNARY
 from fusec.errors import FusecError
 from fusec.ir import DType, Op, Value
@@ -177,5 +177,21 @@ def _unpack(w: BodyWriter, op: Op, a: list[str]) -> str:
     return f"{fn}({', '.join(a)})"
 
 
+def _unpack_pair(w: BodyWriter, op: Op, a: list[str]) -> str:
+    fn = f"_unpack_{w.name(op.result)}"
+    w.line(f"def {fn}(words):")
+    for line in unpack_pair_source(op, "words"):
+        w.line("    " + line)
+    return f"{fn}({a[0]})"
+
+
+def _pick_lanes(w: BodyWriter, op: Op, a: list[str]) -> str:
+    # [M, B] -> [M, B/lanes, 2, lanes/2]: (r, h, j) is column lanes r + j + h lanes/2; keep j = lane.
+    (m, cols), lanes, lane = op.operands[0].type.shape, int(op.attr("lanes")), int(op.attr("lane"))
+    split = f"jnp.split({a[0]}.reshape({m}, {cols // lanes}, 2, {lanes // 2}), {lanes // 2}, axis=-1)"
+    return f"{split}[{lane}].reshape({op.result.type.shape})"
+
+
 EMITTERS.update({"broadcast": _broadcast, "reduce": _reduce, "constant": _constant, "iota": _iota,
-                 "element_index": _element_index, "dot_acc": _dot_acc, "unpack": _unpack})
+                 "element_index": _element_index, "dot_acc": _dot_acc, "unpack": _unpack,
+                 "unpack_pair": _unpack_pair, "pick_lanes": _pick_lanes})

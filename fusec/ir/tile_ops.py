@@ -22,6 +22,16 @@ keep their graph-level meaning on tiles; the ops here add what only a kernel has
 - ``dot_acc %acc, %a, %b {lhs_t, rhs_t, precision}``: ``acc + a @ b`` accumulated in acc's dtype;
 - ``unpack %planes..., %scale, [%zero] {format, shape, dtype}``: a tile of a packed low-bit weight
   decoded in registers from its words and the tile's group scale (and zero-point).
+
+The paired GEMV (``strategy = "gemv-pairs"``, see passes/to_tile.py) decodes two codes per 32-bit
+operation and leaves the scale for after the group's sum, with two more ops:
+
+- ``unpack_pair %words {format, lane, dtype}``: from a [R, N] tile of words holding ``L = 32 / b``
+  b-bit codes each, the [2R, N] tile whose element (2r + h, n) is code ``lane + h L/2`` of word
+  (r, n) plus :func:`pair_bias` (``(w >> b lane) & mask`` holds both codes, one per 16-bit half,
+  each ORed into a 16-bit float's mantissa: one shift and one LOP3 for two weights, no conversion);
+- ``pick_lanes %x {lanes, lane}``: from a [M, B] tile, the [M, 2B/lanes] tile whose element
+  (m, 2r + h) is x[m, lanes r + lane + h lanes/2]: the activations those codes multiply.
 """
 
 from __future__ import annotations
@@ -31,7 +41,9 @@ from fusec.ir.types import F32, I32, DType, LowBitType, TensorType
 
 SCALAR_INDEX = TensorType(I32, ())
 ACCESS_OPS = ("load", "store", "atomic_add")
-TILE_OPS = ("program_id", "element_index", *ACCESS_OPS, "loop", "dot_acc", "unpack")
+TILE_OPS = ("program_id", "element_index", *ACCESS_OPS, "loop", "dot_acc", "unpack", "unpack_pair", "pick_lanes")
+# The 16-bit float whose mantissa a paired code is ORed into: 2^7 (bf16, 7 mantissa bits), 2^10 (f16).
+PAIR_MAGIC = {"bf16": (0x4300, 128), "f16": (0x6400, 1024)}
 
 
 def _int_attr(attrs: Attrs, key: str, lo: int) -> int:
@@ -158,6 +170,43 @@ def _unpack(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     return [TensorType(_elem(attrs, "dtype"), (rows, cols))]
 
 
+def pair_format_ok(fmt: object, dtype: str) -> bool:
+    """Whether ``unpack_pair`` decodes ``fmt`` to ``dtype``: a grouped symmetric integer format of
+    one power-of-two plane whose biased codes fit the float's mantissa."""
+    if not isinstance(fmt, LowBitType) or fmt.family != "int" or fmt.group is None or fmt.zero_point:
+        return False
+    if dtype not in PAIR_MAGIC or len(fmt.plane_widths) != 1 or fmt.plane_widths[0] not in (2, 4, 8):
+        return False
+    return 2 ** fmt.bits <= PAIR_MAGIC[dtype][1]
+
+
+def pair_bias(fmt: LowBitType, dtype: str) -> int:
+    """What ``unpack_pair`` adds to each signed code: the magic power of two plus half the range."""
+    return PAIR_MAGIC[dtype][1] + 2 ** (fmt.bits - 1)
+
+
+def _unpack_pair(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    fmt, dtype = _elem(attrs, "format"), _elem(attrs, "dtype")
+    if not pair_format_ok(fmt, str(dtype)):
+        raise TypeRuleError(f"format={attrs['format']!r} does not decode in pairs to {dtype}")
+    (words,) = types
+    lanes = 32 // fmt.bits  # type: ignore[union-attr]
+    lane = _int_attr(attrs, "lane", 0)
+    if words.elem != DType("u32") or words.rank != 2 or lane >= lanes // 2:
+        raise TypeRuleError(f"takes a 2-d u32 tile of words and a lane below {lanes // 2}, got {words}, "
+                            f"lane={lane}", 0)
+    return [TensorType(dtype, (2 * words.shape[0], words.shape[1]))]  # type: ignore[arg-type]
+
+
+def _pick_lanes(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    (x,) = types
+    lanes, lane = _int_attr(attrs, "lanes", 2), _int_attr(attrs, "lane", 0)
+    if x.rank != 2 or lanes % 2 or x.shape[1] % lanes or lane >= lanes // 2:
+        raise TypeRuleError(f"takes a 2-d tile whose columns divide into {lanes} lanes (an even number) and a "
+                            f"lane below {lanes // 2}, got {x}, lane={lane}", 0)
+    return [x.with_shape((x.shape[0], 2 * x.shape[1] // lanes))]
+
+
 _TILE_DEFS: list[tuple[str, int, int | None, tuple[str, ...], Rule]] = [
     ("program_id", 0, 0, ("axis", "size"), _program_id),
     ("element_index", 1, 1, ("block", "dimension", "shape"), _element_index),
@@ -167,6 +216,8 @@ _TILE_DEFS: list[tuple[str, int, int | None, tuple[str, ...], Rule]] = [
     ("loop", 0, None, ("body", "trips", "carried"), _loop),
     ("dot_acc", 3, 3, ("lhs_t", "rhs_t"), _dot_acc),
     ("unpack", 2, None, ("format", "shape", "dtype"), _unpack),
+    ("unpack_pair", 1, 1, ("format", "lane", "dtype"), _unpack_pair),
+    ("pick_lanes", 1, 1, ("lanes", "lane"), _pick_lanes),
 ]
 for _opcode, _lo, _hi, _attrs, _rule in _TILE_DEFS:
     OPDEFS[_opcode] = OpDef(_opcode, _lo, _hi, _attrs, _rule, "tile")

@@ -1,7 +1,9 @@
 """Low precision: formats (tables of 2^b values), bit packing and group quantization (NumPy), and
-quantized parameters for JAX (``QuantizedArray``, ``quantize``, ``plan``, ``dequantize``, ``report``)."""
+quantized parameters for JAX (``QuantizedArray``, ``quantize``, ``plan``, ``dequantize``, ``report``),
+and calibrated quantization (``calibrate``: GPTQ, scale search, bit budgets)."""
 
 from fusec.lowprec.axes import contraction_axes
+from fusec.lowprec.calibrate import CalibrationReport, MatrixResult, calibrate
 from fusec.lowprec.formats import FLOAT_LAYOUTS, Format, fp_format, int_format, normal_float_table
 from fusec.lowprec.packing import Packed, pack, plane_widths, unpack
 from fusec.lowprec.qarray import (
@@ -17,7 +19,7 @@ from fusec.lowprec.qarray import (
 )
 from fusec.lowprec.quantize import QuantizedCodes, dequantize_codes, error_bound, quantize_codes
 
-__all__ = ["FLOAT_LAYOUTS", "Format", "LeafPlan", "Packed", "QuantSpec", "QuantizedArray", "QuantizedCodes",
-           "contraction_axes", "dequantize", "dequantize_codes", "error_bound", "fp_format", "int_format",
-           "is_quantized", "normal_float_table", "pack", "plan", "plan_summary", "plane_widths", "quantize",
-           "quantize_codes", "report", "unpack"]
+__all__ = ["FLOAT_LAYOUTS", "CalibrationReport", "Format", "LeafPlan", "MatrixResult", "Packed", "QuantSpec",
+           "QuantizedArray", "QuantizedCodes", "calibrate", "contraction_axes", "dequantize", "dequantize_codes",
+           "error_bound", "fp_format", "int_format", "is_quantized", "normal_float_table", "pack", "plan",
+           "plan_summary", "plane_widths", "quantize", "quantize_codes", "report", "unpack"]

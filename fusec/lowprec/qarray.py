@@ -21,7 +21,7 @@ from jax.interpreters import ad, batching, mlir
 
 from fusec.lowprec.formats import FLOAT_LAYOUTS, Format
 from fusec.lowprec.packing import WORD_BITS, pack, plane_widths
-from fusec.lowprec.quantize import SCALE_DTYPES, quantize_codes
+from fusec.lowprec.quantize import SCALE_DTYPES, QuantizedCodes, quantize_codes
 
 
 @dataclass(frozen=True)
@@ -195,10 +195,15 @@ def _quantize_leaf(path: str, w: Any, spec: QuantSpec, contract: tuple[int, ...]
         q = quantize_codes(matrix.astype(np.float32), fmt, spec.group, spec.scale_dtype)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    packed = pack(q.codes, fmt.bits)
+    return from_codes(q, arr.shape, arr.dtype, contract)
+
+
+def from_codes(q: QuantizedCodes, shape: tuple[int, ...], dtype: Any, contract: tuple[int, ...]) -> QuantizedArray:
+    """The ``QuantizedArray`` holding codes [K, N] (packed layout) of a weight of ``shape``."""
+    packed = pack(q.codes, q.fmt.bits)
     return QuantizedArray(tuple(jnp.asarray(p) for p in packed.planes), jnp.asarray(q.scales),
-                          None if q.zeros is None else jnp.asarray(q.zeros), fmt, q.group, arr.shape,
-                          jnp.dtype(arr.dtype), contract)
+                          None if q.zeros is None else jnp.asarray(q.zeros), q.fmt, q.group, tuple(shape),
+                          jnp.dtype(dtype), contract)
 
 
 @dataclass(frozen=True)

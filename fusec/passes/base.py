@@ -42,6 +42,7 @@ _ITEM = re.compile(r"\s*([a-z][a-z0-9-]*)\s*(?:\{([^}]*)\})?\s*(?:,|$)")
 
 def _coerce(text: str, kind: Any) -> Any:
     if kind in (bool, "bool"):
+        text = text.lower()  # str(pass) prints Python's True/False
         if text not in ("true", "false", "1", "0"):
             raise ValueError(f"expected true/false, got {text!r}")
         return text in ("true", "1")

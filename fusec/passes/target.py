@@ -39,4 +39,14 @@ PALLAS_TRITON = Target(
     dot_dtypes=frozenset({"f32", "bf16", "f16"}),
     reduce_kinds=frozenset({"sum", "max", "min"}),
 )
-TARGETS = {PALLAS_TRITON.name: PALLAS_TRITON}
+# fusec's own Triton source kernels: the same ops as Pallas's Triton lowering (fusion reads one
+# target today, and the Triton writer covers every op of it); libdevice gives the special functions.
+TRITON = Target(
+    name="triton",
+    elementwise=PALLAS_TRITON.elementwise,
+    bool_ops=PALLAS_TRITON.bool_ops,
+    dtypes=PALLAS_TRITON.dtypes,
+    dot_dtypes=PALLAS_TRITON.dot_dtypes,
+    reduce_kinds=PALLAS_TRITON.reduce_kinds,
+)
+TARGETS = {PALLAS_TRITON.name: PALLAS_TRITON, TRITON.name: TRITON}

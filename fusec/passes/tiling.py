@@ -9,16 +9,28 @@ interpreter costs about grid steps x whole array on a CPU); ``target="gpu"`` pic
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from fusec.ir import Function, KernelTiling, Module, Op, parse_elem_type
+from fusec.ir.tile_ops import pair_format_ok
 from fusec.ir.tiling import TILING_ATTRS, cdiv
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.target import PALLAS_TRITON
+from fusec.passes.tune_cache import kernel_key, lookup
+from fusec.passes.tune_space import (
+    GEMV,
+    GemvConfig,
+    TileConfig,
+    TilingFacts,
+    apply_config,
+    check_config,
+    pow2_at_least,
+    tuning_fingerprint,
+)
 
-
-def pow2_at_least(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+__all__ = ["GEMV", "GemvConfig", "Tile", "choose_tiling", "default_tiling", "kernel_facts", "pow2_at_least",
+           "tile_kernel_op", "tuned_config"]
 
 
 def _dot_k(kernel_func: Function) -> int:
@@ -29,7 +41,7 @@ def _dot_k(kernel_func: Function) -> int:
 
 def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str, packed: bool = False,
                   table_bits: int = 0, reduce_axes: tuple[int, ...] | None = None, splittable: bool = False,
-                  group: int | None = None, fma_ok: bool = False) -> KernelTiling:
+                  group: int | None = None, fma_ok: bool = False, pair_lanes: int = 0) -> KernelTiling:
     """Block, grid, squeezed dims, K step and launch parameters for one kernel. ``packed``: the
     matmul unpacks a low-bit weight, whose K step is 32 (a whole word of 1-bit codes, and a divisor
     of every scale group); ``table_bits``: the width of a NormalFloat or lookup-table format it
@@ -37,7 +49,9 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
     ``splittable``: the kernel is only the K reduction (split-epilogue's form), so its K loop may
     split across programs (split-K), with K steps up to the scale ``group`` (rows per scale);
     ``fma_ok``: it decodes to f32, so a few rows may multiply on the FMA units with the same
-    rounding as the reference (a bfloat16 weight would need rounding there and back)."""
+    rounding as the reference (a bfloat16 weight would need rounding there and back);
+    ``pair_lanes``: the codes per word of a weight ``unpack_pair`` decodes (0: it cannot), which a
+    split-K GEMV with K steps of at least 8 words' rows then does (``gemv-pairs``)."""
     r = len(space)
     if target == "interpret":
         block = [pow2_at_least(d) for d in space]
@@ -88,27 +102,12 @@ def choose_tiling(kind: str, space: tuple[int, ...], k: int | None, target: str,
     strategy = ("gemv" if space[-2] <= 16 else "gemm") if packed else None
     if launch and block[-2] < PALLAS_TRITON.min_dot_tile:
         strategy = "gemv-fma"
+    elif launch and pair_lanes and bk and 2 * bk // pair_lanes >= PALLAS_TRITON.min_dot_tile:
+        strategy = "gemv-pairs"
     return KernelTiling(kind, tuple(space), tuple(block), tuple(cdiv(s, b) for s, b in zip(space, block)), squeeze,
                         bk, strategy=strategy, **launch)
 
 
-@dataclass(frozen=True)
-class GemvConfig:
-    """Split-K GEMV tiling: the K step (at most one scale group), pipeline stages, and the
-    programs aimed for (``programs_per_sm`` x ``sms``: enough resident CTAs per SM to keep the
-    loads in flight that Little's law asks for, docs/gpu-model.md)."""
-
-    bk: int = 128
-    num_stages: int = 3
-    num_warps: int = 4
-    programs_per_sm: int = 4
-    sms: int = 132
-    fma_rows: int = 1  # at most this many rows multiply on the FMA units (more lose to the padded dot)
-    fma_cube: int = 16384  # elements of that product tile (128 per thread at 4 warps: no spills)
-    min_trips: int = 2  # K steps each program keeps (one step per program pipelines nothing)
-
-
-GEMV = GemvConfig()
 
 
 def _gemv_split(k: int, group: int, programs: int, config: GemvConfig = GEMV) -> tuple[int, dict[str, int]]:
@@ -143,15 +142,10 @@ def attention_tiling(space: tuple[int, ...], tk: int, target: str) -> KernelTili
     return KernelTiling("attention", tuple(space), block, tuple(cdiv(s, b) for s, b in zip(space, block)), (0,), bk)
 
 
-def tile_kernel_op(op: Op, functions: dict[str, Function], target: str) -> Op:
-    """``op`` (a kernel op) with the tiling attributes ``target`` gets, replacing any it had."""
+def kernel_facts(op: Op, functions: dict[str, Function]) -> TilingFacts:
+    """What tiling reads of a kernel op and its callee."""
     kind, space = str(op.attr("kind")), tuple(op.attr("space"))
     callee = functions[str(op.attr("callee"))]
-    if kind == "attention":
-        tk = next(o for o in callee.ops if o.opcode == "dot").result.type.shape[-1]
-        tiling = attention_tiling(space, tk, target)
-        attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile")} | tiling.as_attrs()
-        return Op(op.opcode, op.operands, op.results, Op.make("kernel", **attrs).attrs, op.loc)
     k = _dot_k(callee) if kind == "matmul" else None
     formats = [parse_elem_type(str(o.attr("format"))) for o in callee.ops if o.opcode == "dequantize"]
     table_bits = max((f.bits for f in formats if getattr(f, "family", "") in ("nf", "lut")), default=0)
@@ -164,25 +158,98 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str) -> Op:
         weight = next(o for o in callee.ops if o.opcode == "dequantize").operands[0]
         group = weight.type.elem.rows_per_scale(weight.type.shape[0])  # type: ignore[union-attr]
     fma_ok = any(str(o.result.type.elem) == "f32" for o in callee.ops if o.opcode == "dequantize")
-    tiling = choose_tiling(kind, space, k, target, bool(formats), table_bits, reduce_axes, splittable, group, fma_ok)
-    attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile")} | tiling.as_attrs()
+    pair_lanes = 0
+    if splittable and len(formats) == 1:
+        dq = next(o for o in callee.ops if o.opcode == "dequantize")
+        dtype = str(dq.result.type.elem)
+        plain = not dots[0].attr("lhs_t") and not dots[0].attr("rhs_t") and dots[0].operands[1].name == dq.result.name
+        if plain and str(dots[0].operands[0].type.elem) == dtype and pair_format_ok(formats[0], dtype):
+            pair_lanes = 32 // formats[0].bits  # type: ignore[union-attr]
+    return TilingFacts(kind, space, k, bool(formats), table_bits, reduce_axes, splittable, group, fma_ok, pair_lanes)
+
+
+def default_tiling(f: TilingFacts, target: str) -> KernelTiling:
+    """The tiling ``target`` gets without a tuned config."""
+    return choose_tiling(f.kind, f.space, f.k, target, f.packed, f.table_bits, f.reduce_axes, f.splittable, f.group,
+                         f.fma_ok, f.pair_lanes)
+
+
+def tile_kernel_op(op: Op, functions: dict[str, Function], target: str, config: TileConfig | None = None,
+                   source: str | None = None) -> Op:
+    """``op`` (a kernel op) with the tiling attributes ``target`` gets, replacing any it had; with
+    ``config`` (a matmul on the ``gpu`` target), that config's tiling (checked: ValueError naming the
+    bad field), its ``source`` ("cache:gpu-timed", "shipped:model", "option", ...) kept in the ``tuned``
+    attribute."""
+    if op.attr("kind") == "attention":  # its own tiling (not tuned yet)
+        callee = functions[str(op.attr("callee"))]
+        tk = next(o for o in callee.ops if o.opcode == "dot").result.type.shape[-1]
+        tiling = attention_tiling(tuple(op.attr("space")), tk, target)
+        attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile", "tuned")}
+        return Op(op.opcode, op.operands, op.results, Op.make("kernel", **(attrs | tiling.as_attrs())).attrs, op.loc)
+    f = kernel_facts(op, functions)
+    if config is not None and target == "gpu":
+        tiling = apply_config(f, config)
+    else:
+        tiling = default_tiling(f, target)
+    tuned = {"tuned": source} if config is not None and target == "gpu" and source else {}
+    attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile", "tuned")}
+    attrs |= tiling.as_attrs() | tuned
     return Op(op.opcode, op.operands, op.results, Op.make("kernel", **attrs).attrs, op.loc)
+
+
+def tuned_config(op: Op, functions: dict[str, Function], device: str = "") -> tuple[TileConfig, str] | None:
+    """The tuned config of a matmul kernel op and its source, the file and how its entry was
+    chosen ("cache:gpu-timed", "cache:model", "shipped:model"), or None: the user's cache, then the
+    shipped file; a config that does not fit the kernel is skipped (warning)."""
+    facts = kernel_facts(op, functions)
+    if not facts.tunable:
+        return None
+    found = lookup(kernel_key(functions[str(op.attr("callee"))], tuning_fingerprint(op, functions), device))
+    if found is None:
+        return None
+    entry, source = found
+    try:
+        check_config(facts, entry.config)
+    except ValueError as e:
+        warnings.warn(f"fusec autotune {source} entry for kernel {op.attr('callee')} ignored: {e}", stacklevel=2)
+        return None
+    return entry.config, f"{source}:{entry.method}"
 
 
 @register_pass
 @dataclass(frozen=True)
 class Tile(Pass):
-    """Adds block, grid, squeeze, bk, num_warps and num_stages attributes to every kernel op."""
+    """Adds block, grid, squeeze, bk, num_warps and num_stages attributes to every kernel op. On the
+    ``gpu`` target a matmul takes ``config`` (a :class:`TileConfig` label such as
+    ``m16n128k128s4w4p3``; with ``only``, just for the kernel of that tuning fingerprint), else with
+    ``tuned`` the autotune cache's or shipped file's config for ``device`` (default: the static
+    model's), else the default tiling."""
 
     name = "tile"
     target: str = "gpu"
+    config: str = ""
+    only: str = ""
+    tuned: bool = True
+    device: str = ""
 
     def run(self, module: Module) -> Module:
         if self.target not in ("gpu", "interpret"):
             raise ValueError(f"tile: target must be 'gpu' or 'interpret', got {self.target!r}")
+        forced = TileConfig.parse(self.config) if self.config else None
         functions = {f.name: f for f in module.functions}
         out = []
         for f in module.functions:
-            ops = [tile_kernel_op(op, functions, self.target) if op.opcode == "kernel" else op for op in f.ops]
+            ops = [self._tile(op, functions, forced) if op.opcode == "kernel" else op for op in f.ops]
             out.append(Function(f.name, f.params, tuple(ops), f.returns))
         return module.replace_functions(out)
+
+    def _tile(self, op: Op, functions: dict[str, Function], forced: TileConfig | None) -> Op:
+        if self.target != "gpu" or not kernel_facts(op, functions).tunable:
+            return tile_kernel_op(op, functions, self.target)
+        if forced is not None and (not self.only or tuning_fingerprint(op, functions) == self.only):
+            try:
+                return tile_kernel_op(op, functions, "gpu", forced, "option")
+            except ValueError as e:
+                raise ValueError(f"tile: config {forced.label} for kernel {op.attr('callee')}: {e}") from None
+        found = tuned_config(op, functions, self.device) if self.tuned else None
+        return tile_kernel_op(op, functions, "gpu", *found) if found else tile_kernel_op(op, functions, "gpu")

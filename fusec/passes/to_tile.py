@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from fusec.errors import FusecError
 from fusec.ir import Function, KernelTiling, LowBitType, Module, Op, TensorType, Value
+from fusec.ir.tile_ops import pair_bias
 from fusec.ir.types import BOOL, F32, I32, DType
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.tile_builder import SCALAR, ArrayMapping, IndexExpr, TileBuilder, reduction_identity
@@ -224,6 +225,9 @@ class _KernelLowering:
         for n, dot in enumerate(dots):
             rhs_t = bool(dot.attr("rhs_t"))
             dq = producers.get(dot.operands[1].name)
+            if t.strategy == "gemv-pairs" and dq is not None and dq.opcode == "dequantize":
+                new_accs.append(self.paired(body, accs[n], a, dq, kk, bk, bn, pids))
+                continue
             if dq is not None and dq.opcode == "dequantize":
                 rhs = self.unpack(dq, body, kk, bk, bn, pids)
             else:
@@ -264,9 +268,36 @@ class _KernelLowering:
         kept = [d for d, blk in enumerate(self.mappings[p.name].blocks) if blk is not None]
         return kept[kept_pos]
 
-    def unpack(self, dq: Op, b: TileBuilder, kk: Value, bk: int, bn: int, pids: dict[int, Value]) -> Value:
-        """Loads the words of a [bk, bn] tile of a packed weight, its scale row (and zero-points),
-        and unpacks them."""
+    def paired(self, b: TileBuilder, acc: Value, a: Value, dq: Op, kk: Value, bk: int, bn: int,
+               pids: dict[int, Value]) -> Value:
+        """``acc + a @ dequantize(w)`` for one K step inside one scale group, two codes per 32-bit
+        decode (``unpack_pair``): the matmul runs on the biased codes (exact small integers in
+        the activations' 16-bit float), one dot per lane pair with the activations those codes
+        multiply (``pick_lanes``); the bias times the step's activation sums comes off, and the
+        group's scale multiplies, once per output element instead of once per weight."""
+        fmt = dq.operands[0].type.elem
+        assert isinstance(fmt, LowBitType)
+        dtype = str(dq.result.type.elem)
+        words, scale = self.packed_tiles(dq, b, kk, bk, bn, pids)
+        lanes = 32 // fmt.bits
+        bm = a.type.shape[0]
+        g = b.const(0.0, acc.type)
+        for j in range(lanes // 2):
+            x = b.value("pick_lanes", [a], a.type.with_shape((bm, 2 * bk // lanes)), "x", lanes=lanes, lane=j)
+            w = b.value("unpack_pair", [words], TensorType(dq.result.type.elem, (2 * bk // lanes, bn)), "w",
+                        format=str(fmt), lane=j, dtype=dtype)
+            g = b.value("dot_acc", [g, x, w], acc.type, "g", lhs_t=False, rhs_t=False)
+        sums = b.value("reduce", [b.value("convert", [a], a.type.with_elem(F32), "xf", dtype="f32")],
+                       TensorType(F32, (bm,)), "xsum", axes=(1,), kind="sum")
+        bias = b.value("mul", [b.value("broadcast", [sums], acc.type, "xsum", dims=(0,), shape=acc.type.shape),
+                               b.const(float(-pair_bias(fmt, dtype)), acc.type)], acc.type, "bias")
+        scales = b.value("broadcast", [scale], acc.type, "scale", dims=(0, 1), shape=acc.type.shape)
+        step = b.value("mul", [b.value("add", [g, bias], acc.type, "g"), scales], acc.type, "step")
+        return b.value("add", [acc, step], acc.type, "acc")
+
+    def packed_tiles(self, dq: Op, b: TileBuilder, kk: Value, bk: int, bn: int, pids: dict[int, Value]) -> list[Value]:
+        """Loads the words of a [bk, bn] tile of a packed weight (per plane), then its scale row
+        (and zero-points)."""
         weight = dq.operands[0]
         fmt = weight.type.elem
         assert isinstance(fmt, LowBitType)
@@ -282,10 +313,17 @@ class _KernelLowering:
                                                             b.const(group)], SCALAR, "row")
         for j in range(len(fmt.plane_widths), len(parts)):
             tiles.append(b.access("load", parts[j], [row, col], (1, bn), parts[j].type, hint="scale"))
+        return [t for t in tiles if t is not None]
+
+    def unpack(self, dq: Op, b: TileBuilder, kk: Value, bk: int, bn: int, pids: dict[int, Value]) -> Value:
+        """Loads the words of a [bk, bn] tile of a packed weight, its scale row (and zero-points),
+        and unpacks them."""
+        fmt = dq.operands[0].type.elem
+        tiles = self.packed_tiles(dq, b, kk, bk, bn, pids)
         attrs = {"format": str(fmt), "shape": (bk, bn), "dtype": str(dq.result.type.elem)}
         if dq.attr("lut") is not None:
             attrs["lut"] = dq.attr("lut")
-        return b.value("unpack", [t for t in tiles if t is not None], TensorType(dq.result.type.elem, (bk, bn)),
+        return b.value("unpack", tiles, TensorType(dq.result.type.elem, (bk, bn)),
                        dq.result.name, **attrs)
 
 

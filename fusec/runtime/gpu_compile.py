@@ -8,12 +8,14 @@ give its SASS and resource usage (read by :mod:`fusec.runtime.sass`).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,14 +89,25 @@ def _run(args: list[str]) -> str:
     return subprocess.run(args, capture_output=True, text=True, check=True).stdout
 
 
+@contextlib.contextmanager
+def scoped_cache_dir(path: str) -> Iterator[None]:
+    """``TRITON_CACHE_DIR`` set to ``path`` (triton writes a cache: keep it out of the user's home
+    directory) and put back afterwards, so no later compilation points at a deleted directory."""
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = path
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = saved
+
+
 def compile_kernel_artifacts(lowered_for_cuda: Any, arch: int = 90, sass: bool = True) -> list[CompiledKernel]:
     """Compiles every Triton kernel in a program lowered for ``cuda`` to a cubin for ``sm_{arch}``;
     with ``sass``, also disassembles it (``nvdisasm -c``) and reads ``cuobjdump -res-usage``."""
-    from fusec.runtime.sass import parse_resource_usage
-
-    with tempfile.TemporaryDirectory(prefix="fusec-triton-") as tmp:
-        # triton writes a cache; keep it out of the user's home directory.
-        os.environ["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")
+    with tempfile.TemporaryDirectory(prefix="fusec-triton-") as tmp, scoped_cache_dir(os.path.join(tmp, "cache")):
         import triton
         from triton.backends.compiler import GPUTarget
 
@@ -108,33 +121,42 @@ def compile_kernel_artifacts(lowered_for_cuda: Any, arch: int = 90, sass: bool =
             # FMA contraction on, as XLA's GPU backend does (and said explicitly: triton warns otherwise).
             options = {"num_warps": launch["num_warps"], "num_stages": launch["num_stages"], "enable_fp_fusion": True}
             compiled = triton.compile(path, target=GPUTarget("cuda", arch, 32), options=options)
-            ptx_path = os.path.join(tmp, f"k{i}.ptx")
-            with open(ptx_path, "w") as f:
-                f.write(compiled.asm["ptx"])
-            gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-            report = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", ptx_path, "-o", ptx_path + ".o"],
-                                    capture_output=True, text=True, check=True).stderr
-            regs = re.search(r"Used (\d+) registers", report)
-            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-            cubin = compiled.asm["cubin"]
-            resources = KernelResources(name, arch, int(regs.group(1)) if regs else 0,
-                                        int(spill.group(1)) if spill else 0, int(spill.group(2)) if spill else 0,
-                                        len(cubin))
-            text, static = "", 0
-            if sass:
-                cubin_path = os.path.join(tmp, f"k{i}.cubin")
-                with open(cubin_path, "wb") as f:
-                    f.write(cubin)
-                nvdisasm, cuobjdump = tool("nvdisasm"), tool("cuobjdump")
-                text = _run([nvdisasm, "-c", cubin_path]) if nvdisasm else ""
-                if cuobjdump:
-                    usage = parse_resource_usage(_run([cuobjdump, "-res-usage", cubin_path]))
-                    static = usage[name].shared if name in usage else 0
-            grid = tuple(launch.get("grid", (1, 1, 1)))
-            results.append(CompiledKernel(resources, launch["num_warps"], launch["num_stages"],
-                                          (grid[0], grid[1], grid[2]), int(compiled.metadata.shared), static,
-                                          cubin, text))
+            results.append(finish_compiled(compiled, name, arch, launch, os.path.join(tmp, f"k{i}"), sass))
         return results
+
+
+def finish_compiled(compiled: Any, name: str, arch: int, launch: dict[str, Any], stem: str,
+                    sass: bool = True) -> CompiledKernel:
+    """A kernel ``triton.compile`` compiled for ``sm_{arch}``, with what ptxas reports about it
+    (and, with ``sass``, its ``nvdisasm -c`` listing and static shared memory); ``launch`` holds
+    its ``num_warps``, ``num_stages`` and ``grid``; files go to ``stem``.*."""
+    from fusec.runtime.sass import parse_resource_usage
+
+    ptx_path = stem + ".ptx"
+    with open(ptx_path, "w") as f:
+        f.write(compiled.asm["ptx"])
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    report = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", ptx_path, "-o", ptx_path + ".o"],
+                            capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", report)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    cubin = compiled.asm["cubin"]
+    resources = KernelResources(name, arch, int(regs.group(1)) if regs else 0,
+                                int(spill.group(1)) if spill else 0, int(spill.group(2)) if spill else 0,
+                                len(cubin))
+    text, static = "", 0
+    if sass:
+        cubin_path = stem + ".cubin"
+        with open(cubin_path, "wb") as f:
+            f.write(cubin)
+        nvdisasm, cuobjdump = tool("nvdisasm"), tool("cuobjdump")
+        text = _run([nvdisasm, "-c", cubin_path]) if nvdisasm else ""
+        if cuobjdump:
+            usage = parse_resource_usage(_run([cuobjdump, "-res-usage", cubin_path]))
+            static = usage[name].shared if name in usage else 0
+    grid = tuple(launch.get("grid", (1, 1, 1))) + (1, 1, 1)
+    return CompiledKernel(resources, launch["num_warps"], launch["num_stages"], (grid[0], grid[1], grid[2]),
+                          int(compiled.metadata.shared), static, cubin, text)
 
 
 def compile_kernels(lowered_for_cuda: Any, arch: int = 90) -> list[KernelResources]:

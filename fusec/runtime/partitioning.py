@@ -23,10 +23,11 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.interpreters import mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
+from fusec.codegen.device import gpu_device_name
 from fusec.codegen.kernel_spec import KernelSpec
 from fusec.codegen.pallas import build_kernel
 from fusec.ir import Module
-from fusec.passes.tiling import tile_kernel_op
+from fusec.passes.tiling import tile_kernel_op, tuned_config
 from fusec.runtime.jax_internals import lowering_for_export, lowering_mesh, require_devices_during_lowering
 from fusec.runtime.partition_rule import PartitionRule, local_kernel_op, partition_rule
 from fusec.runtime.primitive import _batched, _lowering, call_kernel, fusec_kernel_p
@@ -75,7 +76,10 @@ def local_spec(spec: KernelSpec, pieces: Pieces) -> KernelSpec:
     rule = rule_of(spec)
     assert rule is not None and spec.op is not None and spec.module is not None
     op, callee = local_kernel_op(spec.op, spec.module, rule, cut)
-    op = tile_kernel_op(op, {callee.name: callee}, "interpret" if spec.interpret else "gpu")
+    functions = {callee.name: callee}
+    # A shard's GPU kernel takes the config tuned for its shapes too (cache, then shipped file).
+    found = None if spec.interpret else tuned_config(op, functions, gpu_device_name())
+    op = tile_kernel_op(op, functions, "interpret" if spec.interpret else "gpu", *(found or ()))
     return build_kernel(op, Module((callee,)), spec.interpret)
 
 

@@ -20,6 +20,7 @@ from jax.interpreters import ad, batching, mlir
 
 from fusec.codegen.kernel_spec import KernelSpec
 from fusec.codegen.xla import numpy_dtype
+from fusec.errors import FusecError
 from fusec.runtime.jax_internals import gpu_lowering_target, kernel_result_aval, without_manual_axes, without_vma_checks
 
 fusec_kernel_p = jcore.Primitive("fusec_kernel")
@@ -47,9 +48,29 @@ def _kernel_function(spec: KernelSpec, platform: str) -> Any:
     # Lowering for cuda always gets GPU tiles and Triton kernels, whatever machine traced the
     # program and whatever ``interpret`` said (it decides what runs on a CPU).
     gpu = spec.for_gpu() if platform == "cuda" else None
+    if gpu is not None and gpu.backend == "triton":
+        gpu = _pallas_if_no_jax_triton(gpu)
     run = functools.partial(gpu.run, interpret=False) if gpu is not None else \
         functools.partial(spec.run, interpret=True)
     return jax.jit(lambda *args: list(run(*args)))
+
+
+def _pallas_if_no_jax_triton(gpu: KernelSpec) -> KernelSpec | None:
+    """A Triton-backend GPU kernel, or, where the installed jax-triton cannot lower it
+    (:func:`triton_backend_problem`), the same tile program as a Pallas kernel, with a warning
+    saying why (the report says it too): never a crash, never a silent switch."""
+    from fusec.runtime.triton_call import triton_backend_problem
+
+    problem = triton_backend_problem()
+    if problem is None or gpu.op is None or gpu.module is None:
+        return gpu
+    from fusec.codegen import pallas
+
+    warnings.warn(f"fusec: kernel {gpu.name} lowers for cuda as a Pallas kernel: {problem}", stacklevel=2)
+    try:
+        return pallas.build_kernel(gpu.op, gpu.module, False)
+    except FusecError:
+        return None
 
 
 def _lowering(ctx: Any, *args: Any, spec: KernelSpec, platform: str) -> Any:

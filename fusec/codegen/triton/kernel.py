@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# A line of every kernel's source: the loader sets it True for the interpreter (load.py), so one
+# source serves both (16-bit float dots widen to float32 only there).
+INTERPRETED_FLAG = "FUSEC_INTERPRETED = tl.constexpr(False)"
+
 
 @dataclass(frozen=True)
 class ArraySig:

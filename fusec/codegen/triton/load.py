@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fusec.codegen.triton.kernel import TritonKernel
+from fusec.codegen.triton.kernel import INTERPRETED_FLAG, TritonKernel
 
 
 def _source_dir() -> Path:
@@ -24,6 +24,8 @@ def _source_dir() -> Path:
 def _load(source: str, name: str, interpret: bool) -> Any:
     import triton
 
+    if interpret:
+        source = source.replace(INTERPRETED_FLAG, INTERPRETED_FLAG.replace("False", "True"), 1)
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     module_name = f"fusec_triton_{digest}_{'interp' if interpret else 'gpu'}"
     path = _source_dir() / f"{module_name}.py"

@@ -1,0 +1,89 @@
+"""Triton source for the tile op ``unpack``: a [bk, bn] tile of a packed low-bit weight decoded in
+registers, as the Pallas writer decodes it (fusec/codegen/pallas_unpack.py; fusec/lowprec/packing.py).
+
+Each plane's word tile is repeated to one row per code (broadcast + reshape), shifted by the code's
+lane and masked; planes are ORed into codes; codes are decoded (two's complement through a float bit
+pattern instead of an int-to-float conversion, zero-points, small-float bit fields, or a chain of
+selects over a NormalFloat or lookup table) and multiplied by the tile's scale row.
+"""
+
+from __future__ import annotations
+
+from fusec.codegen.triton.text import TL_DTYPES
+from fusec.ir import DType, LowBitType, Op, parse_elem_type
+from fusec.ir.tile_ops import PAIR_MAGIC
+from fusec.ir.types import WORD_BITS
+from fusec.lowprec.formats import format_of
+
+
+def unpack_lines(op: Op, args: list[str], prefix: str) -> list[str]:
+    """Statements decoding an ``unpack`` op's tile from its operands ``args`` (plane word tiles,
+    the scale row, the zero-point row), temporaries named ``prefix...``; the last item is the
+    expression of the decoded tile."""
+    fmt = parse_elem_type(str(op.attr("format")))
+    assert isinstance(fmt, LowBitType)
+    bk, bn = op.attr("shape")
+    p_ = prefix
+    lines = []
+    shift = 0
+    for i, p in enumerate(fmt.plane_widths):
+        per_word = WORD_BITS // p
+        rows = bk // per_word
+        words = f"tl.reshape(tl.broadcast_to({args[i]}[:, None, :], ({rows}, {per_word}, {bn})), ({bk}, {bn}))"
+        lanes = f"((tl.arange(0, {bk})[:, None] % {per_word}).to(tl.uint32) * {p})"
+        bits = f"(({words} >> {lanes}) & {2**p - 1})"
+        if shift:
+            lines.append(f"{p_}codes = {p_}codes | ({bits} << {shift})")
+        else:
+            lines.append(f"{p_}codes = {bits}")
+        shift += p
+    n_planes = len(fmt.plane_widths)
+    codes = f"{p_}codes"
+    lines.append(f"{p_}scale = {args[n_planes]}.to(tl.float32)")
+    if fmt.family == "int":
+        # Int to float without I2F: the code with its sign bit flipped, ORed into the mantissa of
+        # 2^23, is exactly 2^23 + c + 2^(b-1) as f32 bits; subtracting gives c.
+        half = 2 ** (fmt.bits - 1)
+        lines.append(f"{p_}values = ({codes} ^ {half | 0x4B000000}).to(tl.float32, bitcast=True) - "
+                     f"{float(2**23 + half)!r}")
+    elif fmt.family == "uint":
+        lines.append(f"{p_}values = (({codes} | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0) - "
+                     f"{args[n_planes + 1]}.to(tl.float32)")
+    elif fmt.family == "float":
+        e, m = fmt.exp_bits or 0, fmt.bits - 1 - (fmt.exp_bits or 0)
+        bias = 2 ** (e - 1) - 1
+        lines += [
+            f"{p_}c = {codes}.to(tl.int32)",
+            f"{p_}exponent = ({p_}c >> {m}) & {2**e - 1}",
+            f"{p_}mantissa = ({p_}c & {2**m - 1}).to(tl.float32)",
+            f"{p_}magnitude = tl.where({p_}exponent == 0, {p_}mantissa * {2.0 ** (1 - bias - m)!r}, "
+            f"({p_}mantissa + {float(2**m)!r}) * tl.exp2(({p_}exponent - {bias + m}).to(tl.float32)))",
+            f"{p_}values = tl.where((({p_}c >> {e + m}) & 1) == 1, -{p_}magnitude, {p_}magnitude)",
+        ]
+    else:
+        table = [float(v) for v in format_of(fmt, op.attr("lut")).table]
+        lines.append(f"{p_}values = tl.full(({bk}, {bn}), {table[0]!r}, tl.float32)")
+        lines += [f"{p_}values = tl.where({codes} == {c}, {v!r}, {p_}values)" for c, v in enumerate(table) if c]
+    out = DType(str(op.attr("dtype")))
+    lines.append(f"({p_}values * {p_}scale).to({TL_DTYPES[out.name]})")
+    return lines
+
+
+def unpack_pair_lines(op: Op, words: str, prefix: str) -> list[str]:
+    """Statements decoding an ``unpack_pair`` op (fusec/ir/tile_ops.py), as the Pallas writer does:
+    lanes ``j`` and ``j + L/2`` of every word sit 16 bits apart, so one shift and one mask give both
+    codes, and XOR flips their sign bits and sets the 16-bit float exponent whose mantissa they
+    become; the two halves interleave along K. The last item is the decoded tile's expression."""
+    fmt = parse_elem_type(str(op.attr("format")))
+    assert isinstance(fmt, LowBitType)
+    out = str(op.attr("dtype"))
+    rows, cols = op.operands[0].type.shape
+    bits, lane = fmt.bits, int(op.attr("lane"))
+    both = (2**bits - 1) * 0x10001
+    flip = (PAIR_MAGIC[out][0] | 2 ** (bits - 1)) * 0x10001
+    shifted = f"({words} >> {bits * lane})" if lane else words
+    half = lambda x: f"({x}).to(tl.uint16).to({TL_DTYPES[out]}, bitcast=True)"  # noqa: E731
+    return [f"{prefix}p = ({shifted} & {both:#x}) ^ {flip:#x}",
+            f"{prefix}lo = {half(f'{prefix}p & 0xFFFF')}",
+            f"{prefix}hi = {half(f'{prefix}p >> 16')}",
+            f"tl.reshape(tl.permute(tl.join({prefix}lo, {prefix}hi), (0, 2, 1)), ({2 * rows}, {cols}))"]

@@ -1,0 +1,85 @@
+"""The paired low-bit GEMV (``strategy = "gemv-pairs"``): two codes decoded per 32-bit operation,
+the matmul on biased codes, the bias and the group scale applied once per output element. Which
+kernels get it, exactness at shapes that divide no block (the GPU tiling run in interpret mode),
+and the sm_80/sm_90 compile (0 spills, the static report's instructions per weight)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fusec
+from fusec import lowprec
+from fusec.ir import LowBitType, parse_elem_type
+from fusec.ir.tile_ops import pair_bias, pair_format_ok
+from tests.test_splitk import GPU_TILES_INTERPRETED
+
+SMOKE = ("test_which_formats_decode_in_pairs", "test_paired_gemv_matches_a_float64_reference")
+
+
+def _strategy(q, x) -> str | None:
+    fused = fusec.jit(lambda q, x: x @ q, backend="pallas", interpret=True, passes=GPU_TILES_INTERPRETED)
+    (op,) = [o for o in fused.lower(q, x).program.module.entry.ops
+             if o.opcode == "kernel" and o.attr("kind") == "matmul"]
+    return op.attr("strategy")
+
+
+def _weight(bits: int, group: int, k: int, n: int, family: str = "int", dtype=jnp.bfloat16, seed: int = 0):
+    w = jnp.asarray(np.random.default_rng(seed).standard_normal((k, n)) * 0.1, dtype)
+    return lowprec.quantize({"w": w}, lowprec.QuantSpec(bits, group, family))["w"]
+
+
+def test_which_formats_decode_in_pairs() -> None:
+    fmt = parse_elem_type("i4g128")
+    assert isinstance(fmt, LowBitType) and pair_format_ok(fmt, "bf16") and pair_bias(fmt, "bf16") == 136
+    assert pair_format_ok(parse_elem_type("i2g64"), "bf16") and pair_format_ok(parse_elem_type("i8g128"), "f16")
+    # 8-bit codes overflow bfloat16's 7 mantissa bits; 3 bits are two planes; zero-points, tables.
+    for text, dtype in (("i8g128", "bf16"), ("i3g128", "bf16"), ("i4g128", "f32"), ("u4g128z", "bf16")):
+        assert not pair_format_ok(parse_elem_type(text), dtype), text
+    x = jnp.ones((3, 512), jnp.bfloat16)
+    assert _strategy(_weight(4, 128, 512, 200), x) == "gemv-pairs"
+    assert _strategy(_weight(2, 128, 512, 200), x) == "gemv-pairs"
+    assert _strategy(_weight(3, 128, 512, 200), x) == "gemv"  # two planes: the general decoder
+    assert _strategy(_weight(4, 128, 512, 200, "nf"), x) == "gemv"
+    assert _strategy(_weight(4, 32, 512, 200), x) == "gemv"  # 32-row steps: 8-row dots, too small
+    # float32 activations: the dot would need float32 weights.
+    assert _strategy(_weight(4, 128, 512, 200, dtype=jnp.float32), x.astype(jnp.float32)) != "gemv-pairs"
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 64), (2, 128)])
+@pytest.mark.parametrize("m", [1, 3, 5, 16])
+def test_paired_gemv_matches_a_float64_reference(bits: int, group: int, m: int) -> None:
+    """N = 200 and K = 640 divide no block. The kernel multiplies by the decoded values code x scale
+    themselves (the reference decoder's values before it rounds them to the weight's bfloat16) and
+    rounds once, the output to bfloat16: each element is within one bfloat16 ulp (plus float32
+    accumulation error) of the exact product."""
+    k, n = 640, 200
+    q = _weight(bits, group, k, n, seed=bits * m)
+    x = jnp.asarray(np.random.default_rng(m).standard_normal((m, k)), jnp.bfloat16)
+    assert _strategy(q, x) == "gemv-pairs"
+    fused = fusec.jit(lambda q, x: x @ q, backend="pallas", interpret=True, passes=GPU_TILES_INTERPRETED)
+    got = np.asarray(fused(q, x).astype(jnp.float32), np.float64)
+    decoded = dataclasses.replace(q, dtype=jnp.dtype("float32")).dequantize()  # code x scale, exact in f32
+    exact = np.asarray(x, np.float64) @ np.asarray(decoded, np.float64)
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(exact), 1e-30))) - 7)
+    assert np.all(np.abs(got - exact) <= ulp + 1e-4), np.max(np.abs(got - exact) / ulp)
+    # And against what a user compares with: jax.jit of the same product.
+    want = np.asarray(jax.jit(lambda q, x: x @ lowprec.dequantize(q))(q, x).astype(jnp.float32))
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_paired_gemv_compiles_for_sm80_and_sm90_without_spills() -> None:
+    q = _weight(4, 128, 1024, 1000)
+    x = jax.ShapeDtypeStruct((1, 1024), jnp.bfloat16)
+    lowered = fusec.jit(lambda q, x: x @ q, backend="pallas", interpret=False).lower(q, x)
+    for arch in (80, 90):
+        resources = lowered.gpu_resources(arch)
+        assert resources and all(r.spills == 0 for r in resources), resources
+    (kernel,) = [k for k in lowered.gpu_profile(90, "h100").kernels if k.per == "weight"]
+    # The general decoder's loop spends 5.6 thread-instructions per weight here (BENCHMARKS.md);
+    # the paired one under 4.
+    assert kernel.instructions_per_element < 4.0, kernel.instructions_per_element
