@@ -6,7 +6,8 @@ the hardware's limit. Sized to finish within 5 minutes on one H100.
 
 Rows: low-bit GEMV/GEMM (int2..int8, nf4, fp4 weights, unpacked inside fusec's matmul) vs a
 bfloat16 ``jnp.dot`` under ``jax.jit``, with achieved bandwidth as a fraction of the GPU's peak;
-GPT-2 and Llama blocks (decode 1x1, prefill 8x512) under ``fusec.jit`` vs ``jax.jit``; layernorm,
+GPT-2 and Llama blocks (decode 1x1, prefill 8x512) under ``fusec.jit`` vs ``jax.jit``; attention
+(prefill 2048 causal, decode 1 x 4096) vs ``jax.nn.dot_product_attention`` (XLA, cuDNN); layernorm,
 rmsnorm and softmax on 8192x8192 bfloat16 vs ``jax.jit`` and the Pallas GPU ops that ship with JAX;
 fusec's compile time on the GPU. Times are medians of many repetitions after warm-up, each call
 blocked until ready.
@@ -15,6 +16,7 @@ blocked until ready.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -40,11 +42,13 @@ class Sizes:
     batch_seq: tuple[tuple[int, int], ...]
     norm: tuple[int, int]
     reps: int
+    attention: tuple[tuple[int, int, int, int, int], ...] = ()  # batch, heads, Tq, Tk, head dim
 
 
 FULL = Sizes(((4096, 4096), (4096, 14336)), (1, 4, 16, 64), (768, 12), (2048, 16, 4, 5632),
-             ((1, 1), (8, 512)), (8192, 8192), 50)
-DRY = Sizes(((128, 128), (128, 256)), (1, 16), (64, 4), (64, 4, 2, 128), ((1, 1), (2, 16)), (64, 256), 2)
+             ((1, 1), (8, 512)), (8192, 8192), 50, ((4, 16, 2048, 2048, 64), (1, 32, 1, 4096, 128)))
+DRY = Sizes(((128, 128), (128, 256)), (1, 16), (64, 4), (64, 4, 2, 128), ((1, 1), (2, 16)), (64, 256), 2,
+            ((1, 2, 40, 40, 32), (1, 2, 1, 64, 32)))
 
 
 def peak_bandwidth(device_kind: str) -> float | None:
@@ -165,6 +169,32 @@ def norm_rows(sizes: Sizes, interpret: bool, peak: float | None, backend: str = 
     return rows
 
 
+def attention_rows(sizes: Sizes, interpret: bool, peak: float | None, backend: str = "pallas"
+                   ) -> list[dict[str, Any]]:
+    """Prefill (causal) and decode (one query, a long cache) through fusec's attention kernel, vs
+    ``jax.nn.dot_product_attention``'s XLA implementation and, on a GPU, its cuDNN one."""
+    import fusec
+
+    rows = []
+    for b, h, tq, tk, d in sizes.attention:
+        causal = tq == tk
+        keys = jax.random.split(jax.random.key(5), 3)
+        q, k, v = (jax.random.normal(kk, (b, t, h, d), jnp.bfloat16) for kk, t in zip(keys, (tq, tk, tk)))
+        name, shape = "prefill causal" if causal else "decode", f"{b}x{h} heads, {tq}x{tk}, d={d} bf16"
+        nbytes = 2 * (q.nbytes + k.nbytes + v.nbytes)  # Q, K, V read and O written once
+        fused = fusec.jit(functools.partial(jax.nn.dot_product_attention, is_causal=causal, implementation="xla"),
+                          backend=backend, interpret=interpret)
+        t = median_seconds(fused, q, k, v, reps=sizes.reps)
+        for impl in ("xla",) if interpret else ("xla", "cudnn"):
+            try:
+                base_fn = functools.partial(jax.nn.dot_product_attention, is_causal=causal, implementation=impl)
+                base = median_seconds(jax.jit(base_fn), q, k, v, reps=sizes.reps)
+                rows.append(_row("attention", name, shape, t, f"dot_product_attention {impl}", base, nbytes, peak))
+            except Exception as e:  # cuDNN refusing a shape is a row saying so, not a crash
+                rows.append({"group": "attention", "row": name, "baseline": f"{impl} failed: {type(e).__name__}"})
+    return rows
+
+
 def compile_rows(sizes: Sizes, interpret: bool, backend: str = "pallas") -> list[dict[str, Any]]:
     import fusec
 
@@ -183,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry", action="store_true", help="tiny shapes in Pallas interpret mode (runs on a CPU)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--backend", default="pallas", help="fusec's code generator for every row")
-    parser.add_argument("--only", default="lowbit,blocks,norms,compile", help="comma-separated row groups")
+    parser.add_argument("--only", default="lowbit,blocks,norms,attention,compile", help="comma-separated row groups")
     ns = parser.parse_args(argv)
     device = jax.devices()[0]
     if not ns.dry and device.platform != "gpu":
@@ -200,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += block_rows(sizes, interpret, ns.backend)
     if "norms" in groups:
         rows += norm_rows(sizes, interpret, peak, ns.backend)
+    if "attention" in groups:
+        rows += attention_rows(sizes, interpret, peak, ns.backend)
     if "compile" in groups:
         rows += compile_rows(sizes, interpret, ns.backend)
     mode = ("dry run: tiny shapes, interpret mode" if ns.dry else "full") + f", backend {ns.backend}"

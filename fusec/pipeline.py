@@ -16,7 +16,9 @@ DEFAULT_PIPELINE: tuple[str, ...] = ("inline", "canonicalize", "fold-constants",
 # Kernel backends add fusion and tiling (with the tile target chosen by where kernels run).
 # split-epilogue moves skinny low-bit matmuls' epilogues out (so their K loop can split across
 # programs); the second fuse makes those epilogues kernels of their own.
-KERNEL_PASSES: tuple[str, ...] = ("sink-reshapes", "cse", "dce", "fuse", "dce", "split-epilogue", "fuse", "dce")
+# recognize-attention makes each softmax(Q K^T) V one flash-attention kernel before fuse sees it.
+KERNEL_PASSES: tuple[str, ...] = ("sink-reshapes", "cse", "dce", "recognize-attention", "dce", "fuse", "dce",
+                                  "split-epilogue", "fuse", "dce")
 
 
 def resolve_pipeline(passes: str | Sequence[str | Pass] | None, backend: str = "xla",

@@ -183,7 +183,9 @@ def build_report(lowered: Any, gpu: str = "h100") -> Report:
                if op.opcode != "kernel" and op.opcode not in FREE_OPS]
     xla_ops = [op.opcode for op, *_ in outside]
     xla_locs = {op.loc for op, *_ in outside if _eqn_primitive(op.loc)} - fused_locs
-    before = _sites(program.module_before("fuse"))
+    # Op by op: the program before any kernel was formed (attention recognition is the first).
+    first = "recognize-attention" if "recognize-attention" in program.stage_names else "fuse"
+    before = _sites(program.module_before(first))
     op_by_op = sum(op_cost(op).bytes * _times(site) for site in before for op in site.func.ops)
     fused = sum(op_cost(op).bytes * _times(site) for site in sites for op in site.func.ops)
     # Outside kernels every op is its own kernel (f32 peak: the conservative class).

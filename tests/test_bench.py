@@ -18,7 +18,7 @@ def test_gpu_suite_dry_run_prints_every_row_group(capsys) -> None:
     assert gpu.main(["--dry"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# fusec GPU suite on ") and "dry run" in out
-    for group in ("low-bit matmul", "model block", "norm", "compile"):
+    for group in ("low-bit matmul", "model block", "norm", "attention", "compile"):
         assert group in out
     for fmt in gpu.FORMATS:
         assert f"\nlow-bit matmul  {fmt} " in out

@@ -68,7 +68,8 @@ def test_report_json_matches_the_kernels(quickstart) -> None:
     assert data["bytes_fused"] < 0.4 * data["bytes_op_by_op"]
     assert data["modeled_time_fused_s"] < data["modeled_time_op_by_op_s"]
     text = str(report)
-    assert "gpt2_block.k0" in text and "28.0%" in text
+    assert "gpt2_block.k0" in text and f"({data['bytes_fused'] / data['bytes_op_by_op']:.1%})" in text
+    assert "gpt2_block.attn          attention" in text
 
 
 def test_low_bit_kernels_report_bits_per_weight() -> None:
@@ -83,7 +84,8 @@ def test_low_bit_kernels_report_bits_per_weight() -> None:
 def test_cli_inspect_and_source(capsys) -> None:
     assert main(["inspect", QUICKSTART + ":gpt2_block", "--gpu", "h200", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["gpu"] == "NVIDIA H200 SXM" and len(data["kernels"]) == 10
+    assert data["gpu"] == "NVIDIA H200 SXM" and len(data["kernels"]) == 7
+    assert [k["kind"] for k in data["kernels"]].count("attention") == 1
     assert main(["inspect", QUICKSTART + ":gpt2_block"]) == 0
     assert "modeled on NVIDIA H100 SXM" in capsys.readouterr().out
     assert main(["source", QUICKSTART + ":gpt2_block", "--kernel", "gpt2_block.k0"]) == 0

@@ -19,7 +19,7 @@ from fusec.errors import FusecError
 from fusec.ir import Function, Module, Op, ScalarIntervals, TensorType
 from fusec.ir.tile_ops import ACCESS_OPS
 
-_INDEX_OPS = {"add": "+", "sub": "-", "mul": "*", "div": "//"}
+_INDEX_OPS = {"add": "+", "sub": "-", "mul": "*", "div": "//", "rem": "%"}
 
 
 def identifier(name: str) -> str:

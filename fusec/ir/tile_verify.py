@@ -1,8 +1,8 @@
 """The bounds proof of tile programs.
 
 Every block index is an ``i32[]`` computed from program ids (``[0, size - 1]``), loop indices
-(``[0, trips - 1]``) and constants by adds, subtracts, multiplies, divisions, mins and maxes, so
-interval arithmetic bounds it. An access is in bounds when, along each dimension, its lowest block
+(``[0, trips - 1]``) and constants by adds, subtracts, multiplies, divisions, remainders, mins and
+maxes, so interval arithmetic bounds it. An access is in bounds when, along each dimension, its lowest block
 starts at or after element 0 and its highest block ends at or before the array's end, or the
 dimension is masked. A store also has to reach every block of its array (else the grid leaves part
 of an output unwritten). Tile values must have power-of-two shapes (Triton's rule for every
@@ -57,6 +57,8 @@ def _scalar_interval(op: Op, get: dict[str, Interval]) -> Interval | None:
         return (min(corners), max(corners))
     if op.opcode == "div" and b0 > 0 and a0 >= 0:
         return (a0 // b1, a1 // b0)
+    if op.opcode == "rem" and b0 == b1 > 0 and a0 >= 0:  # a batch factor: (b // stride) % size
+        return (a0, a1) if a1 < b0 else (0, b0 - 1)
     if op.opcode == "max":
         return (max(a0, b0), max(a1, b1))
     if op.opcode == "min":

@@ -1,6 +1,7 @@
 """IR -> IR passes. Importing this package registers every pass by name. No JAX here."""
 
 from fusec.passes import (  # noqa: F401  (registers the passes)
+    attention,
     canonicalize,
     cse,
     dce,

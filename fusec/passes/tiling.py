@@ -125,6 +125,23 @@ def _gemv_split(k: int, group: int, programs: int, config: GemvConfig = GEMV) ->
     return bk, {"split": split, "num_stages": config.num_stages, "num_warps": config.num_warps}
 
 
+def attention_tiling(space: tuple[int, ...], tk: int, target: str) -> KernelTiling:
+    """An attention kernel over ``(batch, Tq, Dv)`` with ``tk`` keys: one program per batch-head
+    and query block, the key/value loop's step in ``bk``. GPU blocks are FlashAttention-2's
+    64 x 64 (at least the 16 rows a tensor-core dot needs); the interpreter gets few, large query
+    blocks (its cost is grid steps x arrays) and key blocks of 32, so small tests still run the
+    online softmax over several steps. Self-attention reads queries and keys with blocks that
+    overhang alike (one fused QKV array is masked everywhere or nowhere)."""
+    batch, tq, dv = space
+    if target == "interpret":
+        bq, bk = min(128, pow2_at_least(tq)), min(32, pow2_at_least(tk))
+    else:
+        low = PALLAS_TRITON.min_dot_tile
+        bq, bk = (min(64, max(low, pow2_at_least(n))) for n in (tq, tk))
+    block = (1, bq, pow2_at_least(dv))
+    return KernelTiling("attention", tuple(space), block, tuple(cdiv(s, b) for s, b in zip(space, block)), (0,), bk)
+
+
 def kernel_facts(op: Op, functions: dict[str, Function]) -> TilingFacts:
     """What tiling reads of a kernel op and its callee."""
     kind, space = str(op.attr("kind")), tuple(op.attr("space"))
@@ -163,6 +180,12 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str, config: 
     ``config`` (a matmul on the ``gpu`` target), that config's tiling (checked: ValueError naming the
     bad field), its ``source`` ("cache:gpu-timed", "shipped:model", "option", ...) kept in the ``tuned``
     attribute."""
+    if op.attr("kind") == "attention":  # its own tiling (not tuned yet)
+        callee = functions[str(op.attr("callee"))]
+        tk = next(o for o in callee.ops if o.opcode == "dot").result.type.shape[-1]
+        tiling = attention_tiling(tuple(op.attr("space")), tk, target)
+        attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile", "tuned")}
+        return Op(op.opcode, op.operands, op.results, Op.make("kernel", **(attrs | tiling.as_attrs())).attrs, op.loc)
     f = kernel_facts(op, functions)
     if config is not None and target == "gpu":
         tiling = apply_config(f, config)

@@ -329,6 +329,9 @@ class _KernelLowering:
 
 def lower_kernel(op: Op, callee: Function) -> list[Function]:
     """The tile program of a tiled kernel op (first) and the bodies of its loops."""
+    if op.attr("kind") == "attention":
+        from fusec.passes.to_tile_attention import lower_attention  # it imports this module's builder
+        return lower_attention(op, callee)
     return _KernelLowering(op, callee).lower()
 
 

@@ -272,7 +272,8 @@ class FoldViews(Pass):
             dead: set[int] = set()
             replaced: dict[int, Op] = {}
             for op in func.ops:
-                if op.opcode == "kernel" and id(op) not in dead:
+                # An attention kernel addresses its arrays by labels of its own (to_tile_attention).
+                if op.opcode == "kernel" and id(op) not in dead and op.attr("kind") != "attention":
                     new, newly_dead = _fold_kernel(func, op, module.function(str(op.attr("callee"))), producers)
                     replaced[id(op)] = new
                     dead |= newly_dead

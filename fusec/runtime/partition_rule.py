@@ -10,6 +10,7 @@ shapes, given how many pieces each factor is cut into.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,8 +134,13 @@ def _op_factors(f: _Factors, op: Op) -> None:  # noqa: C901  (one case per op fa
             f.block(r)
             return
         for ga, gb in groups:
-            if len(ga) == len(gb) == 1:
+            if len(ga) == 1 or len(gb) == 1:
+                # Contiguous pieces of the outermost of merged dimensions are contiguous pieces of
+                # the merged one ([B, H] -> [B * H] splits along B): one factor, the inner
+                # dimensions whole (the rule's sizes are the gcd of a factor's extents).
                 f.union((x.name, ga[0]), (r.name, gb[0]))
+                f.block(x, ga[1:])
+                f.block(r, gb[1:])
             else:
                 f.block(x, ga)
                 f.block(r, gb)
@@ -237,6 +243,12 @@ def partition_rule(op: Op, callee: Function) -> PartitionRule | None:
     for k in f.contracted:
         if f.find(k) in roots:
             contracted.add(roots[f.find(k)])
+    # A factor splits into pieces that divide every extent it has inside the kernel too.
+    extents = {v.name: v.type.shape for v in (*callee.params, *(r for o in callee.ops for r in o.results))}
+    for k in list(f.parent):
+        root = f.find(k)
+        if root in roots and k[0] in extents:
+            sizes[roots[root]] = math.gcd(sizes[roots[root]], extents[k[0]][k[1]])
     # A factor on some dimension that is not the whole of a viewed array stays whole.
     for row in (*operands, *results):
         blocked.update(x for x in row if x.startswith(("in", "out")))
@@ -328,9 +340,10 @@ def local_kernel_op(op: Op, module: Module, rule: PartitionRule, pieces: dict[st
         want = [new_type(r) for r in o.results]
         if "shape" in attrs and o.opcode != "dequantize":
             attrs["shape"] = want[0].shape
-        if o.opcode == "slice":
-            attrs["limit"] = tuple(want[0].shape[d] if hi == o.operands[0].type.shape[d] else hi
-                                   for d, hi in enumerate(attrs["limit"]))
+        if o.opcode == "slice":  # a whole dimension stays whole in the shard (a split one is never sliced)
+            local_in = env[o.operands[0].name].type.shape
+            attrs["limit"] = tuple(local_in[d] if (lo, hi) == (0, o.operands[0].type.shape[d]) else hi
+                                   for d, (lo, hi) in enumerate(zip(attrs["start"], attrs["limit"])))
         outs = b.op_multi(o.opcode, [env[x.name] for x in o.operands], **attrs)
         if [v.type for v in outs] != want:
             raise ValueError(f"re-typing {o.opcode} gave {[str(v.type) for v in outs]}, expected {want}")
@@ -351,6 +364,13 @@ def local_kernel_op(op: Op, module: Module, rule: PartitionRule, pieces: dict[st
     anchor = _space_anchor(str(op.attr("kind")), callee, space)
     attrs = {k: v for k, v in op.attr_dict.items() if k not in ("tile", "in_views", "out_views")}
     attrs |= {"callee": local.name, "space": new_type(anchor).shape if anchor is not None else space}
+    if op.attr("kind") == "attention":  # (batch-heads, Tq, Dv) of the shard, whatever its arrays' layout
+        from fusec.passes.attention_match import match_attention
+
+        m = match_attention(local, next(o for o in local.ops if o.opcode == "dot"))
+        if m is None:
+            raise ValueError(f"kernel {callee.name}: its shard is no longer an attention")
+        attrs["space"] = (m.batch, m.tq, m.value_dim)
     if op.attr("in_views") is not None:
         attrs["in_views"] = rescale_views("in_views", rule.operands)
     if op.attr("out_views") is not None:
