@@ -281,18 +281,18 @@ class _KernelLowering:
         words, scale = self.packed_tiles(dq, b, kk, bk, bn, pids)
         lanes = 32 // fmt.bits
         bm = a.type.shape[0]
-        g = b.const(0.0, acc.type)
+        # The dots accumulate onto minus the bias times the step's activation sums (no add after).
+        sums = b.value("reduce", [b.value("convert", [a], a.type.with_elem(F32), "xf", dtype="f32")],
+                       TensorType(F32, (bm,)), "xsum", axes=(1,), kind="sum")
+        bias = b.value("mul", [sums, b.const(float(-pair_bias(fmt, dtype)), sums.type)], sums.type, "bias")
+        g = b.value("broadcast", [bias], acc.type, "g", dims=(0,), shape=acc.type.shape)
         for j in range(lanes // 2):
             x = b.value("pick_lanes", [a], a.type.with_shape((bm, 2 * bk // lanes)), "x", lanes=lanes, lane=j)
             w = b.value("unpack_pair", [words], TensorType(dq.result.type.elem, (2 * bk // lanes, bn)), "w",
                         format=str(fmt), lane=j, dtype=dtype)
             g = b.value("dot_acc", [g, x, w], acc.type, "g", lhs_t=False, rhs_t=False)
-        sums = b.value("reduce", [b.value("convert", [a], a.type.with_elem(F32), "xf", dtype="f32")],
-                       TensorType(F32, (bm,)), "xsum", axes=(1,), kind="sum")
-        bias = b.value("mul", [b.value("broadcast", [sums], acc.type, "xsum", dims=(0,), shape=acc.type.shape),
-                               b.const(float(-pair_bias(fmt, dtype)), acc.type)], acc.type, "bias")
         scales = b.value("broadcast", [scale], acc.type, "scale", dims=(0, 1), shape=acc.type.shape)
-        step = b.value("mul", [b.value("add", [g, bias], acc.type, "g"), scales], acc.type, "step")
+        step = b.value("mul", [g, scales], acc.type, "step")
         return b.value("add", [acc, step], acc.type, "acc")
 
     def packed_tiles(self, dq: Op, b: TileBuilder, kk: Value, bk: int, bn: int, pids: dict[int, Value]) -> list[Value]:
