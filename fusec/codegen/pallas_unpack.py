@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fusec.codegen.pallas_text import literal
 from fusec.ir import DType, LowBitType, Op, parse_elem_type
-from fusec.ir.tile_ops import PAIR_MAGIC
+from fusec.ir.tile_ops import pair_decode_constants
 from fusec.ir.types import WORD_BITS
 from fusec.lowprec.formats import format_of
 
@@ -81,15 +81,11 @@ def unpack_pair_source(op: Op, words: str) -> list[str]:
     codes; XOR flips their sign bits (two's complement to code + half) and sets the 16-bit float
     exponent whose mantissa they become; the halves are the two float bit patterns, interleaved
     along K (a register pair, as the matmul's operand wants it)."""
-    fmt = parse_elem_type(str(op.attr("format")))
-    assert isinstance(fmt, LowBitType)
     out = str(op.attr("dtype"))
     rows, cols = op.operands[0].type.shape
-    bits, lane = fmt.bits, int(op.attr("lane"))
-    both = (2**bits - 1) * 0x10001
-    flip = (PAIR_MAGIC[out][0] | 2 ** (bits - 1)) * 0x10001
+    shift, both, flip = pair_decode_constants(op.attr_dict)
     float_dtype = f"jnp.{DType(out).numpy_name}"
-    shifted = f"({words} >> {bits * lane})" if lane else words
+    shifted = f"({words} >> {shift})" if shift else words
     return [
         f"p = ({shifted} & {both:#x}) ^ {flip:#x}",
         f"lo = lax.bitcast_convert_type((p & 0xFFFF).astype(jnp.uint16), {float_dtype})",

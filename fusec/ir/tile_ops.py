@@ -185,6 +185,16 @@ def pair_bias(fmt: LowBitType, dtype: str) -> int:
     return PAIR_MAGIC[dtype][1] + 2 ** (fmt.bits - 1)
 
 
+def pair_decode_constants(op_attrs: Attrs) -> tuple[int, int, int]:
+    """For an ``unpack_pair`` op's attributes: the shift that brings lane ``lane`` to bit 0, the
+    mask keeping both codes of the pair (bits 0 and 16 up), and the XOR that flips their sign bits
+    and sets the 16-bit float exponent they become the mantissa of (both halves)."""
+    fmt = _elem(op_attrs, "format")
+    assert isinstance(fmt, LowBitType)
+    bits, dtype = fmt.bits, str(_elem(op_attrs, "dtype"))
+    return bits * int(op_attrs["lane"]), (2**bits - 1) * 0x10001, (PAIR_MAGIC[dtype][0] | 2 ** (bits - 1)) * 0x10001
+
+
 def _unpack_pair(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     fmt, dtype = _elem(attrs, "format"), _elem(attrs, "dtype")
     if not pair_format_ok(fmt, str(dtype)):

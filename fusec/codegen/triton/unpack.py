@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fusec.codegen.triton.text import TL_DTYPES
 from fusec.ir import DType, LowBitType, Op, parse_elem_type
-from fusec.ir.tile_ops import PAIR_MAGIC
+from fusec.ir.tile_ops import pair_decode_constants
 from fusec.ir.types import WORD_BITS
 from fusec.lowprec.formats import format_of
 
@@ -74,14 +74,10 @@ def unpack_pair_lines(op: Op, words: str, prefix: str) -> list[str]:
     lanes ``j`` and ``j + L/2`` of every word sit 16 bits apart, so one shift and one mask give both
     codes, and XOR flips their sign bits and sets the 16-bit float exponent whose mantissa they
     become; the two halves interleave along K. The last item is the decoded tile's expression."""
-    fmt = parse_elem_type(str(op.attr("format")))
-    assert isinstance(fmt, LowBitType)
     out = str(op.attr("dtype"))
     rows, cols = op.operands[0].type.shape
-    bits, lane = fmt.bits, int(op.attr("lane"))
-    both = (2**bits - 1) * 0x10001
-    flip = (PAIR_MAGIC[out][0] | 2 ** (bits - 1)) * 0x10001
-    shifted = f"({words} >> {bits * lane})" if lane else words
+    shift, both, flip = pair_decode_constants(op.attr_dict)
+    shifted = f"({words} >> {shift})" if shift else words
     half = lambda x: f"({x}).to(tl.uint16).to({TL_DTYPES[out]}, bitcast=True)"  # noqa: E731
     return [f"{prefix}p = ({shifted} & {both:#x}) ^ {flip:#x}",
             f"{prefix}lo = {half(f'{prefix}p & 0xFFFF')}",
