@@ -201,7 +201,7 @@ def _progress(items: list[Any], on: bool, what: str) -> Any:
 def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any], *, bits: int | None = None,
               budget: float | None = None, group: int | None | tuple[int | None, ...] = 128, fmt: str = "int",
               scale_dtype: str = "bf16",
-              method: str = "gptq", search: bool = True, act_order: bool = False, damp: float = 0.01,
+              method: str = "gptq", search: bool = True, act_order: bool = True, damp: float = 0.1,
               block: int = 128, widths: tuple[int, ...] = WIDTHS, where: Callable[[str, Any], bool] | None = None,
               sequential: bool = False, progress: bool = False, with_report: bool = False) -> Any:
     """``params`` with every matmul weight quantized against ``apply_fn(params, *batch)`` on
@@ -215,7 +215,10 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
     from per matrix as well); ``fmt`` int | uint | nf | lut (a table
     learned per matrix, see :mod:`codebook`), or fp with ``bits``; ``method`` "gptq" (error
     feedback) or "rtn"; ``search``: Hessian-weighted clipping search for each group's scale;
-    ``act_order``: GPTQ in decreasing input-energy order (undone offline); ``sequential``: each
+    ``act_order`` (default on): GPTQ in decreasing input-energy order (undone offline); ``damp``
+    (default 0.1): added to H's diagonal, as a fraction of its mean; calibration sets smaller than
+    a matrix's K leave H rank-deficient, and GPTQ then fits noise (on MiniLM nf4, 0.01 gave cosine
+    0.9843, 0.1 0.9867, 0.1 with act-order 0.9873); ``sequential``: each
     matrix's inputs are collected with the matrices before it already quantized (as GPTQ does
     layer by layer). ``where(path, leaf)`` narrows the matrices. With ``with_report`` returns
     ``(qparams, CalibrationReport)``. Every argument, batch and matrix is checked before any
