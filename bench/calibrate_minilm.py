@@ -127,6 +127,8 @@ def main() -> None:
     if "budget" in modes:
         run("gptq+search+act nf budget 4.25 g128", budget=4.25, fmt="nf", widths=(3, 4, 5, 6))
         run("gptq+search+act nf budget 3.25 g128", budget=3.25, fmt="nf", widths=(2, 3, 4, 5))
+        run("gptq+search+act lut budget 4.25 g128", budget=4.25, fmt="lut", widths=(3, 4, 5, 6))
+        run("gptq+search+act lut budget 3.25 g128", budget=3.25, fmt="lut", widths=(2, 3, 4, 5))
 
 
 if __name__ == "__main__":
