@@ -132,6 +132,11 @@ def test_calibrate_with_refit_is_no_worse_per_matrix() -> None:
     assert all(a.output_error <= b.output_error for a, b in zip(refit.matrices, plain.matrices))
 
 
+def test_a_learned_table_counts_in_the_stored_bits() -> None:
+    assert storage_bits(64, 16, 3, 32, "lut", "bf16") - storage_bits(64, 16, 3, 32, "nf", "bf16") == 8 * 32
+    assert storage_bits(64, 16, 3, 32, "int", "bf16") == storage_bits(64, 16, 3, 32, "nf", "bf16")
+
+
 def test_a_budget_mixes_widths_and_keeps_to_it() -> None:
     params, batches = _params(d_hidden=256), _batches()
     q, report = lowprec.calibrate(_mlp, params, batches, budget=4.0, group=32, with_report=True)

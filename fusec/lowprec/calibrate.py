@@ -76,10 +76,12 @@ class CalibrationReport:
 
 
 def storage_bits(k: int, n: int, bits: int, group: int, family: str, scale_dtype: str) -> int:
-    """Bits a [K, N] ``QuantizedArray`` stores: codes (K padded to 32), scales, zero-points."""
+    """Bits a [K, N] ``QuantizedArray`` stores: codes (K padded to 32), scales, zero-points, and for
+    a learned ``lut`` its 2^bits float32 table (the kernels' decode table; NormalFloat's is fixed)."""
     padded = -(-k // 32) * 32
     scale_bits = 8 * np.dtype(SCALE_DTYPES[scale_dtype]).itemsize
-    return padded * n * bits + (k // group) * n * (scale_bits + (8 if family == "uint" else 0))
+    table = 2**bits * 32 if family == "lut" else 0
+    return padded * n * bits + (k // group) * n * (scale_bits + (8 if family == "uint" else 0)) + table
 
 
 def _check_args(bits: int | None, budget: float | None, group: Any, fmt: str, method: str,
