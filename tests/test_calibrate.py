@@ -150,7 +150,7 @@ def test_a_budget_mixes_widths_and_keeps_to_it() -> None:
     wide = lowprec.calibrate(_mlp, params, batches, budget=5.5, group=(32, 64), widths=(4, 5, 6),
                              with_report=True)[1]
     assert wide.mean_output_error < report.mean_output_error and wide.bits_per_weight <= 5.5
-    assert "bits per weight (scales and zero-points counted)" in str(report)
+    assert "bits per weight (scales, zero-points and learned tables counted)" in str(report)
 
 
 def test_bad_input_is_named() -> None:

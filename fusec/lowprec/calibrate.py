@@ -55,7 +55,7 @@ class CalibrationReport:
 
     @property
     def bits_per_weight(self) -> float:
-        """The average over the quantized matrices, scales and zero-points counted."""
+        """The average over the quantized matrices, scales, zero-points and learned tables counted."""
         total = sum(m.weights for m in self.matrices)
         return sum(m.bits_per_weight * m.weights for m in self.matrices) / max(total, 1)
 
@@ -68,8 +68,9 @@ class CalibrationReport:
         lines += [f"{m.path:40s} {m.method:12s} {m.format:10s} {m.bits_per_weight:6.3f} {m.output_error:9.2e} "
                   f"{m.rtn_error:9.2e}" for m in self.matrices]
         lines.append(f"{len(self.matrices)} matrices, {sum(m.weights for m in self.matrices)} weights, "
-                     f"{self.bits_per_weight:.3f} bits per weight (scales and zero-points counted), mean output "
-                     f"error {self.mean_output_error:.2e} (RTN {np.mean([m.rtn_error for m in self.matrices]):.2e}), "
+                     f"{self.bits_per_weight:.3f} bits per weight (scales, zero-points and learned tables counted), "
+                     f"mean output error {self.mean_output_error:.2e} "
+                     f"(RTN {np.mean([m.rtn_error for m in self.matrices]):.2e}), "
                      f"{self.batches} calibration batches")
         lines += [f"left float: {path}: {why}" for path, why in self.left_float]
         return "\n".join(lines)
