@@ -1,6 +1,6 @@
 """Calibrated quantization on all-MiniLM-L6-v2 with its real weights (``examples/minilm.py``).
 
-    python -m bench.calibrate_minilm [table | budget]
+    python -m bench.calibrate_minilm [table | defaults | budget]
 
 Calibrates on CALIBRATION sentences, evaluates on EVALUATION sentences (disjoint, written for this
 benchmark), and prints the mean and smallest cosine between each quantized model's embeddings and
@@ -107,19 +107,28 @@ def main() -> None:
         print(f"{label:34s} {rep.bits_per_weight:6.3f} {mean:8.5f} {least:8.5f} {seconds:7.1f}", flush=True)
 
     print(f"{'method':34s} {'bpw':>6s} {'mean cos':>8s} {'min cos':>8s} {'seconds':>7s}")
-    if "budget" not in sys.argv[1:]:
+    v1 = dict(act_order=False, damp=0.01)  # the first version's defaults, for the older rows
+    modes = set(sys.argv[1:]) or {"table", "defaults", "budget"}
+    if "table" in modes:
         for b in (8, 6, 5, 4, 3):
             run(f"rtn int{b} g128", bits=b, method="rtn", search=False)
-            run(f"gptq+search int{b} g128", bits=b)
+            run(f"gptq+search d.01 int{b} g128", bits=b, **v1)
         for b in (4, 3):
             run(f"rtn+search int{b} g128", bits=b, method="rtn")
-            run(f"gptq int{b} g128", bits=b, search=False)
-            run(f"gptq+search+act int{b} g128", bits=b, act_order=True)
-            run(f"gptq+search nf{b} g128", bits=b, fmt="nf")
-            run(f"gptq+search lut{b} g128 (learned)", bits=b, fmt="lut")
-    if "table" not in sys.argv[1:]:
-        run("gptq+search nf budget 4.25 g128", budget=4.25, fmt="nf", widths=(3, 4, 5, 6))
-        run("gptq+search nf budget 3.25 g128", budget=3.25, fmt="nf", widths=(2, 3, 4, 5))
+            run(f"gptq d.01 int{b} g128", bits=b, search=False, **v1)
+            run(f"gptq+search+act d.01 int{b} g128", bits=b, act_order=True, damp=0.01)
+            run(f"gptq+search d.01 nf{b} g128", bits=b, fmt="nf", **v1)
+            run(f"gptq+search d.01 lut{b} g128 (learned)", bits=b, fmt="lut", **v1)
+    if "defaults" in modes:
+        for b in (4, 3):  # the defaults: act-order, damping 0.1
+            run(f"gptq+search+act int{b} g128", bits=b)
+            run(f"gptq+search+act nf{b} g128", bits=b, fmt="nf")
+            run(f"gptq+search+act lut{b} g128 (learned)", bits=b, fmt="lut")
+    if "budget" in modes:
+        run("gptq+search+act nf budget 4.25 g128", budget=4.25, fmt="nf", widths=(3, 4, 5, 6))
+        run("gptq+search+act nf budget 3.25 g128", budget=3.25, fmt="nf", widths=(2, 3, 4, 5))
+        run("gptq+search+act lut budget 4.25 g128", budget=4.25, fmt="lut", widths=(3, 4, 5, 6))
+        run("gptq+search+act lut budget 3.25 g128", budget=3.25, fmt="lut", widths=(2, 3, 4, 5))
 
 
 if __name__ == "__main__":

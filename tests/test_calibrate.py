@@ -14,6 +14,7 @@ from fusec.lowprec.calibrate import storage_bits
 from fusec.lowprec.gptq import gptq, output_error
 from fusec.lowprec.hessian import collect_hessians
 from fusec.lowprec.quantize import dequantize_codes
+from fusec.lowprec.refit import refit_scales
 
 
 @jax.jit
@@ -104,6 +105,38 @@ def test_act_order_codes_decode_in_natural_order() -> None:
     assert max(errs) < rtn and q.codes.shape == w.shape
 
 
+@pytest.mark.parametrize("family", ["int", "nf", "uint"])
+def test_scale_refit_keeps_codes_and_finds_the_least_squares_scales(family: str) -> None:
+    rng = np.random.default_rng(4)
+    w, x = rng.standard_normal((128, 24)), rng.standard_normal((512, 128)) * np.linspace(0.1, 3, 128)
+    h = x.T @ x
+    q = gptq(w, h, lowprec.Format(family, 3), 32, "f32")
+    r = refit_scales(w, h, q, "f32")
+    assert np.array_equal(r.codes, q.codes) and r.scales.dtype == np.float32
+    err = lambda c: output_error(w, dequantize_codes(c), h)  # noqa: E731
+    assert err(r) < err(q)
+    # A least-squares optimum: nudging any one scale up or down makes the output error larger.
+    for j, n in [(0, 0), (3, 5), (2, 23)]:
+        for f in (0.99, 1.01):
+            s = r.scales.copy()
+            s[j, n] *= f
+            assert err(r) <= err(type(r)(r.codes, s, r.zeros, r.fmt, r.group))
+
+
+def test_calibrate_with_refit_is_no_worse_per_matrix() -> None:
+    params, batches = _params(), _batches(n=1)
+    kw = dict(bits=3, group=32, with_report=True)
+    _, plain = lowprec.calibrate(_mlp, params, batches, **kw)
+    _, refit = lowprec.calibrate(_mlp, params, batches, refit=True, **kw)
+    assert all(m.method == "gptq+search+act+refit" for m in refit.matrices)
+    assert all(a.output_error <= b.output_error for a, b in zip(refit.matrices, plain.matrices))
+
+
+def test_a_learned_table_counts_in_the_stored_bits() -> None:
+    assert storage_bits(64, 16, 3, 32, "lut", "bf16") - storage_bits(64, 16, 3, 32, "nf", "bf16") == 8 * 32
+    assert storage_bits(64, 16, 3, 32, "int", "bf16") == storage_bits(64, 16, 3, 32, "nf", "bf16")
+
+
 def test_a_budget_mixes_widths_and_keeps_to_it() -> None:
     params, batches = _params(d_hidden=256), _batches()
     q, report = lowprec.calibrate(_mlp, params, batches, budget=4.0, group=32, with_report=True)
@@ -117,7 +150,7 @@ def test_a_budget_mixes_widths_and_keeps_to_it() -> None:
     wide = lowprec.calibrate(_mlp, params, batches, budget=5.5, group=(32, 64), widths=(4, 5, 6),
                              with_report=True)[1]
     assert wide.mean_output_error < report.mean_output_error and wide.bits_per_weight <= 5.5
-    assert "bits per weight (scales and zero-points counted)" in str(report)
+    assert "bits per weight (scales, zero-points and learned tables counted)" in str(report)
 
 
 def test_bad_input_is_named() -> None:

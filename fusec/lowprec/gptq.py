@@ -3,7 +3,7 @@
 A weight W [K, N] (K the contracted axis, as ``QuantizedArray`` packs it) with input statistics
 H = X^T X [K, K] is quantized one row k at a time; each row's rounding error is spread over the
 rows not yet quantized through the Cholesky factor of H^-1, so the layer's output X W moves as
-little as possible. Damping (a fraction of H's mean diagonal), lazy blocked updates, and optional
+little as possible. Damping (a fraction of H's mean diagonal, 0.1 by default), lazy blocked updates, and optional
 act-order (rows in decreasing H_kk; group scales are then fixed up front from the original
 weight, and the codes are put back in natural row order, so the stored weight needs no
 permutation). Scales are chosen per group and column by a grid search over clipping ratios that
@@ -96,7 +96,7 @@ def rtn(w: np.ndarray, h: np.ndarray, fmt: Format, group: int, scale_dtype: str 
 
 
 def gptq(w: np.ndarray, h: np.ndarray, fmt: Format, group: int, scale_dtype: str = "bf16", *,
-         damp: float = 0.01, block: int = 128, act_order: bool = False, search: bool = True) -> QuantizedCodes:
+         damp: float = 0.1, block: int = 128, act_order: bool = False, search: bool = True) -> QuantizedCodes:
     """GPTQ of ``w`` [K, N] given H = X^T X [K, K]; ``group`` divides K."""
     w = np.asarray(w, np.float64)
     k, n = w.shape
