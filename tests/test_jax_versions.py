@@ -163,3 +163,25 @@ def test_call_triton_kernel_lowers_for_cuda_or_says_why_not() -> None:
             lowering_platforms=("cuda",))
     calls = [line for line in lowered.as_text().splitlines() if "custom_call @triton_kernel_call" in line]
     assert len(calls) == 1, lowered.as_text()
+
+
+def test_a_failed_jax_triton_import_leaves_triton_cache_dir_as_it_was(monkeypatch, tmp_path) -> None:
+    """jax-triton 0.3 clears TRITON_CACHE_DIR on import and then fails on a CPU-only jaxlib; every
+    later Triton compile in the process would then fail ("Could not create or locate cache dir")."""
+    import importlib.abc
+    import os
+    import sys
+
+    class ClearsThenFails(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "jax_triton":
+                os.environ["TRITON_CACHE_DIR"] = ""
+                raise ImportError("no GPU kernel-call library")
+            return None
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.delitem(sys.modules, "jax_triton", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [ClearsThenFails(), *sys.meta_path])
+    with pytest.raises(ImportError):
+        jax_internals.load_jax_triton()
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path)

@@ -87,13 +87,14 @@ def load_jax_triton() -> ModuleType:
     :func:`gpu_lowering_target`'s sm_90 instead of asking a device. Raises ImportError where
     jax-triton cannot load (a CPU-only jaxlib without the CUDA plugin, for jax-triton 0.3)."""
     cache_dir = os.environ.get("TRITON_CACHE_DIR")
-    import jax_triton
-    from jax_triton import triton_lib
-
-    if cache_dir is None:
-        os.environ.pop("TRITON_CACHE_DIR", None)
-    else:
-        os.environ["TRITON_CACHE_DIR"] = cache_dir
+    try:
+        import jax_triton
+        from jax_triton import triton_lib
+    finally:  # put back even when the import fails (it may clear the variable before failing)
+        if cache_dir is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = cache_dir
     primitive = triton_lib.triton_kernel_call_p
     rule = pe.dce_rules.get(primitive)
     if DCE_RULES_TAKE_LIVE_INPUTS and rule is not None and len(inspect.signature(rule).parameters) == 2:
