@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
+from fusec.errors import FusecError
 from fusec.ir import Module, Op
 from fusec.passes.tiling import tile_kernel_op, tuned_config
 
@@ -26,3 +29,21 @@ def gpu_tiled_op(op: Op, module: Module) -> Op:
     functions = {f.name: f for f in module.functions}
     found = tuned_config(op, functions, gpu_device_name())
     return tile_kernel_op(op, functions, "gpu", *found) if found else tile_kernel_op(op, functions, "gpu")
+
+
+def gpu_builder_for(build: Callable[[Op, Module, bool], Any], op: Op, module: Module) -> Callable[[], Any]:
+    """A kernel spec's ``gpu_builder``: ``build`` (a backend's ``build_kernel``) on the op's GPU
+    tiling; None when a folded view those blocks cannot address (lowering keeps the interpreter)."""
+
+    def gpu_builder() -> Any:
+        try:
+            return build(gpu_tiled_op(op, module), module, False)
+        except FusecError:
+            return None
+
+    return gpu_builder
+
+
+def commented_program(text: str) -> str:
+    """A tile program's text as comment lines: what heads a kernel's generated source."""
+    return "".join(f"# {line}\n".replace("# \n", "#\n") for line in text.splitlines()) + "\n"

@@ -10,14 +10,13 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from fusec.codegen.device import gpu_tiled_op
+from fusec.codegen.device import commented_program, gpu_builder_for
 from fusec.codegen.kernel_spec import KernelSpec, kernel_reference
 from fusec.codegen.pallas_body import BodyWriter
 from fusec.codegen.pallas_refs import RefPlan, access_source, identifier, plan_refs
 from fusec.codegen.pallas_special import SPECIAL_FUNCTIONS, SPECIAL_SOURCE
 from fusec.codegen.pallas_text import jnp_dtype
 from fusec.codegen.xla import Evaluator
-from fusec.errors import FusecError
 from fusec.ir import Function, KernelTiling, Module, Op, Value, print_function
 from fusec.ir.tile_ops import ACCESS_OPS
 from fusec.passes.to_tile import lower_kernel
@@ -157,19 +156,13 @@ def build_kernel(op: Op, module: Module, interpret: bool, programs: list[Functio
     ident = "k_" + identifier(name)
     text = "\n\n".join(print_function(f) for f in programs)
     # The tile program heads the source as a comment: what the code below was generated from.
-    source = "".join(f"# {line}\n".replace("# \n", "#\n") for line in text.splitlines()) + "\n" + \
-        generate_source(op, programs, ident)
+    source = commented_program(text) + generate_source(op, programs, ident)
     filename = f"<fusec kernel {name}{'' if interpret else ' gpu'}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace: dict[str, Any] = {}
     exec(compile(source, filename, "exec"), namespace)
 
-    def gpu_builder() -> KernelSpec | None:
-        try:
-            return build_kernel(gpu_tiled_op(op, module), module, False)
-        except FusecError:
-            return None  # a folded view these blocks cannot address: lowering keeps the interpreter
-
+    gpu_builder = gpu_builder_for(build_kernel, op, module)
     return KernelSpec(name, "pallas", source, text, tuple(v.type for v in op.operands),
                       tuple(r.type for r in op.results), namespace[ident], kernel_reference(op, module), interpret,
                       masked_refs(source, ident), gpu_builder if interpret else None, op=op, module=module)

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 
 from fusec.codegen import pallas
-from fusec.codegen.device import gpu_tiled_op
+from fusec.codegen.device import commented_program, gpu_builder_for
 from fusec.codegen.kernel_spec import KernelSpec, kernel_reference
 from fusec.codegen.pallas_refs import identifier
 from fusec.codegen.triton.kernel import ArraySig, TritonKernel
 from fusec.codegen.triton.source import generate_kernel, kernel_text
-from fusec.errors import FusecError, Unsupported
+from fusec.errors import Unsupported
 from fusec.ir import Function, Module, Op
 
 _GPU_CALL: list[Callable[..., list[Any]]] = []
@@ -71,14 +71,9 @@ def build_kernel(op: Op, module: Module, interpret: bool, programs: list[Functio
                           spec.run, spec.reference, spec.interpret, spec.masked_refs, spec.gpu_builder,
                           op=op, module=module)
     # The tile program heads the source as a comment: what the kernel was generated from.
-    source = "".join(f"# {line}\n".replace("# \n", "#\n") for line in text.splitlines()) + "\n" + kernel.source
+    source = commented_program(text) + kernel.source
 
-    def gpu_builder() -> KernelSpec | None:
-        try:
-            return build_kernel(gpu_tiled_op(op, module), module, False)
-        except FusecError:
-            return None  # a folded view these blocks cannot address: lowering keeps the interpreter
-
+    gpu_builder = gpu_builder_for(build_kernel, op, module)
     return KernelSpec(name, "triton", source, text, tuple(v.type for v in op.operands),
                       tuple(r.type for r in op.results), _runner(kernel), kernel_reference(op, module), interpret,
                       masked_arrays(programs), gpu_builder if interpret else None, op=op, module=module,
