@@ -12,7 +12,8 @@ from fusec.ir import Module
 from fusec.passes import Pass, parse_pipeline
 from fusec.passes.tiling import Tile
 
-DEFAULT_PIPELINE: tuple[str, ...] = ("inline", "canonicalize", "fold-constants", "cse", "dce")
+# fold-input-transforms: x @ (T . deq(Q)) -> (x T) @ deq(Q), before canonicalize folds the transposes.
+DEFAULT_PIPELINE: tuple[str, ...] = ("inline", "fold-input-transforms", "canonicalize", "fold-constants", "cse", "dce")
 # Kernel backends add fusion and tiling (with the tile target chosen by where kernels run).
 # split-epilogue moves skinny low-bit matmuls' epilogues out (so their K loop can split across
 # programs); the second fuse makes those epilogues kernels of their own.

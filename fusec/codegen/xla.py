@@ -166,6 +166,14 @@ def _dequantize(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
                             dtype=numpy_dtype(op.result.type.elem).name, has_zeros=t.zero_point)]
 
 
+@emits("input_transform")
+def _input_transform(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
+    from fusec.lowprec.transform import apply_transform
+
+    return [apply_transform(args[0], args[1] if len(args) > 1 else None, block=int(op.attr("block")),
+                            axis=int(op.attr("axis")), side=str(op.attr("side")))]
+
+
 @emits("iota")
 def _iota(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
     out = op.result.type

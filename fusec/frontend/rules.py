@@ -350,6 +350,14 @@ def _dequantize(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
     return [ctx.builder.op("dequantize", ins, **attrs)]
 
 
+@register("fusec_input_transform")
+def _input_transform(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
+    """A quantized matrix's input transform W = T . deq(Q) (weight side); the pass
+    fold-input-transforms moves it onto the other operand of the matmuls reading W."""
+    return [ctx.builder.op("input_transform", ins, block=int(eqn.params["block"]), axis=int(eqn.params["axis"]),
+                           side="weight")]
+
+
 def literal_value(value: Any) -> int | float | bool | None:
     """A Python scalar for a concrete size-1 array, or None when it is not one IR can hold."""
     try:

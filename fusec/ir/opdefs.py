@@ -221,6 +221,26 @@ def _dequantize(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     return [out]
 
 
+def _input_transform(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    """x T along ``axis`` (side "input") or T x (side "weight"), T = diag(scale) . B(block) with B
+    block-Hadamard (block 0: none); operand 1, when present, is the [K] scale."""
+    x = types[0]
+    axis, block, side = attrs["axis"], attrs["block"], attrs["side"]
+    if side not in ("input", "weight"):
+        raise TypeRuleError(f"side={side!r} is not 'input' or 'weight'")
+    if not isinstance(axis, int) or not 0 <= axis < x.rank:
+        raise TypeRuleError(f"axis={axis!r} is not an axis of rank {x.rank}", 0)
+    k = x.shape[axis]
+    if not isinstance(block, int) or block < 0 or block & (block - 1) or (block and k % block):
+        raise TypeRuleError(f"block={block!r} is not 0 or a power of two dividing size {k}", 0)
+    if not (isinstance(x.elem, DType) and x.elem.is_float):
+        raise TypeRuleError(f"has type {x}, expected a floating-point tensor", 0)
+    float_vector = len(types) < 2 or (isinstance(types[1].elem, DType) and types[1].elem.is_float)
+    if len(types) == 2 and (types[1].shape != (k,) or not float_vector):
+        raise TypeRuleError(f"scale has type {types[1]}, expected a float vector [{k}]", 1)
+    return [x]
+
+
 REDUCE_KINDS = ("sum", "prod", "max", "min", "and", "or", "xor")
 
 
@@ -314,6 +334,7 @@ _define("reduce", 1, 1, ("kind", "axes"), _reduce, "reduce")
 _define("argmax argmin", 1, 1, ("axes", "index_dtype"), _arg_reduce, "reduce")
 _define("dot", 2, 2, ("lhs_t", "rhs_t", "out_dtype"), _dot, "contract")
 _define("dequantize", 1, None, ("format", "shape", "dtype"), _dequantize, "dequantize")
+_define("input_transform", 1, 2, ("block", "axis", "side"), _input_transform, "transform")
 _define("iota", 0, 0, ("dtype", "shape", "dimension"), _iota, "source")
 _define("constant", 0, 0, ("value", "dtype", "shape"), _constant, "source")
 _define("call", 0, None, ("callee",), None, "call")

@@ -22,6 +22,8 @@ from jax.interpreters import ad, batching, mlir
 from fusec.lowprec.formats import FLOAT_LAYOUTS, Format
 from fusec.lowprec.packing import WORD_BITS, pack, plane_widths
 from fusec.lowprec.quantize import SCALE_DTYPES, QuantizedCodes, quantize_codes
+from fusec.lowprec.rotate import InputTransform, check_block
+from fusec.lowprec.transform import bind_transform
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,11 @@ class QuantizedArray:
     """A weight stored as packed b-bit codes (uint32 planes), scales and zero-points, grouped along
     the axes its matmuls contract (``contract``: axis 1 of a matrix, or leading axes). ``shape`` is
     the weight's own; the codes are laid out [K, N] with K the contracted axes (a matrix transposed
-    when ``contract`` is (1,); a 3-D or 4-D weight reshaped)."""
+    when ``contract`` is (1,); a 3-D or 4-D weight reshaped).
+
+    A matrix may carry an exact input transform W = T . deq(Q) (:mod:`rotate`), T = diag(``in_scale``)
+    . B(``rotate_block``) [K, K] with B block-Hadamard (0: none) and ``in_scale`` a [K] vector or
+    None; fused programs compute x @ W as (x T) @ deq(Q)."""
 
     planes: tuple[Any, ...]
     scales: Any
@@ -65,18 +71,40 @@ class QuantizedArray:
     shape: tuple[int, int]
     dtype: Any  # the dtype dequantization produces
     contract: tuple[int, ...] = (0,)
+    in_scale: Any | None = None
+    rotate_block: int = 0
+
+    def _code_leaves(self) -> tuple[Any, ...]:
+        return (*self.planes, self.scales) + ((self.zeros,) if self.zeros is not None else ())
 
     def tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        children = (*self.planes, self.scales) + ((self.zeros,) if self.zeros is not None else ())
+        children = self._code_leaves() + ((self.in_scale,) if self.in_scale is not None else ())
         return children, (len(self.planes), self.zeros is not None, self.fmt, self.group, self.shape,
-                          np.dtype(self.dtype).name, self.contract)
+                          np.dtype(self.dtype).name, self.contract, self.in_scale is not None, self.rotate_block)
 
     @classmethod
     def tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> QuantizedArray:
-        n_planes, has_zeros, fmt, group, shape, dtype, contract = aux
+        n_planes, has_zeros, fmt, group, shape, dtype, contract, has_scale, block = aux
         planes = tuple(children[:n_planes])
         zeros = children[n_planes + 1] if has_zeros else None
-        return cls(planes, children[n_planes], zeros, fmt, group, shape, jnp.dtype(dtype), contract)
+        scale = children[n_planes + 1 + int(has_zeros)] if has_scale else None
+        return cls(planes, children[n_planes], zeros, fmt, group, shape, jnp.dtype(dtype), contract, scale, block)
+
+    @property
+    def transformed(self) -> bool:
+        """Whether the weight carries an input transform (a rotation and/or input-channel scale)."""
+        return self.in_scale is not None or self.rotate_block != 0
+
+    def __repr__(self) -> str:
+        k, n = self.packed_shape
+        t = []
+        if self.rotate_block:
+            t.append(f"hadamard{self.rotate_block}")
+        if self.in_scale is not None:
+            t.append("in_scale")
+        name = f"{self.fmt.family}{self.fmt.bits}g{self.group}"
+        return (f"QuantizedArray({name}, shape={list(self.shape)}, contract={list(self.contract)}"
+                + (f", transform={'+'.join(t)}" if t else "") + ")")
 
     @property
     def packed_shape(self) -> tuple[int, int]:
@@ -85,16 +113,18 @@ class QuantizedArray:
 
     @property
     def nbytes(self) -> int:
-        leaves = [*self.planes, self.scales] + ([self.zeros] if self.zeros is not None else [])
-        return int(sum(np.asarray(x).nbytes for x in leaves))
+        return int(sum(np.asarray(x).nbytes for x in self.tree_flatten()[0]))
 
     def dequantize(self) -> jax.Array:
         # A transpose of the [K, N] values: matmuls contracting axis 1 then read [K, N] directly
         # (canonicalize folds the transposes into the dot), so the fused kernel still unpacks them.
-        values = dequantize_p.bind(*self.tree_flatten()[0], **_params(self))
+        values = dequantize_p.bind(*self._code_leaves(), **_params(self))
         if self.contract == (1,):
-            return values.T
-        return values.reshape(self.shape) if len(self.shape) != 2 else values
+            values = values.T
+        elif len(self.shape) != 2:
+            values = values.reshape(self.shape)
+        # The transform acts on the contracted axis as the user's code reads it (W itself, exactly).
+        return bind_transform(values, self.in_scale, self.rotate_block, self.contract[0])
 
 
 def packed_shape(shape: tuple[int, ...], contract: tuple[int, ...]) -> tuple[int, int]:
@@ -198,12 +228,25 @@ def _quantize_leaf(path: str, w: Any, spec: QuantSpec, contract: tuple[int, ...]
     return from_codes(q, arr.shape, arr.dtype, contract)
 
 
-def from_codes(q: QuantizedCodes, shape: tuple[int, ...], dtype: Any, contract: tuple[int, ...]) -> QuantizedArray:
-    """The ``QuantizedArray`` holding codes [K, N] (packed layout) of a weight of ``shape``."""
+def from_codes(q: QuantizedCodes, shape: tuple[int, ...], dtype: Any, contract: tuple[int, ...],
+               transform: InputTransform | None = None, path: str = "the weight") -> QuantizedArray:
+    """The ``QuantizedArray`` holding codes [K, N] (packed layout) of a weight of ``shape``; with
+    ``transform`` (a matrix only) it stands for T . deq(codes). Raises ValueError naming ``path``."""
     packed = pack(q.codes, q.fmt.bits)
+    scale, block = None, 0
+    if transform is not None and not transform.is_identity:
+        k = packed_shape(tuple(shape), contract)[0]
+        if len(shape) != 2:
+            raise ValueError(f"{path}: an input transform needs a matrix, got shape {list(shape)}")
+        check_block(k, transform.block, path)
+        block = transform.block
+        if transform.scale is not None:
+            scale = jnp.asarray(transform.scale)
+            if scale.shape != (k,):
+                raise ValueError(f"{path}: in_scale has shape {list(scale.shape)}, expected [{k}]")
     return QuantizedArray(tuple(jnp.asarray(p) for p in packed.planes), jnp.asarray(q.scales),
                           None if q.zeros is None else jnp.asarray(q.zeros), q.fmt, q.group, tuple(shape),
-                          jnp.dtype(dtype), contract)
+                          jnp.dtype(dtype), contract, scale, block)
 
 
 @dataclass(frozen=True)
@@ -315,4 +358,6 @@ def report(params: Any, qparams: Any) -> dict[str, dict[str, float]]:
             "max_abs_error": float(np.max(np.abs(d - w))),
             "rms_rel_error": float(np.sqrt(np.mean((d - w) ** 2))) / scale,
         }
+        if q.transformed:  # W = T . deq(Q): the Hadamard block (0: none) and whether T scales inputs
+            out[_path_name(path)] |= {"rotate_block": float(q.rotate_block), "in_scale": float(q.in_scale is not None)}
     return out

@@ -8,6 +8,7 @@ from fusec.passes import (  # noqa: F401  (registers the passes)
     fold_constants,
     fusion,
     inline,
+    input_transform,
     sink_reshapes,
     split_epilogue,
     tiling,
