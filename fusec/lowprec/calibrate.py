@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
 import numpy as np
 
+from fusec.lowprec.awq import check_transform_args, transform_inputs
 from fusec.lowprec.codebook import learn_table
 from fusec.lowprec.formats import Format
 from fusec.lowprec.gptq import gptq, output_error, rtn
@@ -27,6 +28,7 @@ from fusec.lowprec.hessian import Hessian, HessianCollector
 from fusec.lowprec.qarray import QuantSpec, from_codes, packed_shape
 from fusec.lowprec.quantize import SCALE_DTYPES, QuantizedCodes, dequantize_codes
 from fusec.lowprec.refit import refit_scales
+from fusec.lowprec.rotate import InputTransform
 
 METHODS = ("gptq", "rtn")
 WIDTHS = (2, 3, 4, 5, 6, 7, 8)
@@ -165,18 +167,19 @@ def _one(w: np.ndarray, h: np.ndarray, bits: int, group: int | None, fmt: str, s
     return q, output_error(w, dequantize_codes(q), h), storage_bits(*w.shape, bits, g, fmt, scale_dtype)
 
 
-def _with_values(leaves: list[Any], index: int, contract: tuple[int, ...], q: QuantizedCodes) -> list[Any]:
-    """``leaves`` with leaf ``index`` replaced by the float values of its codes."""
+def _with_values(leaves: list[Any], index: int, contract: tuple[int, ...], q: QuantizedCodes,
+                 transform: InputTransform | None = None) -> list[Any]:
+    """``leaves`` with leaf ``index`` replaced by the float values of its codes (T . deq(Q))."""
     leaf = leaves[index]
-    values = dequantize_codes(q)
+    values = dequantize_codes(q) if transform is None else transform.apply(dequantize_codes(q))
     out = list(leaves)
     out[index] = jax.numpy.asarray(values.T if contract == (1,) else values.reshape(np.shape(leaf)), leaf.dtype)
     return out
 
 
 def _model_gains(apply_fn: Callable[..., Any], params: Any, batches: list[Any],
-                 where: list[tuple[int, tuple[int, ...]]], probes: list[tuple[QuantizedCodes, float, int]]
-                 ) -> list[float]:
+                 where: list[tuple[int, tuple[int, ...], InputTransform | None]],
+                 probes: list[tuple[QuantizedCodes, float, int]]) -> list[float]:
     """Per matrix, the squared error of the model's outputs on ``batches`` with only that matrix
     quantized (its ``probes`` codes), per unit of its own relative output error: how much its error
     matters downstream, so widths go where the model's output gains most."""
@@ -185,8 +188,8 @@ def _model_gains(apply_fn: Callable[..., Any], params: Any, batches: list[Any],
     batches = [b if isinstance(b, tuple) else (b,) for b in batches]
     reference = [run(params, *b) for b in batches]
     gains = []
-    for (index, contract), (q, rel, _) in zip(where, probes):
-        probe = jax.tree.unflatten(treedef, _with_values(leaves, index, contract, q))
+    for (index, contract, transform), (q, rel, _) in zip(where, probes):
+        probe = jax.tree.unflatten(treedef, _with_values(leaves, index, contract, q, transform))
         err = sum(float(np.sum((np.asarray(o, np.float64) - np.asarray(r, np.float64)) ** 2))
                   for b, ref in zip(batches, reference) for o, r in zip(run(probe, *b), ref))
         gains.append(err / max(rel, 1e-30))
@@ -211,7 +214,8 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
               method: str = "gptq", search: bool = True, act_order: bool = True, damp: float = 0.1,
               block: int = 128, refit: bool = False, widths: tuple[int, ...] = WIDTHS,
               where: Callable[[str, Any], bool] | None = None, sequential: bool = False, progress: bool = False,
-              with_report: bool = False) -> Any:
+              with_report: bool = False, rotate: str | None = None, rotate_block: int = 128,
+              awq: bool = False) -> Any:
     """``params`` with every matmul weight quantized against ``apply_fn(params, *batch)`` on
     ``batches`` (tuples of the arguments after ``params``; a non-tuple is the one argument).
 
@@ -229,11 +233,15 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
     0.9843, 0.1 0.9867, 0.1 with act-order 0.9873); ``refit`` (GPTQ only): each group's scale
     refitted by least squares given its codes (:mod:`refit`; on MiniLM +0.0001 at nf4, +0.0008 at
     nf3); ``sequential``: each matrix's inputs are collected with the matrices before it already quantized (as GPTQ does
-    layer by layer). ``where(path, leaf)`` narrows the matrices. With ``with_report`` returns
+    layer by layer). ``rotate="hadamard"`` (block ``rotate_block``, random signs) and ``awq``
+    (activation-aware input-channel scales, alpha searched per matrix) quantize T^-1 W against
+    T^T H T and store T in the ``QuantizedArray`` (:mod:`awq`, :mod:`rotate`), exactly undone.
+    ``where(path, leaf)`` narrows the matrices. With ``with_report`` returns
     ``(qparams, CalibrationReport)``. Every argument, batch and matrix is checked before any
     weight is quantized; errors raise ``ValueError``.
     """
     _check_args(bits, budget, group, fmt, method, scale_dtype, tuple(widths))
+    check_transform_args(rotate, rotate_block, awq)
     batch_list = list(batches)
     collector = HessianCollector(apply_fn, params, batch_list, where)
     skipped = dict(collector.skipped)
@@ -261,6 +269,16 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
         if unread:
             raise ValueError(f"where selects {unread}, but no matmul reads them, so there is nothing to "
                              "calibrate them on; leave them out or use lowprec.quantize")
+    transforms: dict[str, InputTransform] = {}
+    t_names: dict[str, str] = {}
+    originals = {path: (w, hess.h) for path, hess, w in chosen}
+    if rotate is not None or awq:  # from here on W means T^-1 W and H means T^T H T
+        target = bits if bits is not None else int(np.clip(round(budget or 4), min(widths), max(widths)))
+        chosen, transforms, t_names = transform_inputs(
+            chosen, {p: np.shape(leaves[by_path[p]][1]) for p, _, _ in chosen}, rotate=rotate,
+            rotate_block=rotate_block, awq=awq, fmt=fmt, bits=target, group=group, scale_dtype=scale_dtype)
+        collector.hessians.update({p: hess for p, hess, _ in chosen})
+    extra = {p: 0 if t.scale is None else t.scale.size * t.scale.dtype.itemsize * 8 for p, t in transforms.items()}
     args = (scale_dtype, method, search, act_order, damp, block, refit)
     picks = {path: (bits, group) for path, _, _ in chosen}
     first: dict[str, tuple[QuantizedCodes, float, int]] = {}
@@ -272,9 +290,9 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
         # Each matrix's effect on the model is probed at the option nearest the budget.
         probes = [r[min(range(len(r)), key=lambda i: abs(r[i][2] / w.size - budget))]
                   for r, (_, _, w) in zip(results, chosen)]
-        gains = _model_gains(apply_fn, params, batch_list, [(by_path[p], hess.contract) for p, hess, _ in chosen],
-                             probes)
-        picked = _allocate([[c for _, _, c in r] for r in results],
+        gains = _model_gains(apply_fn, params, batch_list,
+                             [(by_path[p], hess.contract, transforms.get(p)) for p, hess, _ in chosen], probes)
+        picked = _allocate([[c + extra.get(path, 0) for _, _, c in r] for r, (path, _, _) in zip(results, chosen)],
                            [[gain * e for _, e, _ in r] for gain, r in zip(gains, results)], budget * total_weights)
         if picked is None:
             least = sum(min(c for _, _, c in r) for r in results) / total_weights
@@ -291,6 +309,7 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
         hs = collector.hessians
         if sequential and stage != stages[0]:
             hs = collector.collect(jax.tree_util.tree_unflatten(treedef, current))
+            hs = {p: replace(x, h=transforms[p].hessian(x.h)) if p in transforms else x for p, x in hs.items()}
         for path, hess, w in [c for c in chosen if collector.stages.get(c[0], 0) == stage]:
             done += 1
             _say(progress, f"quantize {done}/{len(chosen)} {path}", done == len(chosen))
@@ -298,17 +317,20 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
             q, err, cost = first[path] if path in first and h is hess.h else _one(w, h, *picks[path], fmt,
                                                                                    *args)
             final[path] = (q, err, cost, h)
-            current = _with_values(current, by_path[path], hess.contract, q)
+            current = _with_values(current, by_path[path], hess.contract, q, transforms.get(path))
     report_rows = []
     for path, hess, w in chosen:
         q, err, cost, h = final[path]
         leaf = leaves[by_path[path]][1]
-        out[by_path[path]] = from_codes(q, np.shape(leaf), leaf.dtype, hess.contract)
-        rtn_q = rtn(w, h, q.fmt, q.group, scale_dtype)
+        out[by_path[path]] = from_codes(q, np.shape(leaf), leaf.dtype, hess.contract, transforms.get(path), path)
+        # RTN of the untransformed weight, for comparison (on the float model's inputs when transformed)
+        w0, h0 = originals[path] if path in transforms else (w, h)
+        rtn_q = rtn(w0, h0, q.fmt, q.group, scale_dtype)
         name = f"{q.fmt.family}{q.fmt.bits}g{q.group}"
-        report_rows.append(MatrixResult(path, _method_name(method, search, act_order, sequential, refit), name,
-                                        q.fmt.bits, w.size, cost / w.size, err,
-                                        output_error(w, dequantize_codes(rtn_q), h)))
+        report_rows.append(MatrixResult(path, _method_name(method, search, act_order, sequential, refit)
+                                        + t_names.get(path, ""), name, q.fmt.bits, w.size,
+                                        (cost + extra.get(path, 0)) / w.size, err,
+                                        output_error(w0, dequantize_codes(rtn_q), h0)))
     qparams = jax.tree_util.tree_unflatten(treedef, out)
     if with_report:
         return qparams, CalibrationReport(tuple(report_rows), left, len(batch_list))
