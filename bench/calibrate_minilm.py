@@ -1,11 +1,12 @@
 """Calibrated quantization on all-MiniLM-L6-v2 with its real weights (``examples/minilm.py``).
 
-    python -m bench.calibrate_minilm [table | defaults | budget]
+    python -m bench.calibrate_minilm [table | defaults | budget | rotate | rotate-budget]
 
 Calibrates on CALIBRATION sentences, evaluates on EVALUATION sentences (disjoint, written for this
 benchmark), and prints the mean and smallest cosine between each quantized model's embeddings and
 the float model's, with the average bits per weight over the 36 encoder matrices (scales counted)
-and the calibration time. Embeddings are computed with ``jax.jit`` on the dequantized weights (the
+and the calibration time; the ``rotate`` modes add the mean cosine on ``minilm.SENTENCES`` and on
+OTHER (16 more sentences, in neither set). Embeddings are computed with ``jax.jit`` on the dequantized weights (the
 reference decoder; the fused kernels match it, see tests/test_calibrate.py).
 """
 
@@ -76,6 +77,25 @@ EVALUATION = (
     "Doctors warn that the flu season could be severe this year.",
 )
 
+OTHER = (
+    "The children laughed as the clown juggled five oranges.",
+    "Interest in electric bicycles has grown quickly in European cities.",
+    "A heavy fog delayed dozens of flights at the airport this morning.",
+    "The painter mixed blue and yellow to get the right shade of green.",
+    "Is it safe to drink tap water in this part of the country?",
+    "The farmer harvested the wheat before the autumn rains arrived.",
+    "Our neighbours adopted a puppy from the local animal shelter.",
+    "The professor explained the theory of relativity with a simple drawing.",
+    "Thousands of fans queued overnight to buy tickets for the concert.",
+    "The bakery on the corner sells the best croissants in town.",
+    "A small boat capsized near the island, but everyone was rescued.",
+    "The new phone has a larger screen and a faster processor.",
+    "Volunteers planted five hundred trees along the river.",
+    "The chess champion resigned after a surprising blunder in the endgame.",
+    "My flight was cancelled, so I spent the night at the airport hotel.",
+    "The documentary follows a family of elephants across the savanna.",
+)
+
 
 def batches(sentences: tuple[str, ...], size: int = 8) -> list[tuple[jax.Array, jax.Array]]:
     import minilm
@@ -106,9 +126,10 @@ def main() -> None:
         rows.append((label, rep.bits_per_weight, mean, least, seconds))
         print(f"{label:34s} {rep.bits_per_weight:6.3f} {mean:8.5f} {least:8.5f} {seconds:7.1f}", flush=True)
 
-    print(f"{'method':34s} {'bpw':>6s} {'mean cos':>8s} {'min cos':>8s} {'seconds':>7s}")
     v1 = dict(act_order=False, damp=0.01)  # the first version's defaults, for the older rows
     modes = set(sys.argv[1:]) or {"table", "defaults", "budget"}
+    if modes & {"table", "defaults", "budget"}:
+        print(f"{'method':34s} {'bpw':>6s} {'mean cos':>8s} {'min cos':>8s} {'seconds':>7s}")
     if "table" in modes:
         for b in (8, 6, 5, 4, 3):
             run(f"rtn int{b} g128", bits=b, method="rtn", search=False)
@@ -124,11 +145,42 @@ def main() -> None:
             run(f"gptq+search+act int{b} g128", bits=b)
             run(f"gptq+search+act nf{b} g128", bits=b, fmt="nf")
             run(f"gptq+search+act lut{b} g128 (learned)", bits=b, fmt="lut")
+    if modes & {"rotate", "rotate-budget"}:
+        rotate_rows(minilm, params, cal, modes)
     if "budget" in modes:
         run("gptq+search+act nf budget 4.25 g128", budget=4.25, fmt="nf", widths=(3, 4, 5, 6))
         run("gptq+search+act nf budget 3.25 g128", budget=3.25, fmt="nf", widths=(2, 3, 4, 5))
         run("gptq+search+act lut budget 4.25 g128", budget=4.25, fmt="lut", widths=(3, 4, 5, 6))
         run("gptq+search+act lut budget 3.25 g128", budget=3.25, fmt="lut", widths=(2, 3, 4, 5))
+
+
+VARIANTS = (("", {}), ("+rot", dict(rotate="hadamard")), ("+awq", dict(awq=True)),
+            ("+rot+awq", dict(rotate="hadamard", awq=True)))
+
+
+def rotate_rows(minilm, params, cal, modes: set[str]) -> None:
+    """Rotations (block 128) and AWQ against plain RTN and GPTQ, on three sentence sets."""
+    sets = [minilm.tokenize(s) for s in (EVALUATION, minilm.SENTENCES, OTHER)]
+    print(f"{'method':40s} {'bpw':>6s} {'eval':>8s} {'min':>8s} {'SENT.':>8s} {'other':>8s} {'seconds':>7s}")
+
+    def run(label: str, **kw) -> None:
+        t = time.perf_counter()
+        q, rep = lowprec.calibrate(minilm.encode, params, cal, with_report=True, **kw)
+        seconds = time.perf_counter() - t
+        (mean, least), (sent, _), (other, _) = (cosines(minilm.encode, params, q, *s) for s in sets)
+        print(f"{label:40s} {rep.bits_per_weight:6.3f} {mean:8.5f} {least:8.5f} {sent:8.5f} {other:8.5f} "
+              f"{seconds:7.1f}", flush=True)
+
+    if "rotate" in modes:
+        for fmt in ("int", "nf"):
+            for b in (4, 3):
+                for name, kw in VARIANTS:
+                    run(f"rtn{name} {fmt}{b} g128", bits=b, fmt=fmt, method="rtn", search=False, **kw)
+                    run(f"gptq+search+act{name} {fmt}{b} g128", bits=b, fmt=fmt, **kw)
+    if "rotate-budget" in modes:
+        for name, kw in VARIANTS:
+            run(f"gptq+search+act{name} nf budget 4.25", budget=4.25, fmt="nf", widths=(3, 4, 5, 6), **kw)
+            run(f"gptq+search+act{name} lut budget 3.25", budget=3.25, fmt="lut", widths=(2, 3, 4, 5), **kw)
 
 
 if __name__ == "__main__":

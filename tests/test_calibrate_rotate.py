@@ -11,6 +11,7 @@ import pytest
 
 import fusec
 from fusec import lowprec
+from fusec.ir import parse_module, print_module, verify_module
 from fusec.lowprec.qarray import from_codes
 from fusec.lowprec.quantize import dequantize_codes, quantize_codes
 from fusec.lowprec.rotate import InputTransform, hadamard, random_signs
@@ -94,6 +95,9 @@ def test_fused_program_transforms_x_and_matches_the_reference(contract) -> None:
     kernel = next(op for op in entry.ops if op.opcode == "kernel" and op.attr("kind") == "matmul")
     assert any(op.opcode == "dequantize" for op in lowered.program.module.function(str(kernel.attr("callee"))).ops)
     assert "input_transform" in lowered.as_text() and "input_transform" in str(fused.inspect({"w": qa}, x))
+    module = parse_module(lowered.as_text())  # the new op prints, parses and verifies
+    verify_module(module)
+    assert print_module(module) == lowered.as_text()
     np.testing.assert_allclose(np.asarray(fused({"w": qa}, x)), np.asarray(want), rtol=2e-5, atol=2e-5)
     got = fusec.jit(model, backend="xla")({"w": qa}, x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)

@@ -51,6 +51,8 @@ def op_flops(op: Op) -> int:
         return 2 * op.result.type.size * k
     if op.opcode in ("reduce", "argmax", "argmin"):
         return op.operands[0].type.size
+    if op.opcode == "input_transform":  # a [b, b] matmul per block of the axis, and the scale
+        return op.result.type.size * (2 * int(op.attr("block")) + (len(op.operands) - 1))
     if op.opcode in FREE_OPS or op.opcode in ("broadcast", "transpose", "slice", "concatenate", "convert"):
         return 0
     return sum(r.type.size for r in op.results)
