@@ -145,8 +145,12 @@ def test_calibrate_with_rotation_and_awq_is_exact_and_fused() -> None:
     leaves = jax.tree.leaves(q, is_leaf=lowprec.is_quantized)
     assert all(lowprec.is_quantized(x) and x.rotate_block == 32 for x in leaves)
     assert all("+rot32+awq" in m.method for m in rep.matrices)
-    # in_scale is counted: 16 bits per input channel (bf16) on top of the codes and scales
-    assert rep.matrices[0].bits_per_weight == pytest.approx(3 + 16 / 32 + 16 / 128)
+    # in_scale, where AWQ chose one (alpha > 0), is counted: 16 bits per input channel (bf16)
+    for m in rep.matrices:
+        x = q["l0"]["w"] if m.path.startswith("['l0']") else q["l1"]["w"]
+        in_scale = 0 if x.in_scale is None else 16 / x.shape[1 - x.contract[0]]
+        assert (x.in_scale is None) == m.method.endswith("+awq0")
+        assert m.bits_per_weight == pytest.approx(3 + 16 / 32 + in_scale)
     assert _error(params, q, batches) < _error(params, plain, batches)
     x = batches[0][0][:8]
     want = jax.jit(_mlp)(lowprec.dequantize(q), x)
@@ -162,3 +166,27 @@ def test_calibrate_transform_errors_name_the_matrix() -> None:
         lowprec.calibrate(_mlp, params, batches, bits=4, rotate="givens")
     with pytest.raises(ValueError, match="rotate_block must be a power of two, got 48"):
         lowprec.calibrate(_mlp, params, batches, bits=4, rotate="hadamard", rotate_block=48)
+
+
+def test_matrices_reading_one_input_share_their_transform() -> None:
+    rng = np.random.default_rng(3)
+    params = {"q": jnp.asarray(rng.standard_normal((64, 32)), jnp.float32),
+              "k": jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)}
+    model = lambda p, x: jnp.tanh(x @ p["q"]) * (x @ p["k"])  # noqa: E731 - siblings, as Q and K are
+    _, batches = _setup()
+    q = lowprec.calibrate(model, params, batches, bits=4, group=32, method="rtn", rotate="hadamard",
+                          rotate_block=64, awq=True)
+    assert q["q"].in_scale is not None, "AWQ found nothing to scale on inputs with loud channels"
+    np.testing.assert_array_equal(np.asarray(q["q"].in_scale), np.asarray(q["k"].in_scale))
+    x = batches[0][0][:4]
+    fused = fusec.jit(model, backend="pallas", interpret=True)
+    np.testing.assert_allclose(np.asarray(fused(q, x)), np.asarray(jax.jit(model)(lowprec.dequantize(q), x)),
+                               rtol=2e-5, atol=2e-5)
+    # A rotation alone stores nothing per matrix (its signs are a function of K): CSE then computes
+    # x T once for both; AWQ's in_scale leaves are separate arguments, so x T is computed per matrix.
+    rotated = lowprec.calibrate(model, params, batches, bits=4, group=32, method="rtn", rotate="hadamard",
+                                rotate_block=64)
+    entry = fused.lower(rotated, x).program.module.entry
+    assert sum(op.opcode == "input_transform" for op in entry.ops) == 1
+    np.testing.assert_allclose(np.asarray(fused(rotated, x)),
+                               np.asarray(jax.jit(model)(lowprec.dequantize(rotated), x)), rtol=2e-5, atol=2e-5)

@@ -1,7 +1,8 @@
 """Exact input transforms of quantized matrices, in NumPy: a weight W [K, N] (K contracted) is
-stored as W = T . deq(Q) with T = diag(scale) . B [K, K], where B is block-diagonal with
-orthonormal (Sylvester) Hadamard blocks of size ``block`` (the identity when ``block`` is 0) and
-``scale`` a per-input-channel vector (random signs, AWQ's 1/s, or both multiplied), or absent.
+stored as W = T . deq(Q) with T = diag(scale) . R [K, K]: R = diag(signs_K) . B, B block-diagonal
+with orthonormal (Sylvester) Hadamard blocks of size ``block`` and signs_K a fixed pseudo-random
++-1 vector of K (``rotation_signs``: nothing to store), or R = I when ``block`` is 0; ``scale`` a
+per-input-channel vector (AWQ's 1/s) or absent.
 
 Then x @ W = (x T) @ deq(Q): the fused kernels run unchanged on deq(Q) and x T costs a
 multiply, a reshape and one [b, b] matmul on x. Quantizing T^-1 W instead of W spreads outliers
@@ -12,6 +13,7 @@ sees the inputs x T, whose Hessian is T^T H T.
 from __future__ import annotations
 
 import functools
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +48,12 @@ def random_signs(k: int, seed: int) -> np.ndarray:
     return np.where(np.random.default_rng(seed).random(k) < 0.5, -1.0, 1.0).astype(np.float32)
 
 
+def rotation_signs(k: int) -> np.ndarray:
+    """The fixed random signs of every K-row rotation (seeded by K alone, so they need no storage
+    and matrices reading the same inputs share them)."""
+    return random_signs(k, zlib.crc32(f"hadamard{k}".encode()))
+
+
 def _blocks(w: np.ndarray, block: int) -> np.ndarray:
     """B @ w for w [K, N]: each block of ``block`` rows times the Hadamard matrix."""
     if block == 0:
@@ -56,7 +64,8 @@ def _blocks(w: np.ndarray, block: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class InputTransform:
-    """T = diag(scale) . B(block), as a ``QuantizedArray`` stores it."""
+    """T = diag(scale) . diag(signs_K) . B(block) (no signs, no B when ``block`` is 0), as a
+    ``QuantizedArray`` stores it."""
 
     block: int = 0
     scale: np.ndarray | None = None
@@ -66,7 +75,9 @@ class InputTransform:
         return self.block == 0 and self.scale is None
 
     def _scale(self, k: int) -> np.ndarray:
-        return np.ones(k) if self.scale is None else np.asarray(self.scale, np.float64)
+        """The diagonal before B: scale times the rotation's signs."""
+        v = np.ones(k) if self.scale is None else np.asarray(self.scale, np.float64)
+        return v * rotation_signs(k) if self.block else v
 
     def apply(self, w: np.ndarray) -> np.ndarray:
         """T @ w (w [K, N], float64): the weight the stored one stands for."""
@@ -82,7 +93,7 @@ class InputTransform:
         return _blocks((x * self._scale(x.shape[1])).T, self.block).T
 
     def hessian(self, h: np.ndarray) -> np.ndarray:
-        """T^T H T = B diag(s) H diag(s) B: the Hessian of the transformed inputs x T."""
+        """T^T H T = B diag(v) H diag(v) B (v: scale times signs): the Hessian of the transformed inputs x T."""
         s = self._scale(h.shape[0])
         h1 = np.asarray(h, np.float64) * s[:, None] * s[None, :]
         return _blocks(_blocks(h1, self.block).T, self.block).T

@@ -1,6 +1,7 @@
 """The input transform of a quantized matrix in JAX (see :mod:`rotate`): the ``fusec_input_transform``
 primitive that ``QuantizedArray.dequantize`` binds on the decoded values, W = T . deq(Q) along the
-weight's contracted axis, and the x-side form x T that fused programs run instead.
+weight's contracted axis (T = diag(scale) . diag(signs_K) . B, the signs a fixed function of K),
+and the x-side form x T that fused programs run instead.
 
 The frontend lowers the primitive to the IR op ``input_transform`` (side "weight"); the pass
 ``fold-input-transforms`` turns ``dot(x, T . D)`` into ``dot(x T, D)`` (side "input"), so the
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.interpreters import ad, batching, mlir
 
-from fusec.lowprec.rotate import hadamard
+from fusec.lowprec.rotate import hadamard, rotation_signs
 
 
 def _along(v: Any, rank: int, axis: int) -> Any:
@@ -45,6 +46,9 @@ def apply_transform(x: Any, scale: Any | None, *, block: int, axis: int, side: s
     dtype = x.dtype
     work = jnp.float64 if dtype == jnp.float64 else jnp.float32
     y = x.astype(work)
+    if block:  # the rotation's fixed signs, folded into the scale
+        signs = jnp.asarray(rotation_signs(x.shape[axis]), work)
+        scale = signs if scale is None else scale.astype(work) * signs
     if scale is not None and side == "input":
         y = y * _along(scale.astype(work), y.ndim, axis)
     y = _blocks(y, block, axis)
