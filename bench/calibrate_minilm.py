@@ -177,10 +177,12 @@ def rotate_rows(minilm, params, cal, modes: set[str]) -> None:
                 for name, kw in VARIANTS:
                     run(f"rtn{name} {fmt}{b} g128", bits=b, fmt=fmt, method="rtn", search=False, **kw)
                     run(f"gptq+search+act{name} {fmt}{b} g128", bits=b, fmt=fmt, **kw)
-    if "rotate-budget" in modes:
-        for name, kw in VARIANTS:
-            run(f"gptq+search+act{name} nf budget 4.25", budget=4.25, fmt="nf", widths=(3, 4, 5, 6), **kw)
-            run(f"gptq+search+act{name} lut budget 3.25", budget=3.25, fmt="lut", widths=(2, 3, 4, 5), **kw)
+    if "rotate-budget" in modes:  # the rotation first: budgets are slow (every width of every matrix)
+        budgets = (("nf", 4.25, (3, 4, 5, 6)), ("lut", 3.25, (2, 3, 4, 5)))
+        order = [(v, b) for v in (1, 0, 3, 2) for b in budgets if (v, b[0]) != (0, "nf")] + [(0, budgets[0])]
+        for v, (fmt, budget, widths) in order:
+            name, kw = VARIANTS[v]
+            run(f"gptq+search+act{name} {fmt} budget {budget}", budget=budget, fmt=fmt, widths=widths, **kw)
 
 
 if __name__ == "__main__":
