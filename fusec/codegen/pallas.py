@@ -16,6 +16,7 @@ from fusec.codegen.pallas_body import BodyWriter
 from fusec.codegen.pallas_refs import RefPlan, access_source, identifier, plan_refs
 from fusec.codegen.pallas_special import SPECIAL_FUNCTIONS, SPECIAL_SOURCE
 from fusec.codegen.pallas_text import jnp_dtype
+from fusec.codegen.pallas_unpack import ASM_FLAG
 from fusec.codegen.xla import Evaluator
 from fusec.ir import Function, KernelTiling, Module, Op, Value, print_function
 from fusec.ir.tile_ops import ACCESS_OPS
@@ -110,10 +111,14 @@ def generate_source(op: Op, programs: list[Function], ident: str) -> str:
     atomic = _atomic_outputs(module, outputs)
     if atomic:  # the zeros' refs (aliased to the outputs) come between the inputs and the outputs
         args[len(inputs):len(inputs)] = [f"_zeros{j}" for j in atomic]
-    lines = [f"def {ident}_body({', '.join(args)}{', _masked_atomics=True' if atomic else ''}):"]
+    # Keywords the wrapper sets from ``interpret``: masked atomics, PTX (table decodes).
+    flags = (["_masked_atomics"] if atomic else []) + ([ASM_FLAG] if any(k.startswith("lut-pairs") for k in w.shared)
+                                                        else [])
+    lines = [f"def {ident}_body({', '.join(args + [f'{f}=True' for f in flags])}):"]
     lines += ["    " + line for line in w.lines]
     zeros = ", ".join(f"jnp.zeros({tuple(outputs[j].type.shape)}, jnp.float32)" for j in atomic)
-    body = f"functools.partial({ident}_body, _masked_atomics=not interpret)" if atomic else f"{ident}_body"
+    body = f"functools.partial({ident}_body, {', '.join(f'{f}=not interpret' for f in flags)})" if flags \
+        else f"{ident}_body"
     in_specs = [plans[p.name].spec for p in inputs] + [plans[outputs[j].name].spec for j in atomic]
     lines += [
         "",
@@ -173,7 +178,7 @@ def masked_refs(source: str, ident: str) -> tuple[int, ...]:
     header = re.search(rf"def {ident}_body\((.*)\):", source)
     assert header is not None
     # The Triton kernel's arguments: the refs, an aliased zeros input (split-K) included.
-    names = [n.strip() for n in header.group(1).split(",") if not n.strip().startswith("_masked")]
+    names = [n.strip() for n in header.group(1).split(",") if not n.strip().startswith(("_masked", ASM_FLAG))]
     return tuple(i for i, n in enumerate(names) if re.search(rf"plgpu\.(load|store|atomic_add)\({n}\b", source))
 
 

@@ -32,6 +32,11 @@ operation and leaves the scale for after the group's sum, with two more ops:
   each ORed into a 16-bit float's mantissa: one shift and one LOP3 for two weights, no conversion);
 - ``pick_lanes %x {lanes, lane}``: from a [M, B] tile, the [M, 2B/lanes] tile whose element
   (m, 2r + h) is x[m, lanes r + lane + h lanes/2]: the activations those codes multiply.
+
+A 4-bit NormalFloat or lookup-table format (``nf4``, ``lut4`` with its ``lut``) decodes in pairs
+too, by byte permutes of the table (fusec/codegen/lut_asm.py), with an *adjacent* pairing: element
+(2r + h, n) of ``unpack_pair``'s tile is code ``2 lane + h`` of word (r, n), the table value
+rounded to the 16-bit float (no bias), and ``pick_lanes {adjacent}`` picks x[m, lanes r + 2 lane + h].
 """
 
 from __future__ import annotations
@@ -172,12 +177,19 @@ def _unpack(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
 
 def pair_format_ok(fmt: object, dtype: str) -> bool:
     """Whether ``unpack_pair`` decodes ``fmt`` to ``dtype``: a grouped symmetric integer format of
-    one power-of-two plane whose biased codes fit the float's mantissa."""
-    if not isinstance(fmt, LowBitType) or fmt.family != "int" or fmt.group is None or fmt.zero_point:
+    one power-of-two plane whose biased codes fit the float's mantissa, or a grouped 4-bit table."""
+    if not isinstance(fmt, LowBitType) or fmt.group is None or fmt.zero_point or dtype not in PAIR_MAGIC:
         return False
-    if dtype not in PAIR_MAGIC or len(fmt.plane_widths) != 1 or fmt.plane_widths[0] not in (2, 4, 8):
+    if pair_is_table(fmt):
+        return True
+    if fmt.family != "int" or len(fmt.plane_widths) != 1 or fmt.plane_widths[0] not in (2, 4, 8):
         return False
     return 2 ** fmt.bits <= PAIR_MAGIC[dtype][1]
+
+
+def pair_is_table(fmt: object) -> bool:
+    """Whether ``fmt`` pairs by table permutes (adjacent codes, no bias): 4-bit nf or lut."""
+    return isinstance(fmt, LowBitType) and fmt.family in ("nf", "lut") and fmt.bits == 4
 
 
 def pair_bias(fmt: LowBitType, dtype: str) -> int:
@@ -205,12 +217,16 @@ def _unpack_pair(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     if words.elem != DType("u32") or words.rank != 2 or lane >= lanes // 2:
         raise TypeRuleError(f"takes a 2-d u32 tile of words and a lane below {lanes // 2}, got {words}, "
                             f"lane={lane}", 0)
+    if fmt.family == "lut" and len(attrs.get("lut", ())) != 2**fmt.bits:  # type: ignore[union-attr]
+        raise TypeRuleError(f"a {fmt.bits}-bit lookup table needs {2**fmt.bits} values in attribute lut")  # type: ignore[union-attr]
     return [TensorType(dtype, (2 * words.shape[0], words.shape[1]))]  # type: ignore[arg-type]
 
 
 def _pick_lanes(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     (x,) = types
     lanes, lane = _int_attr(attrs, "lanes", 2), _int_attr(attrs, "lane", 0)
+    if not isinstance(attrs.get("adjacent", False), bool):
+        raise TypeRuleError(f"attribute adjacent={attrs['adjacent']!r} must be a bool")
     if x.rank != 2 or lanes % 2 or x.shape[1] % lanes or lane >= lanes // 2:
         raise TypeRuleError(f"takes a 2-d tile whose columns divide into {lanes} lanes (an even number) and a "
                             f"lane below {lanes // 2}, got {x}, lane={lane}", 0)

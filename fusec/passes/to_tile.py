@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from fusec.errors import FusecError
 from fusec.ir import Function, KernelTiling, LowBitType, Module, Op, TensorType, Value
-from fusec.ir.tile_ops import pair_bias
+from fusec.ir.tile_ops import pair_bias, pair_is_table
 from fusec.ir.types import BOOL, F32, I32, DType
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.tile_builder import SCALAR, ArrayMapping, IndexExpr, TileBuilder, reduction_identity
@@ -281,15 +281,20 @@ class _KernelLowering:
         words, scale = self.packed_tiles(dq, b, kk, bk, bn, pids)
         lanes = 32 // fmt.bits
         bm = a.type.shape[0]
-        # The dots accumulate onto minus the bias times the step's activation sums (no add after).
-        sums = b.value("reduce", [b.value("convert", [a], a.type.with_elem(F32), "xf", dtype="f32")],
-                       TensorType(F32, (bm,)), "xsum", axes=(1,), kind="sum")
-        bias = b.value("mul", [sums, b.const(float(-pair_bias(fmt, dtype)), sums.type)], sums.type, "bias")
-        g = b.value("broadcast", [bias], acc.type, "g", dims=(0,), shape=acc.type.shape)
+        table = pair_is_table(fmt)  # table values themselves (no bias), adjacent codes paired
+        if table:
+            g = b.const(0.0, acc.type)
+        else:  # the dots accumulate onto minus the bias times the step's activation sums (no add after)
+            sums = b.value("reduce", [b.value("convert", [a], a.type.with_elem(F32), "xf", dtype="f32")],
+                           TensorType(F32, (bm,)), "xsum", axes=(1,), kind="sum")
+            bias = b.value("mul", [sums, b.const(float(-pair_bias(fmt, dtype)), sums.type)], sums.type, "bias")
+            g = b.value("broadcast", [bias], acc.type, "g", dims=(0,), shape=acc.type.shape)
+        extra = {"lut": dq.attr("lut")} if dq.attr("lut") is not None else {}
         for j in range(lanes // 2):
-            x = b.value("pick_lanes", [a], a.type.with_shape((bm, 2 * bk // lanes)), "x", lanes=lanes, lane=j)
+            x = b.value("pick_lanes", [a], a.type.with_shape((bm, 2 * bk // lanes)), "x", lanes=lanes, lane=j,
+                        **({"adjacent": True} if table else {}))
             w = b.value("unpack_pair", [words], TensorType(dq.result.type.elem, (2 * bk // lanes, bn)), "w",
-                        format=str(fmt), lane=j, dtype=dtype)
+                        format=str(fmt), lane=j, dtype=dtype, **extra)
             g = b.value("dot_acc", [g, x, w], acc.type, "g", lhs_t=False, rhs_t=False)
         scales = b.value("broadcast", [scale], acc.type, "scale", dims=(0, 1), shape=acc.type.shape)
         step = b.value("mul", [g, scales], acc.type, "step")
