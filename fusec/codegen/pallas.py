@@ -18,8 +18,8 @@ from fusec.codegen.pallas_special import SPECIAL_FUNCTIONS, SPECIAL_SOURCE
 from fusec.codegen.pallas_text import jnp_dtype
 from fusec.codegen.pallas_unpack import ASM_FLAG
 from fusec.codegen.xla import Evaluator
-from fusec.ir import Function, KernelTiling, Module, Op, Value, print_function
-from fusec.ir.tile_ops import ACCESS_OPS
+from fusec.ir import Function, KernelTiling, Module, Op, Value, parse_elem_type, print_function
+from fusec.ir.tile_ops import ACCESS_OPS, pair_is_table
 from fusec.passes.to_tile import lower_kernel
 from fusec.passes.tune_space import canonical_kernel_text
 
@@ -112,8 +112,8 @@ def generate_source(op: Op, programs: list[Function], ident: str) -> str:
     if atomic:  # the zeros' refs (aliased to the outputs) come between the inputs and the outputs
         args[len(inputs):len(inputs)] = [f"_zeros{j}" for j in atomic]
     # Keywords the wrapper sets from ``interpret``: masked atomics, PTX (table decodes).
-    flags = (["_masked_atomics"] if atomic else []) + ([ASM_FLAG] if any(k.startswith("lut-pairs") for k in w.shared)
-                                                        else [])
+    asm = any(o.opcode == "unpack_pair" and pair_is_table(parse_elem_type(str(o.attr("format")))) for o in ops)
+    flags = (["_masked_atomics"] if atomic else []) + ([ASM_FLAG] if asm else [])
     lines = [f"def {ident}_body({', '.join(args + [f'{f}=True' for f in flags])}):"]
     lines += ["    " + line for line in w.lines]
     zeros = ", ".join(f"jnp.zeros({tuple(outputs[j].type.shape)}, jnp.float32)" for j in atomic)

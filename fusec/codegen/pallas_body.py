@@ -12,12 +12,11 @@ from collections.abc import Callable
 
 from fusec.codegen.pallas_special import SPECIAL_FUNCTIONS
 from fusec.codegen.pallas_text import jnp_dtype, literal
-from fusec.codegen.pallas_unpack import table_pair_source, unpack_pair_source, unpack_source
+from fusec.codegen.pallas_unpack import unpack_pair_source, unpack_source
 from fusec.codegen.source_writer import SourceWriter
 from fusec.codegen.xla import LAX_BINARY, LAX_UNARY
 from fusec.errors import FusecError
-from fusec.ir import DType, Op, parse_elem_type
-from fusec.ir.tile_ops import pair_is_table
+from fusec.ir import DType, Op
 
 # Never widened: exact in any float width (no rounding), or, for nextafter, defined by the format
 # itself (float32's neighbour rounds back to the input); its helper works on 16-bit floats directly.
@@ -154,20 +153,11 @@ def _unpack(w: BodyWriter, op: Op, a: list[str]) -> str:
 
 
 def _unpack_pair(w: BodyWriter, op: Op, a: list[str]) -> str:
-    words = a[0]
-    if pair_is_table(parse_elem_type(str(op.attr("format")))):
-        # One permute decode per word tile gives all four lanes' pairs: written once, shared.
-        key = f"lut-pairs {words}"
-        if key not in w.shared:
-            w.shared[key] = w.fresh(f"{words}_q")
-            for line in table_pair_source(op, words, w.shared[key]):
-                w.line(line)
-        words = w.shared[key]
     fn = f"_unpack_{w.name(op.result)}"
     w.line(f"def {fn}(words):")
     for line in unpack_pair_source(op, "words"):
         w.line("    " + line)
-    return f"{fn}({words})"
+    return f"{fn}({a[0]})"
 
 
 def _pick_lanes(w: BodyWriter, op: Op, a: list[str]) -> str:

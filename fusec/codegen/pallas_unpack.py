@@ -86,45 +86,46 @@ def unpack_pair_source(op: Op, words: str) -> list[str]:
     rows, cols = op.operands[0].type.shape
     float_dtype = f"jnp.{DType(out).numpy_name}"
     if pair_is_table(parse_elem_type(str(op.attr("format")))):
-        first = f"p = {words}[{int(op.attr('lane'))}]"  # the lane's pair words (table_pair_source)
+        first = _table_pair_source(op, words)
     else:
         shift, both, flip = pair_decode_constants(op.attr_dict)
         shifted = f"({words} >> {shift})" if shift else words
-        first = f"p = ({shifted} & {both:#x}) ^ {flip:#x}"
+        first = [f"p = ({shifted} & {both:#x}) ^ {flip:#x}"]
     return [
-        first,
+        *first,
         f"lo = lax.bitcast_convert_type((p & 0xFFFF).astype(jnp.uint16), {float_dtype})",
         f"hi = lax.bitcast_convert_type((p >> 16).astype(jnp.uint16), {float_dtype})",
         f"return jnp.stack([lo, hi], axis=-1).transpose(0, 2, 1).reshape({2 * rows}, {cols})",
     ]
 
 
+
 # The kernel body's keyword saying whether it may run PTX: False in interpret mode (pallas.py).
 ASM_FLAG = "_fusec_asm"
 
 
-def table_pair_source(op: Op, words: str, q: str) -> list[str]:
-    """Statements writing ``q``, the four pair-word tiles (code 2j low, 2j + 1 high, as 16-bit
-    float patterns) of a 4-bit table format's ``unpack_pair``: byte permutes
-    (fusec/codegen/lut_asm.py) through ``plgpu.elementwise_inline_asm`` on a GPU; selects in
-    interpret mode, which runs no PTX, or on a JAX without that function."""
+def _table_pair_source(op: Op, words: str) -> list[str]:
+    """Statements writing ``p``, the pair word (code 2 lane low, 2 lane + 1 high, as 16-bit float
+    patterns) of each word of a 4-bit table format: byte permutes (fusec/codegen/lut_asm.py)
+    through ``plgpu.elementwise_inline_asm`` on a GPU; selects in interpret mode, which runs no
+    PTX, or on a JAX without that function."""
     fmt = parse_elem_type(str(op.attr("format")))
     assert isinstance(fmt, LowBitType)
     bits = table_bits16(format_of(fmt, op.attr("lut")).table, str(op.attr("dtype")))
-    lines = [f'if {ASM_FLAG} and hasattr(plgpu, "elementwise_inline_asm"):',
-             f"    {q} = plgpu.elementwise_inline_asm({lut4_pair_asm(bits)!r}, args=[{words}], "
-             f"constraints={CONSTRAINTS!r}, pack=1, "
-             f"result_shape_dtypes=[jax.ShapeDtypeStruct({words}.shape, jnp.uint32)] * 4)",
-             "else:",
-             f"    {q} = []"]
-    for j in range(4):
-        halves = []
-        for h in range(2):
-            c = f"(({words} >> {8 * j + 4 * h}) & 15)"
-            expr = f"jnp.full({words}.shape, {bits[0]}, jnp.uint32)"
-            for k, v in enumerate(bits):
-                if k:
-                    expr = f"jnp.where({c} == {k}, jnp.uint32({v}), {expr})"
-            halves.append(expr)
-        lines.append(f"    {q}.append({halves[0]} | ({halves[1]} << 16))")
-    return lines
+    lane = int(op.attr("lane"))
+    halves = []
+    for h in range(2):
+        c = f"(({words} >> {8 * lane + 4 * h}) & 15)"
+        expr = f"jnp.full({words}.shape, {bits[0]}, jnp.uint32)"
+        for k, v in enumerate(bits):
+            if k:
+                expr = f"jnp.where({c} == {k}, jnp.uint32({v}), {expr})"
+        halves.append(expr)
+    return [f'if {ASM_FLAG} and hasattr(plgpu, "elementwise_inline_asm"):',
+            # (int32 out: Triton IR's integers are signless, a ui32 result does not verify)
+            f"    [p] = plgpu.elementwise_inline_asm({lut4_pair_asm(bits, lane)!r}, args=[{words}], "
+            f"constraints={CONSTRAINTS!r}, pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct({words}.shape, "
+            "jnp.int32)])",
+            "    p = lax.bitcast_convert_type(p, jnp.uint32)",
+            "else:",
+            f"    p = {halves[0]} | ({halves[1]} << 16)"]

@@ -16,7 +16,6 @@ class SourceWriter:
     names: dict[str, str] = field(default_factory=dict)  # the current function's values
     used: set[str] = field(default_factory=set)  # every identifier written, in any scope
     consts: dict[str, int] = field(default_factory=dict)  # scalar integer constants, by value name
-    shared: dict[str, str] = field(default_factory=dict)  # a decode several ops share, by key: its name
     indent: str = ""
 
     def name(self, v: Value) -> str:

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 
 from fusec.codegen.source_writer import SourceWriter
 from fusec.codegen.triton.text import constant_value, float_value, is_narrow, pow2, shape_text, tl_dtype
-from fusec.codegen.triton.unpack import table_pair_lines, unpack_lines, unpack_pair_lines
+from fusec.codegen.triton.unpack import unpack_lines, unpack_pair_lines
 from fusec.errors import Unsupported
-from fusec.ir import DType, Op, TensorType, Value, parse_elem_type
-from fusec.ir.tile_ops import pair_is_table
+from fusec.ir import DType, Op, TensorType, Value
 from fusec.ir.types import I32
 
 # Python operators Triton overloads on tensors and scalars alike.
@@ -311,16 +310,7 @@ def _unpack(w: BodyWriter, op: Op, a: list[str]) -> str:
 
 
 def _unpack_pair(w: BodyWriter, op: Op, a: list[str]) -> str:
-    words = a[0]
-    if pair_is_table(parse_elem_type(str(op.attr("format")))):
-        # One permute decode per word tile gives all four lanes' pairs: written once, shared.
-        key = f"lut-pairs {words}"
-        if key not in w.shared:
-            w.shared[key] = w.fresh(f"{words}_q")
-            for line in table_pair_lines(op, words, w.shared[key]):
-                w.line(line)
-        words = w.shared[key]
-    lines = unpack_pair_lines(op, words, f"{w.name(op.result)}_")
+    lines = unpack_pair_lines(op, a[0], f"{w.name(op.result)}_")
     for line in lines[:-1]:
         w.line(line)
     return lines[-1]

@@ -79,8 +79,7 @@ def unpack_pair_lines(op: Op, words: str, prefix: str) -> list[str]:
     rows, cols = op.operands[0].type.shape
     half = lambda x: f"({x}).to(tl.uint16).to({TL_DTYPES[out]}, bitcast=True)"  # noqa: E731
     if pair_is_table(parse_elem_type(str(op.attr("format")))):
-        # ``words`` names the four pair words table_pair_lines wrote: take this lane's.
-        first = [f"{prefix}p = {words}{int(op.attr('lane'))}"]
+        first = _table_pair_lines(op, words, f"{prefix}p")
     else:
         shift, both, flip = pair_decode_constants(op.attr_dict)
         shifted = f"({words} >> {shift})" if shift else words
@@ -91,22 +90,20 @@ def unpack_pair_lines(op: Op, words: str, prefix: str) -> list[str]:
             f"tl.reshape(tl.permute(tl.join({prefix}lo, {prefix}hi), (0, 2, 1)), ({2 * rows}, {cols}))"]
 
 
-def table_pair_lines(op: Op, words: str, q: str) -> list[str]:
-    """Statements writing ``{q}0 .. {q}3``: the four pair words (code 2j low, 2j + 1 high, as 16-bit
-    float patterns) of every word of a 4-bit table format's ``unpack_pair`` tile: byte permutes
-    (fusec/codegen/lut_asm.py) on a GPU, a chain of selects in the interpreter, which runs no PTX."""
+
+def _table_pair_lines(op: Op, words: str, p: str) -> list[str]:
+    """Statements writing ``p``, the pair word (code 2 lane low, 2 lane + 1 high, as 16-bit float
+    patterns) of each word of a 4-bit table format: byte permutes (fusec/codegen/lut_asm.py) on a
+    GPU, selects in the interpreter, which runs no PTX."""
     fmt = parse_elem_type(str(op.attr("format")))
     assert isinstance(fmt, LowBitType)
     bits = table_bits16(format_of(fmt, op.attr("lut")).table, str(op.attr("dtype")))
-    outs = ", ".join(f"{q}{j}" for j in range(4))
+    lane = int(op.attr("lane"))
     lines = ["if FUSEC_INTERPRETED:"]
-    for i in range(8):
-        c = f"{q}c{i}"
-        lines.append(f"    {c} = ({words} >> {4 * i}) & 15")
-        lines.append(f"    {q}b{i} = {c} * 0 + {bits[0]}")
-        lines += [f"    {q}b{i} = tl.where({c} == {k}, {v}, {q}b{i})" for k, v in enumerate(bits) if k]
-    lines += [f"    {q}{j} = {q}b{2 * j} | ({q}b{2 * j + 1} << 16)" for j in range(4)]
-    lines += ["else:",
-              f"    {outs} = tl.inline_asm_elementwise({lut4_pair_asm(bits)!r}, {CONSTRAINTS!r}, [{words}], "
-              "dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32), is_pure=True, pack=1)"]
-    return lines
+    for h in range(2):
+        c, b = f"{p}c{h}", f"{p}b{h}"
+        lines += [f"    {c} = ({words} >> {8 * lane + 4 * h}) & 15", f"    {b} = {c} * 0 + {bits[0]}"]
+        lines += [f"    {b} = tl.where({c} == {k}, {v}, {b})" for k, v in enumerate(bits) if k]
+    return [*lines, f"    {p} = {p}b0 | ({p}b1 << 16)", "else:",
+            f"    {p} = tl.inline_asm_elementwise({lut4_pair_asm(bits, lane)!r}, {CONSTRAINTS!r}, [{words}], "
+            "dtype=tl.uint32, is_pure=True, pack=1)"]
