@@ -33,7 +33,8 @@ def _ident(name: str) -> str:
 def _input_refs(spec) -> int:
     """How many refs the kernel takes before its outputs (a low-bit weight is several)."""
     header = re.search(r"_body\((.*)\):", spec.source).group(1)
-    return len([n for n in header.split(",") if not n.strip().startswith("_masked")]) - len(spec.out_types)
+    # Keyword flags the wrapper sets (_masked_atomics, _fusec_asm) are no refs.
+    return len([n for n in header.split(",") if "=" not in n]) - len(spec.out_types)
 
 
 def _outputs_needing_masks(program) -> dict[str, set[int]]:

