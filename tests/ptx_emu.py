@@ -1,8 +1,9 @@
 """A tiny NumPy emulator of the PTX that fusec writes as inline asm (fusec/codegen/lut_asm.py), so
 tests run the exact asm text on a CPU: ``{ }`` scopes, ``.reg .b32`` declarations, and the 32-bit
 integer instructions ``mov``, ``and``, ``or``, ``xor``, ``shl``, ``shr`` (logical), ``lop3`` and
-``prmt`` (default mode, sign replication included). Anything else raises, so a new instruction
-cannot slip past the tests unemulated.
+``prmt`` (default mode, sign replication included), and the special registers ``%laneid``,
+``%lanemask_lt`` and ``%lanemask_ge`` (element i runs on lane i % 32, or the lanes given).
+Anything else raises, so a new instruction cannot slip past the tests unemulated.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def _shift(x: np.ndarray, n: np.ndarray, left: bool) -> np.ndarray:
 
 _OPS = {
     "mov.b32": lambda a: a,
+    "mov.u32": lambda a: a,
     "and.b32": lambda a, b: a & b,
     "or.b32": lambda a, b: a | b,
     "xor.b32": lambda a, b: a ^ b,
@@ -56,10 +58,10 @@ _OPS = {
 }
 
 
-def run(asm: str, constraints: str, *inputs: np.ndarray) -> list[np.ndarray]:
+def run(asm: str, constraints: str, *inputs: np.ndarray, lanes: np.ndarray | None = None) -> list[np.ndarray]:
     """Runs ``asm`` (with LLVM-style ``$n`` operands) elementwise on uint32 ``inputs``: the values
     of its outputs, in order. ``constraints`` is the inline-asm constraint string (``=r`` outputs
-    first, then ``r`` inputs), as passed to Triton or Pallas."""
+    first, then ``r`` inputs), as passed to Triton or Pallas; ``lanes`` each element's lane (0..31)."""
     kinds = constraints.split(",")
     n_out = sum(k.startswith("=") for k in kinds)
     if any(k not in ("=r", "r") for k in kinds) or len(kinds) - n_out != len(inputs):
@@ -68,6 +70,11 @@ def run(asm: str, constraints: str, *inputs: np.ndarray) -> list[np.ndarray]:
     regs: dict[str, np.ndarray | None] = {f"${n_out + i}": np.broadcast_to(np.asarray(x, np.uint32), shape)
                                           for i, x in enumerate(inputs)}
     regs |= {f"${i}": None for i in range(n_out)}
+    lane = (np.arange(int(np.prod(shape)), dtype=np.uint64).reshape(shape) % np.uint64(32) if lanes is None
+            else np.broadcast_to(np.asarray(lanes, np.uint64), shape))
+    below = (np.uint64(1) << lane) - np.uint64(1)
+    regs |= {"%laneid": lane.astype(np.uint32), "%lanemask_lt": below.astype(np.uint32),
+             "%lanemask_ge": (~below & _MASK).astype(np.uint32)}
 
     def value(token: str) -> np.ndarray:
         token = token.strip()
@@ -91,7 +98,7 @@ def run(asm: str, constraints: str, *inputs: np.ndarray) -> list[np.ndarray]:
         opcode, _, rest = statement.partition(" ")
         operands = [o.strip() for o in rest.split(",")]
         dest = operands[0]
-        if dest not in regs or dest.startswith("$") and int(dest[1:]) >= n_out:
+        if dest not in regs or dest.startswith("%") or dest.startswith("$") and int(dest[1:]) >= n_out:
             raise ValueError(f"{statement!r} writes {dest}, not a declared register or an output")
         if opcode == "lop3.b32":
             a, b, c = (value(o) for o in operands[1:4])

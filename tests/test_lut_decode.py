@@ -45,6 +45,9 @@ def test_emulator_follows_the_ptx_manual() -> None:
     assert run("prmt.b32 $0, $1, $2, 0x1A98;", np.uint32(0x000080F0), b) == 0x8000FFFF
     assert run("lop3.b32 $0, $1, $2, $3, 0xea;", np.uint32(0xF0F0), np.uint32(0xFF00), np.uint32(0x000F)) == 0xF00F
     assert run("{\n.reg .b32 t;\nshr.u32 t, $1, 4;\nand.b32 $0, t, 0xFF;\n}", np.uint32(0xABCD)) == 0xBC
+    lanes = np.arange(64, dtype=np.uint32)
+    got = ptx_emu.run("mov.u32 $0, %lanemask_lt;", "=r,r", lanes, lanes=lanes % 32)[0]
+    np.testing.assert_array_equal(got, (np.uint64(1) << (lanes % 32).astype(np.uint64)) - 1)
     with pytest.raises(ValueError, match="no instruction"):
         run("add.u32 $0, $1, 1;", a)
     with pytest.raises(ValueError, match="read before"):

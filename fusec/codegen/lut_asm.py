@@ -74,15 +74,23 @@ def lut4_pair_asm(bits16: tuple[int, ...], lane: int) -> str:
     if lane not in range(4):
         raise ValueError(f"a word of eight 4-bit codes has lanes 0..3, not {lane!r}")
     t = [f"{v:#010x}" for v in table_registers(bits16)]
-    lines = [".reg .b32 m, s, la, lb, ha, hb, lo, hi;",
+    lines = [".reg .b32 m, s, la, lb, ha, hb, lo, hi, z, g, t0, t2, t4, t6;",
+             # A permute's first data operand must be a register. ptxas keeps a constant there in a
+             # uniform register and copies it out for every use (8 copies a word, about one
+             # instruction per weight); XORed with lanemask_lt & lanemask_ge, which is 0 in every
+             # thread though ptxas cannot tell, the four words are per-thread values it keeps in
+             # registers (computed once per loop iteration: identical in every block).
+             "mov.u32 z, %lanemask_lt;", "mov.u32 g, %lanemask_ge;", "and.b32 z, z, g;",
+             f"xor.b32 t0, z, {t[0]};", f"xor.b32 t2, z, {t[2]};", f"xor.b32 t4, z, {t[4]};",
+             f"xor.b32 t6, z, {t[6]};",
              "and.b32 m, $1, 0x77777777;",  # each code's index in its half-table
              "shr.u32 s, $1, 1;",
              # nibble i: i + 4 * bit 3 of code i -- byte i of the half-table the code names
              "lop3.b32 s, s, 0x44444444, 0x32103210, 0xea;"]  # (a & b) | c
     if lane >= 2:  # the upper four codes: prmt reads its selector's low 16 bits
         lines += ["shr.u32 m, m, 16;", "shr.u32 s, s, 16;"]
-    lines += [f"prmt.b32 la, {t[0]}, {t[1]}, m;", f"prmt.b32 lb, {t[2]}, {t[3]}, m;",
-              f"prmt.b32 ha, {t[4]}, {t[5]}, m;", f"prmt.b32 hb, {t[6]}, {t[7]}, m;",
+    lines += [f"prmt.b32 la, t0, {t[1]}, m;", f"prmt.b32 lb, t2, {t[3]}, m;",
+              f"prmt.b32 ha, t4, {t[5]}, m;", f"prmt.b32 hb, t6, {t[7]}, m;",
               "prmt.b32 lo, la, lb, s;", "prmt.b32 hi, ha, hb, s;",
               # codes 2 lane, 2 lane + 1: bytes lo0 hi0 lo1 hi1 (or lo2 hi2 lo3 hi3)
               f"prmt.b32 $0, lo, hi, {'0x7362' if lane % 2 else '0x5140'};"]
