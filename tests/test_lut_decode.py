@@ -14,6 +14,7 @@ import pytest
 import fusec
 from fusec import lowprec
 from fusec.codegen.lut_asm import CONSTRAINTS, lut4_pair_asm, reference_pairs, table_bits16, table_registers
+from fusec.codegen.triton.interpret import run_interpreted
 from fusec.ir import parse_elem_type
 from fusec.ir.tile_ops import pair_format_ok, pair_is_table
 from fusec.lowprec.formats import normal_float_table
@@ -21,7 +22,7 @@ from fusec.runtime.triton_compile import compile_triton_kernel
 from tests import ptx_emu
 from tests.test_bounds import check_masks
 from tests.test_splitk import GPU_TILES_INTERPRETED
-from tests.test_triton_backend import _check_source_masks
+from tests.test_triton_backend import _check_source_masks, _random
 
 SMOKE = ("test_asm_decodes_every_code_at_every_position", "test_paired_table_gemv_matches_float64")
 LEARNED = tuple(float(v) for v in np.sort(np.random.default_rng(1).normal(size=16)) / 2.5)
@@ -150,6 +151,11 @@ def test_paired_table_gemv_matches_float64(backend: str, family: str, m: int, dt
         assert np.all(np.abs(got - exact) <= ulp + 1e-6 * size), np.max(np.abs(got - exact) / ulp)
     want = np.asarray(jax.jit(lambda q, x: x @ lowprec.dequantize(q))(q, x).astype(jnp.float32))
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)
+    if backend == "triton":  # every access inside its array, on random words (all codes)
+        rng = np.random.default_rng(5)
+        for spec in fused.lower(q, x).program.kernels.values():
+            run_interpreted(spec.backend_kernel, *[_random(sig, rng) for sig in spec.backend_kernel.inputs],
+                            check_bounds=True)
 
 
 def test_one_hot_rows_give_the_table_rounded_once_times_the_scale() -> None:
