@@ -87,6 +87,8 @@ def test_reference_pairs_are_the_table_rounded_once() -> None:
     # One rounding from float64: 1 + 2^-8 (+ a little) is no tie in float64, but is after float32.
     assert table_bits16([1 + 2**-8 + 2**-40] + [0.0] * 15, "bf16")[0] == 0x3F81
     assert table_bits16([1 + 2**-8] + [0.0] * 15, "bf16")[0] == 0x3F80  # a tie: the even pattern
+    with pytest.raises(ValueError, match="overflow f16"):
+        table_bits16([70000.0] + [0.0] * 15, "f16")
     with pytest.raises(ValueError, match="16 finite values"):
         table_bits16([0.0] * 15, "bf16")
     with pytest.raises(ValueError, match="lanes 0..3"):
@@ -99,6 +101,19 @@ def test_which_table_formats_pair() -> None:
         assert pair_format_ok(parse_elem_type(text), "f16") and not pair_format_ok(parse_elem_type(text), "f32")
     for text in ("nf3g128", "lut8g128", "nf4"):  # two planes, 256 entries, no groups
         assert not pair_format_ok(parse_elem_type(text), "bf16"), text
+
+
+def test_a_table_beyond_float16_keeps_the_general_decoder() -> None:
+    """A learned table may hold values float16 cannot (the scale brings them back): no pairs."""
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((512, 200)) * 0.1, jnp.float16)
+    wide = tuple(v * 1e6 for v in LEARNED)  # up to 5e5
+    q = lowprec.quantize({"w": w}, lowprec.QuantSpec(4, 128, "lut", lut=wide))["w"]
+    x = jnp.ones((3, 512), jnp.float16)
+    ops = [o for o in _backend("pallas").lower(q, x).program.module.entry.ops if o.opcode == "kernel"]
+    assert "gemv" in [o.attr("strategy") for o in ops] and "gemv-pairs" not in [o.attr("strategy") for o in ops]
+    want = jax.jit(lambda q, x: x @ lowprec.dequantize(q))(q, x).astype(jnp.float32)
+    np.testing.assert_allclose(np.asarray(_backend("pallas")(q, x).astype(jnp.float32)), np.asarray(want),
+                               rtol=1e-2, atol=1e-2)
 
 
 def _weight(family: str, k: int, n: int, dtype=jnp.bfloat16, seed: int = 0, group: int = 128):

@@ -32,6 +32,7 @@ import numpy as np
 # One pair out ($0), the word in ($1) (LLVM inline-asm constraints).
 CONSTRAINTS = "=r,r"
 _NUMPY_16 = {"bf16": ml_dtypes.bfloat16, "f16": np.float16}
+_MAX_16 = {"bf16": 3.3895313892515355e38, "f16": 65504.0}  # the largest finite values
 
 
 def table_bits16(table: np.ndarray | list[float], dtype: str) -> tuple[int, ...]:
@@ -41,6 +42,8 @@ def table_bits16(table: np.ndarray | list[float], dtype: str) -> tuple[int, ...]
     values = np.asarray(table, np.float64).ravel()
     if values.shape != (16,) or not np.all(np.isfinite(values)):
         raise ValueError(f"a 4-bit lookup table needs 16 finite values, got {values.tolist()}")
+    if np.abs(values).max() > _MAX_16[dtype]:  # as fusec/passes/tiling.py's _table_fits
+        raise ValueError(f"table values {values.tolist()} overflow {dtype}: they cannot decode in pairs")
     if dtype == "f16":  # NumPy rounds float64 to float16 directly
         return tuple(int(b) for b in values.astype(np.float16).view(np.uint16))
     return tuple(_nearest_bf16(float(v)) for v in values)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from fusec.ir import Function, KernelTiling, Module, Op, parse_elem_type
+from fusec.ir import Function, KernelTiling, LowBitType, Module, Op, parse_elem_type
 from fusec.ir.tile_ops import pair_format_ok
 from fusec.ir.tiling import TILING_ATTRS, cdiv
+from fusec.lowprec.formats import format_of
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.target import PALLAS_TRITON
 from fusec.passes.tune_cache import kernel_key, lookup
@@ -163,9 +164,23 @@ def kernel_facts(op: Op, functions: dict[str, Function]) -> TilingFacts:
         dq = next(o for o in callee.ops if o.opcode == "dequantize")
         dtype = str(dq.result.type.elem)
         plain = not dots[0].attr("lhs_t") and not dots[0].attr("rhs_t") and dots[0].operands[1].name == dq.result.name
-        if plain and str(dots[0].operands[0].type.elem) == dtype and pair_format_ok(formats[0], dtype):
+        if plain and str(dots[0].operands[0].type.elem) == dtype and pair_format_ok(formats[0], dtype) and \
+                _table_fits(formats[0], dq.attr("lut"), dtype):
             pair_lanes = 32 // formats[0].bits  # type: ignore[union-attr]
     return TilingFacts(kind, space, k, bool(formats), table_bits, reduce_axes, splittable, group, fma_ok, pair_lanes)
+
+
+# The largest finite 16-bit floats: a paired table decode holds the table's values in one.
+_MAX_16 = {"bf16": 3.3895313892515355e38, "f16": 65504.0}
+
+
+def _table_fits(fmt: object, lut: object, dtype: str) -> bool:
+    """Whether a table format's values stay finite in ``dtype`` (a lookup table may hold values
+    beyond float16's range that only the scale brings back): other formats always do."""
+    if not isinstance(fmt, LowBitType) or fmt.family not in ("nf", "lut"):
+        return True
+    table = format_of(fmt, None if lut is None else tuple(lut)).table  # type: ignore[arg-type]
+    return bool(abs(table).max() <= _MAX_16.get(dtype, 0.0))
 
 
 def default_tiling(f: TilingFacts, target: str) -> KernelTiling:
