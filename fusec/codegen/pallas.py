@@ -18,7 +18,7 @@ from fusec.codegen.pallas_special import SPECIAL_FUNCTIONS, SPECIAL_SOURCE
 from fusec.codegen.pallas_text import jnp_dtype
 from fusec.codegen.xla import Evaluator
 from fusec.ir import Function, KernelTiling, Module, Op, Value, print_function
-from fusec.ir.tile_ops import ACCESS_OPS
+from fusec.ir.tile_ops import ACCESS_OPS, loop_bounds
 from fusec.passes.to_tile import lower_kernel
 from fusec.passes.tune_space import canonical_kernel_text
 
@@ -82,7 +82,9 @@ def _write_loop(w: BodyWriter, programs: Module, op: Op, plans: dict[str, RefPla
     w.names = outer_names
     inits = "".join(w.name(v) + ", " for v in op.operands[:carried])
     results = "".join(w.name(r) + ", " for r in op.results)
-    w.line(f"({results}) = lax.fori_loop(0, {op.attr('trips')}, {fn}, ({inits}))")
+    bounds = loop_bounds(op)
+    start, stop = (w.index_name(v) for v in bounds) if bounds else ("0", str(op.attr("trips")))
+    w.line(f"({results}) = lax.fori_loop({start}, {stop}, {fn}, ({inits}))")
 
 
 def _atomic_outputs(module: Module, outputs: tuple[Value, ...]) -> list[int]:

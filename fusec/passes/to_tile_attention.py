@@ -14,6 +14,7 @@ from __future__ import annotations
 from fusec.errors import FusecError
 from fusec.ir import Function, KernelTiling, Op, TensorType, Value
 from fusec.ir.types import BOOL, F32, I32
+from fusec.passes.attention_band import attention_band
 from fusec.passes.attention_labels import Labels, Operand, broadcast_source_labels
 from fusec.passes.attention_match import AttentionMatch, match_attention
 from fusec.passes.tile_builder import SCALAR, TileBuilder
@@ -29,6 +30,7 @@ class _AttentionLowering:
         self.bq, self.bk = self.t.block[1], int(self.t.bk or 32)
         self.dp = pow2_at_least(m.head_dim)
         self.producer = {r.name: o for o in callee.ops for r in o.results}
+        self.band = attention_band(callee, m)
 
     def batch_index(self, b: TileBuilder, g0: Value, label: tuple[str, int, int]) -> Value:
         """The index along a batch-factor dimension: ``(g0 // stride) % size``."""
@@ -69,6 +71,8 @@ class _AttentionLowering:
         b = TileBuilder(f"{self.callee.name}.tile", t)
         refs = {p.name: b.param(f"in{i}", p.type) for i, p in enumerate(self.callee.params)}
         out = b.param("out0", self.op.results[0].type)
+        if len(self.op.results) == 2:
+            b.param("out1", self.op.results[1].type)
         g0, g1 = b.program_id(0), b.program_id(1)
         zero = b.const(0)
         q_tile = self.access(b, "load", refs[m.q.value.name], m.q.roles, {"q": (g1, bq), "d": (zero, self.dp)}, g0,
@@ -94,15 +98,47 @@ class _AttentionLowering:
         self.g = (inner[g0.name], inner[g1.name], kk)
         returns = self.step(body, inner[q_tile.name], *carried, rows_first)
         results = [Value(b.fresh(f"{hint}.out"), v.type) for hint, v in zip(("m", "l", "acc"), inits)]
-        b.ops.append(Op.make("loop", [*inits, *captured], results, body=body.name, trips=trips, carried=3))
-        _, l_out, acc_out = results
+        bounds = self.kv_bounds(b, g1)
+        b.ops.append(Op.make("loop", [*inits, *captured, *bounds], results, body=body.name, trips=trips, carried=3,
+                             **({"bounded": True} if bounds else {})))
+        m_out, l_out, acc_out = results
         lb = b.value("broadcast", [l_out], acc_type, "lb", dims=(0,) if rows_first else (1,), shape=acc_type.shape)
         o = b.value("div", [acc_out, lb], acc_type, "o")
         elem = out.type.elem
         if elem != F32:
             o = b.value("convert", [o], acc_type.with_elem(elem), "o", dtype=str(elem))
         self.access(b, "store", out, m.out.roles, {"q": (g1, bq), "d": (zero, dvp)}, g0, o)
+        if len(self.op.results) == 2:  # the rows' log-sum-exp, f32[B, Tq], for the backward
+            self.store_lse(b, m_out, l_out, g0, g1)
         return [b.function([]), body.function(returns)]
+
+    def kv_bounds(self, b: TileBuilder, g1: Value) -> list[Value]:
+        """``[start, stop]`` of the key blocks query block ``g1`` visits (causal block skipping), or
+        ``[]`` when it visits all of them."""
+        band, bq, bk = self.band, self.bq, self.bk
+        trips = -(-self.m.tk // bk)
+        if band is None or trips <= 1:
+            return []
+        q0 = g1 if bq == 1 else b.value("mul", [g1, b.const(bq)], SCALAR, "q0")
+        first = b.const(0)
+        if band.lo != float("-inf"):
+            first = b.value("max", [b.value("add", [q0, b.const(int(band.lo))], SCALAR, "j0"), b.const(0)], SCALAR,
+                            "j0")
+        end = b.const(self.m.tk)
+        if band.hi != float("inf"):
+            end = b.value("min", [b.value("add", [q0, b.const(bq + int(band.hi))], SCALAR, "j1"),
+                                  b.const(self.m.tk)], SCALAR, "j1")
+        start = first if bk == 1 or band.lo == float("-inf") else b.value("div", [first, b.const(bk)], SCALAR, "kv0")
+        stop = b.value("div", [b.value("add", [end, b.const(bk - 1)], SCALAR, "kv1"), b.const(bk)], SCALAR, "kv1")
+        return [start, stop]
+
+    def store_lse(self, b: TileBuilder, m_out: Value, l_out: Value, g0: Value, g1: Value) -> None:
+        row = m_out.type
+        dead = b.value("eq", [m_out, b.const(float("-inf"), row)], row.with_elem(BOOL), "dead")
+        m_safe = b.value("select", [dead, m_out, b.const(0.0, row)], row, "ms")
+        lse = b.value("add", [m_safe, b.value("log", [l_out], row, "logl")], row, "lse")
+        out = b.params[-1]
+        b.access("store", out, [g0, g1], (None, self.bq), out.type, lse, "lse")
 
     def step(self, b: TileBuilder, q_tile: Value, m_prev: Value, l_prev: Value, acc: Value,
              rows_first: bool) -> list[Value]:

@@ -16,7 +16,7 @@ from fusec.codegen.triton.kernel import INTERPRETED_FLAG, ArraySig, TritonKernel
 from fusec.codegen.triton.text import constant_value, pow2, shape_text
 from fusec.errors import Unsupported
 from fusec.ir import Function, KernelTiling, Module, Op, print_function
-from fusec.ir.tile_ops import ACCESS_OPS
+from fusec.ir.tile_ops import ACCESS_OPS, loop_bounds
 
 _PRELUDE = f"""import triton
 import triton.language as tl
@@ -117,7 +117,9 @@ def _write_loop(w: BodyWriter, programs: Module, op: Op, refs: dict[str, str]) -
         inner[p.name] = ident
     w.names = inner
     index = w.name(body.params[0])
-    w.line(f"for {index} in range({int(op.attr('trips'))}):")
+    bounds = loop_bounds(op)
+    span = f"{w.index(bounds[0])}, {w.index(bounds[1])}" if bounds else str(int(op.attr("trips")))
+    w.line(f"for {index} in range({span}):")
     w.indent += "    "
     _write(w, programs, body, inner_refs)
     returns = [w.name(r) for r in body.returns]
