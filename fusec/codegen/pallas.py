@@ -167,7 +167,21 @@ def build_kernel(op: Op, module: Module, interpret: bool, programs: list[Functio
     gpu_builder = gpu_builder_for(build_kernel, op, module)
     return KernelSpec(name, "pallas", source, text, tuple(v.type for v in op.operands),
                       tuple(r.type for r in op.results), namespace[ident], kernel_reference(op, module), interpret,
-                      masked_refs(source, ident), gpu_builder if interpret else None, op=op, module=module)
+                      masked_refs(source, ident), gpu_builder if interpret else None, op=op, module=module,
+                      grad_builder=grad_builder_for(build_kernel, op, module, interpret))
+
+
+def grad_builder_for(build: Callable[..., KernelSpec], op: Op, module: Module, interpret: bool
+                     ) -> Callable[[], Any] | None:
+    """An attention kernel's ``grad_builder`` (its fused backward, built by ``build``); None for others."""
+    if op.attr("kind") != "attention" or len(op.results) != 1:
+        return None
+
+    def grad_builder() -> Any:
+        from fusec.codegen.attention_grad import attention_grad
+        return attention_grad(op, module, interpret, build)
+
+    return grad_builder
 
 
 def masked_refs(source: str, ident: str) -> tuple[int, ...]:

@@ -142,6 +142,20 @@ def attention_tiling(space: tuple[int, ...], tk: int, target: str) -> KernelTili
     return KernelTiling("attention", tuple(space), block, tuple(cdiv(s, b) for s, b in zip(space, block)), (0,), bk)
 
 
+def backward_tiling(space: tuple[int, ...], steps: int, target: str) -> KernelTiling:
+    """A backward part over ``(batch, T, D)``, looping over ``steps`` (0: no loop) rows of the
+    other sequence: FlashAttention-2's 64 x 64 blocks on a GPU; for the interpreter few, large
+    parallel blocks and loop steps of 32."""
+    batch, t, d = space
+    if target == "interpret":
+        bp, bs = min(128, pow2_at_least(t)), min(32, pow2_at_least(max(steps, 1)))
+    else:
+        bp, bs = (min(64, max(16, pow2_at_least(n))) for n in (t, max(steps, 1)))
+    block = (1, bp, pow2_at_least(d))
+    return KernelTiling("attention_bwd", tuple(space), block, tuple(cdiv(s, b) for s, b in zip(space, block)), (0,),
+                        bs if steps else None)
+
+
 def kernel_facts(op: Op, functions: dict[str, Function]) -> TilingFacts:
     """What tiling reads of a kernel op and its callee."""
     kind, space = str(op.attr("kind")), tuple(op.attr("space"))
@@ -180,10 +194,13 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str, config: 
     ``config`` (a matmul on the ``gpu`` target), that config's tiling (checked: ValueError naming the
     bad field), its ``source`` ("cache:gpu-timed", "shipped:model", "option", ...) kept in the ``tuned``
     attribute."""
-    if op.attr("kind") == "attention":  # its own tiling (not tuned yet)
+    if op.attr("kind") in ("attention", "attention_bwd"):  # their own tilings (not tuned yet)
         callee = functions[str(op.attr("callee"))]
         tk = next(o for o in callee.ops if o.opcode == "dot").result.type.shape[-1]
-        tiling = attention_tiling(tuple(op.attr("space")), tk, target)
+        if op.attr("kind") == "attention":
+            tiling = attention_tiling(tuple(op.attr("space")), tk, target)
+        else:
+            tiling = backward_tiling(tuple(op.attr("space")), int(op.attr("steps")), target)
         attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile", "tuned")}
         return Op(op.opcode, op.operands, op.results, Op.make("kernel", **(attrs | tiling.as_attrs())).attrs, op.loc)
     f = kernel_facts(op, functions)

@@ -148,6 +148,38 @@ class _AttentionLowering:
         k_tile = self.access(b, "load", self.body_refs[m.k.value.name], m.k.roles, {"k": (kk, bk), "d": (
             b.const(0), self.dp)}, g0, hint="k", offset=m.k.offset)
         assert k_tile is not None
+        x = self.scores(b, q_tile, k_tile, kk)
+        scores = x.type
+        row = m_prev.type
+        m_new = b.value("max", [m_prev, b.value("reduce", [x], row, "mx", axes=(1,), kind="max")], row, "m")
+        # A row with no finite score yet subtracts 0, not -inf (which would make NaN of -inf - -inf).
+        dead = b.value("eq", [m_new, b.const(float("-inf"), row)], row.with_elem(BOOL), "dead")
+        m_safe = b.value("select", [dead, m_new, b.const(0.0, row)], row, "ms")
+        alpha = b.value("exp", [b.value("sub", [m_prev, m_safe], row, "d")], row, "alpha")
+        ms = b.value("broadcast", [m_safe], scores, "msb", dims=(0,), shape=scores.shape)
+        p = b.value("exp", [b.value("sub", [x, ms], scores, "d")], scores, "p")
+        l_new = b.value("add", [b.value("mul", [l_prev, alpha], row, "l"),
+                                b.value("reduce", [p], row, "ps", axes=(1,), kind="sum")], row, "l")
+        ab = b.value("broadcast", [alpha], acc.type, "ab", dims=(0,) if rows_first else (1,), shape=acc.type.shape)
+        acc = b.value("mul", [acc, ab], acc.type, "acc")
+        v_elem = m.v.value.type.elem
+        if v_elem != F32:
+            p = b.value("convert", [p], scores.with_elem(v_elem), "p", dtype=str(v_elem))
+        v_tile = self.access(b, "load", self.body_refs[m.v.value.name], m.v.roles, {"k": (kk, bk), "d": (
+            b.const(0), self.t.block[2])}, g0, hint="v", offset=m.v.offset)
+        assert v_tile is not None
+        k_first = self.first(m.v.roles, "k", "d")
+        precision = {key: m.pv.attr(key) for key in _PRECISION if m.pv.attr(key) is not None}
+        if rows_first:  # acc[q, d] += p @ v
+            acc = b.value("dot_acc", [acc, p, v_tile], acc.type, "acc", lhs_t=False, rhs_t=not k_first, **precision)
+        else:  # acc[d, q] += v^T p^T
+            acc = b.value("dot_acc", [acc, v_tile, p], acc.type, "acc", lhs_t=k_first, rhs_t=True, **precision)
+        return [m_new, l_new, acc]
+
+    def scores(self, b: TileBuilder, q_tile: Value, k_tile: Value, kk: Value) -> Value:
+        """The softmax input of one [bq, bk] block, f32: ``Q K^T``, the user's chain replayed
+        (its values kept in ``self.tiles``), keys past the end set to -inf."""
+        m, bq, bk = self.m, self.bq, self.bk
         scores = TensorType(F32, (bq, bk))
         precision = {key: m.qk.attr(key) for key in _PRECISION if m.qk.attr(key) is not None}
         s = b.value("dot_acc", [b.const(0.0, scores), q_tile, k_tile], scores, "s",
@@ -176,31 +208,7 @@ class _AttentionLowering:
                            shape=scores.shape)
             inside = b.value("lt", [cols, b.const(m.tk, scores.with_elem(I32))], scores.with_elem(BOOL), "inside")
             x = b.value("select", [inside, neg_inf, x], scores, "x")
-        row = m_prev.type
-        m_new = b.value("max", [m_prev, b.value("reduce", [x], row, "mx", axes=(1,), kind="max")], row, "m")
-        # A row with no finite score yet subtracts 0, not -inf (which would make NaN of -inf - -inf).
-        dead = b.value("eq", [m_new, b.const(float("-inf"), row)], row.with_elem(BOOL), "dead")
-        m_safe = b.value("select", [dead, m_new, b.const(0.0, row)], row, "ms")
-        alpha = b.value("exp", [b.value("sub", [m_prev, m_safe], row, "d")], row, "alpha")
-        ms = b.value("broadcast", [m_safe], scores, "msb", dims=(0,), shape=scores.shape)
-        p = b.value("exp", [b.value("sub", [x, ms], scores, "d")], scores, "p")
-        l_new = b.value("add", [b.value("mul", [l_prev, alpha], row, "l"),
-                                b.value("reduce", [p], row, "ps", axes=(1,), kind="sum")], row, "l")
-        ab = b.value("broadcast", [alpha], acc.type, "ab", dims=(0,) if rows_first else (1,), shape=acc.type.shape)
-        acc = b.value("mul", [acc, ab], acc.type, "acc")
-        v_elem = m.v.value.type.elem
-        if v_elem != F32:
-            p = b.value("convert", [p], scores.with_elem(v_elem), "p", dtype=str(v_elem))
-        v_tile = self.access(b, "load", self.body_refs[m.v.value.name], m.v.roles, {"k": (kk, bk), "d": (
-            b.const(0), self.t.block[2])}, g0, hint="v", offset=m.v.offset)
-        assert v_tile is not None
-        k_first = self.first(m.v.roles, "k", "d")
-        precision = {key: m.pv.attr(key) for key in _PRECISION if m.pv.attr(key) is not None}
-        if rows_first:  # acc[q, d] += p @ v
-            acc = b.value("dot_acc", [acc, p, v_tile], acc.type, "acc", lhs_t=False, rhs_t=not k_first, **precision)
-        else:  # acc[d, q] += v^T p^T
-            acc = b.value("dot_acc", [acc, v_tile, p], acc.type, "acc", lhs_t=k_first, rhs_t=True, **precision)
-        return [m_new, l_new, acc]
+        return x
 
     def side(self, b: TileBuilder, v: Value, labels: Labels) -> Value:
         """A side operand of the chain (with ``labels``) as a full [bq, bk] tile."""
