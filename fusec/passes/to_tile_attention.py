@@ -143,7 +143,7 @@ class _AttentionLowering:
     def step(self, b: TileBuilder, q_tile: Value, m_prev: Value, l_prev: Value, acc: Value,
              rows_first: bool) -> list[Value]:
         """One key block: scores, the user's chain, the tail mask, the online softmax update."""
-        m, bq, bk = self.m, self.bq, self.bk
+        m, bk = self.m, self.bk
         g0, g1, kk = self.g
         k_tile = self.access(b, "load", self.body_refs[m.k.value.name], m.k.roles, {"k": (kk, bk), "d": (
             b.const(0), self.dp)}, g0, hint="k", offset=m.k.offset)

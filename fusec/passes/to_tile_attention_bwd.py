@@ -175,7 +175,8 @@ class _BackwardLowering(_AttentionLowering):
         k0 = g1 if bk == 1 else b.value("mul", [g1, b.const(bk)], SCALAR, "k0")
         start = b.const(0)
         if band.hi != float("inf"):
-            first = b.value("max", [b.value("sub", [k0, b.const(int(band.hi))], SCALAR, "i0"), b.const(0)], SCALAR, "i0")
+            first = b.value("sub", [k0, b.const(int(band.hi))], SCALAR, "i0")
+            first = b.value("max", [first, b.const(0)], SCALAR, "i0")
             start = b.value("div", [first, b.const(bq)], SCALAR, "q0")
         end = b.const(tq)
         if band.lo != float("-inf"):
