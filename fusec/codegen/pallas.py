@@ -62,15 +62,17 @@ def _write_loop(w: BodyWriter, programs: Module, op: Op, plans: dict[str, RefPla
     carried = int(op.attr("carried"))
     fn = "_" + identifier(body.name)
     outer_names = w.names
+    # Names are per function: the body's scalar constants are its own, and the captured ones.
+    outer_consts, inner_consts = w.consts, dict[str, int]()
     inner: dict[str, str] = {}
     inner_refs: dict[str, str] = {}
     for p, v in zip(body.params[1 + carried:], op.operands[carried:]):
         inner[p.name] = w.name(v)  # captured values are the enclosing function's variables
         if v.name in refs:
             inner_refs[p.name] = refs[v.name]
-        if v.name in w.consts:
-            w.consts[p.name] = w.consts[v.name]
-    w.names = inner
+        if v.name in outer_consts:
+            inner_consts[p.name] = outer_consts[v.name]
+    w.names, w.consts = inner, inner_consts
     index = w.name(body.params[0])
     carry = [w.name(p) for p in body.params[1:1 + carried]]
     w.line(f"def {fn}({index}, carry):")
@@ -79,7 +81,7 @@ def _write_loop(w: BodyWriter, programs: Module, op: Op, plans: dict[str, RefPla
     _write(w, programs, body, plans, inner_refs)
     w.line(f"return ({''.join(w.name(r) + ', ' for r in body.returns)})")
     w.indent = w.indent[:-4]
-    w.names = outer_names
+    w.names, w.consts = outer_names, outer_consts
     inits = "".join(w.name(v) + ", " for v in op.operands[:carried])
     results = "".join(w.name(r) + ", " for r in op.results)
     bounds = loop_bounds(op)

@@ -1,0 +1,57 @@
+"""Which derivative a compiled program takes: through its kernels, or from the original jaxpr.
+
+The IR is forward-only: the frontend inlines custom-derivative bodies and canonicalize drops
+``stop_gradient``. So a program is differentiated by JAX differentiating the original jaxpr,
+except where that would rebuild what fusec fused away: a program with attention kernels is
+differentiated through its kernels (their fused backward, every other kernel's reference, the glue
+as XLA runs it) when that derivative is the original's: no custom-derivative rule was inlined, and
+every ``stop_gradient`` sat inside a recognised softmax (the row-max shift, which changes no
+derivative)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jax.extend.core import jaxprs_in_params
+
+from fusec.ir import Module
+
+NO_ATTENTION = "no attention kernel"
+_CUSTOM = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+
+
+def _custom_rules(jaxpr: Any) -> list[str]:
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _CUSTOM:
+            found.append(str(eqn.params.get("name", eqn.primitive.name)))
+        for sub in jaxprs_in_params(eqn.params):
+            found += _custom_rules(getattr(sub, "jaxpr", sub))
+    return found
+
+
+def kernel_ad_problem(jaxpr: Any, stages: tuple[tuple[str, Module], ...]) -> str | None:
+    """None when the program (its ClosedJaxpr and pass stages) is differentiated through its
+    kernels; else why the original jaxpr's derivative is taken (None also for no attention: then
+    there is nothing to gain, and the original's is taken as always)."""
+    final = stages[-1][1]
+    attention = [op for op in final.all_ops() if op.opcode == "kernel" and op.attr("kind") == "attention"]
+    if not attention:
+        return NO_ATTENTION
+    custom = _custom_rules(jaxpr.jaxpr)
+    if custom:
+        return f"it holds custom-derivative rules ({', '.join(sorted(set(custom)))})"
+    inlined = next((m for name, m in stages if name == "inline"), stages[0][1])
+    absorbed = {op.loc for k in attention for op in final.function(str(k.attr("callee"))).ops if op.loc}
+    for func in inlined.functions:
+        users: dict[str, list[Any]] = {}
+        for op in func.ops:
+            for v in op.operands:
+                users.setdefault(v.name, []).append(op)
+        for op in func.ops:
+            if op.opcode != "stop_gradient":
+                continue
+            after = users.get(op.result.name, [])
+            if not after or any(u.loc not in absorbed for u in after):
+                return f"a stop_gradient ({op.loc or op.result.name}) outside a recognised attention"
+    return None

@@ -1,0 +1,183 @@
+"""``jax.grad`` through a recognised attention runs fused backward kernels (FlashAttention-2's
+``pre``, ``dkv`` and ``dq``): gradients match ``jax.grad`` of the plain function, and no [T, T]
+array is left anywhere in the gradient's jaxpr (T = 130 or 33: a length no other axis has)."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fusec
+from fusec.runtime.jax_internals import triton_kernels_in
+from fusec.runtime.ttir import memory_accesses
+
+SMOKE = ("test_grad_matches_jax", "test_no_score_plane_in_the_gradient")
+
+
+def _inputs(*shapes, seed=0):
+    keys = jax.random.split(jax.random.key(seed), len(shapes))
+    return [jax.random.normal(k, s, jnp.float32) for k, s in zip(keys, shapes)]
+
+
+def mha(q, k, v, causal=False):
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(q.shape[-1]).astype(np.float32)
+    if causal:
+        s = jnp.where(jnp.tril(jnp.ones((q.shape[2], k.shape[2]), bool)), s, -1e9)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+
+
+def _walk(jaxpr, out):
+    for eqn in jaxpr.eqns:
+        out.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            _walk(getattr(sub, "jaxpr", sub), out)
+    return out
+
+
+def _kernels(jaxpr) -> list[str]:
+    return [eqn.params["spec"].name for eqn in _walk(jaxpr.jaxpr, []) if eqn.primitive.name == "fusec_kernel"]
+
+
+def _planes(jaxpr, t: int) -> list[str]:
+    """Values of the jaxpr (nested ones too) with two axes of length ``t``."""
+    return [f"{eqn.primitive.name}: {v.aval}" for eqn in _walk(jaxpr.jaxpr, []) for v in eqn.outvars
+            if list(getattr(v.aval, "shape", ())).count(t) >= 2]
+
+
+def _check_grad(fn, args, argnums, backend="pallas", rtol=2e-4, atol=2e-5):
+    """Gradients of ``sum(fn(...) * w)`` by fusec and by JAX, compared; returns the fused jaxpr."""
+    w = _inputs(jax.eval_shape(fn, *args).shape, seed=7)[0]
+
+    def loss(*a):
+        return jnp.sum(fn(*a) * w)
+
+    fused = fusec.jit(loss, backend=backend, interpret=True)
+    grad = jax.grad(fused, argnums=argnums)
+    got = jax.jit(grad)(*args)
+    want = jax.jit(jax.grad(loss, argnums=argnums))(*args)
+    for g, x in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(x), rtol=rtol, atol=atol)
+    return jax.make_jaxpr(grad)(*args)
+
+
+CASES = [(1, False), (7, True), (33, False), (130, True), (7, False), (33, True), (130, False)]
+DEFAULT = CASES[:4]
+
+
+@pytest.mark.parametrize("t,causal", [c if c in DEFAULT else pytest.param(*c, marks=pytest.mark.slow) for c in CASES])
+def test_grad_matches_jax(t: int, causal: bool) -> None:
+    q, k, v = _inputs((1, 2, t, 32), (1, 2, t, 32), (1, 2, t, 32))
+    jaxpr = _check_grad(lambda q, k, v: mha(q, k, v, causal), (q, k, v), (0, 1, 2))
+    kernels = _kernels(jaxpr)
+    assert sum(n.endswith((".pre", ".dkv", ".dq")) for n in kernels) == 3, kernels
+
+
+def test_no_score_plane_in_the_gradient() -> None:
+    """jax.jit(jax.grad(fusec.jit(loss))): the forward with the log-sum-exp and the three backward
+    kernels, and no [T, T] value anywhere (the same function under jax.grad alone has several)."""
+    t = 130
+    q, k, v = _inputs((1, 2, t, 32), (1, 2, t, 32), (1, 2, t, 32))
+
+    def loss(q, k, v):
+        return jnp.sum(mha(q, k, v, True) ** 2)
+
+    jaxpr = jax.make_jaxpr(jax.jit(jax.grad(fusec.jit(loss, backend="pallas", interpret=True), argnums=(0, 1, 2))))(
+        q, k, v)
+    assert _planes(jaxpr, t) == []
+    assert _planes(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v), t)  # the check can fail
+    names = _kernels(jaxpr)
+    assert [n for n in names if ".attn" in n] == ["loss.attn", "loss.attn.pre", "loss.attn.dkv", "loss.attn.dq"]
+
+
+def test_padding_mask_and_vjp() -> None:
+    def attn(q, k, v, mask):
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, k) * 0.2
+        s = jnp.where(mask[:, None, None, :], s, jnp.finfo(s.dtype).min)
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+
+    q, k, v = _inputs((2, 2, 7, 32), (2, 2, 40, 32), (2, 2, 40, 32))
+    mask = jnp.arange(40)[None, :] < jnp.array([[29], [40]])
+    jaxpr = _check_grad(attn, (q, k, v, mask), (0, 1, 2))
+    assert any(n.endswith(".dq") for n in _kernels(jaxpr))
+    # jax.vjp and jax.jvp of the fused function agree with the plain one.
+    fused = fusec.jit(attn, backend="pallas", interpret=True)
+    ct = _inputs((2, 2, 7, 32), seed=3)[0]
+    got = jax.vjp(lambda q, k, v: fused(q, k, v, mask), q, k, v)[1](ct)
+    want = jax.vjp(lambda q, k, v: attn(q, k, v, mask), q, k, v)[1](ct)
+    for g, x in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(x), rtol=2e-4, atol=2e-5)
+    tangents = tuple(_inputs((2, 2, 7, 32), (2, 2, 40, 32), (2, 2, 40, 32), seed=5))
+    got = jax.jvp(lambda q, k, v: fused(q, k, v, mask), (q, k, v), tangents)[1]
+    want = jax.jvp(lambda q, k, v: attn(q, k, v, mask), (q, k, v), tangents)[1]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-5)
+
+
+def test_gqa_bthd_layout_sums_the_group() -> None:
+    """Eight query heads share two key/value heads ([B, T, H, D], causal, dot_product_attention):
+    dK and dV add up over each group."""
+    def attn(q, k, v):
+        k, v = jnp.repeat(k, 4, axis=2), jnp.repeat(v, 4, axis=2)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = _inputs((1, 33, 8, 32), (1, 33, 2, 32), (1, 33, 2, 32))
+    jaxpr = _check_grad(attn, (q, k, v), (0, 1, 2))
+    assert _planes(jaxpr, 33) == []
+
+
+def test_bias_gradient_falls_back_visibly() -> None:
+    """A bias that needs a gradient: the reference's VJP, with a warning; one that does not: fused."""
+    def attn(q, k, v, bias):
+        s = jnp.einsum("hqd,hkd->hqk", q, k) / 8.0 + bias
+        return jax.nn.softmax(s, axis=-1) @ v
+
+    q, k, v, bias = _inputs((2, 9, 32), (2, 9, 32), (2, 9, 32), (2, 9, 9))
+    with pytest.warns(UserWarning, match="bias or other side input needs a gradient"):
+        _check_grad(attn, (q, k, v, bias), (0, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jaxpr = _check_grad(attn, (q, k, v, bias), (0, 1, 2))
+    assert any(n.endswith(".dkv") for n in _kernels(jaxpr))
+
+
+def test_triton_interpreter() -> None:
+    q, k, v = _inputs((1, 2, 40, 32), (1, 2, 40, 32), (1, 2, 40, 32))
+    jaxpr = _check_grad(lambda q, k, v: mha(q, k, v, True), (q, k, v), (0, 1, 2), backend="triton")
+    assert any(n.endswith(".dq") for n in _kernels(jaxpr))
+
+
+def _ident(name: str) -> str:
+    return "k_" + "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
+def test_backward_kernels_mask_every_overhanging_access() -> None:
+    """Lowered for cuda (Pallas's Triton lowering, GPU tiles of 64 at T = 130 and head dim 48):
+    every access of an array some block overhangs is masked, in all four kernels."""
+    q, k, v = _inputs((1, 2, 130, 48), (1, 2, 130, 48), (1, 2, 130, 48))
+
+    def loss(q, k, v):
+        return jnp.sum(mha(q, k, v, True) ** 2)
+
+    fused = fusec.jit(loss, backend="pallas", interpret=True)
+    lowered = jax.jit(jax.grad(fused, argnums=(0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",))
+    grad = next(iter(fused.lower(q, k, v).program.kernels.values())).attention_grad()
+    specs = {_ident(s.name): s.for_gpu() for s in (grad.forward, grad.pre, grad.dkv, grad.dq)}
+    seen = set()
+    for ttir, _ in triton_kernels_in(lowered):
+        name = re.search(r"tt\.func (?:public )?@([\w$.]+)", ttir).group(1)
+        if name not in specs:
+            continue
+        seen.add(name)
+        spec = specs[name]
+        accesses = memory_accesses(ttir)
+        assert accesses
+        for a in accesses:
+            assert a.argument is not None, f"{name}: cannot trace {a.line}"
+            if a.argument in spec.masked_refs:
+                assert a.masked, f"kernel {spec.name}: unmasked {a.kind} of argument {a.argument}: {a.line}"
+        assert spec.masked_refs  # T = 130 and head dim 48 overhang their blocks of 64
+    assert len(seen) == 4, seen
