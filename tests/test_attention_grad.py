@@ -181,3 +181,22 @@ def test_backward_kernels_mask_every_overhanging_access() -> None:
                 assert a.masked, f"kernel {spec.name}: unmasked {a.kind} of argument {a.argument}: {a.line}"
         assert spec.masked_refs  # T = 130 and head dim 48 overhang their blocks of 64
     assert len(seen) == 4, seen
+
+
+@pytest.mark.parametrize("d", [64, pytest.param(128, marks=pytest.mark.slow)])
+def test_backward_kernels_compile_for_sm90_without_spills(d: int, tmp_path, monkeypatch) -> None:
+    """The Triton backend's backward kernels (GPU tiles), compiled for sm_90: 0 spills."""
+    monkeypatch.setenv("TRITON_HOME", str(tmp_path))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    from fusec.runtime.triton_compile import compile_triton_kernel
+    from tests.test_triton_backend import _check_source_masks
+
+    q, k, v = _inputs((1, 2, 130, d), (1, 2, 130, d), (1, 2, 130, d))
+    fused = fusec.jit(lambda q, k, v: mha(q, k, v, True), backend="triton", interpret=True)
+    grad = next(iter(fused.lower(q, k, v).program.kernels.values())).attention_grad()
+    for spec in (grad.forward, grad.pre, grad.dkv, grad.dq):
+        gpu = spec.for_gpu()
+        assert gpu is not None and gpu.backend == "triton", spec.name
+        _check_source_masks(gpu.backend_kernel)
+        resources = compile_triton_kernel(gpu.backend_kernel, 90, sass=False).resources
+        assert resources.spills == 0, (spec.name, resources)

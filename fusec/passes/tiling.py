@@ -144,16 +144,22 @@ def attention_tiling(space: tuple[int, ...], tk: int, target: str) -> KernelTili
 
 def backward_tiling(space: tuple[int, ...], steps: int, target: str) -> KernelTiling:
     """A backward part over ``(batch, T, D)``, looping over ``steps`` (0: no loop) rows of the
-    other sequence: FlashAttention-2's 64 x 64 blocks on a GPU; for the interpreter few, large
-    parallel blocks and loop steps of 32."""
+    other sequence: parallel blocks of 64 rows on a GPU; for the interpreter few, large parallel
+    blocks and loop steps of 32."""
     batch, t, d = space
     if target == "interpret":
         bp, bs = min(128, pow2_at_least(t)), min(32, pow2_at_least(max(steps, 1)))
     else:
         bp, bs = (min(64, max(16, pow2_at_least(n))) for n in (t, max(steps, 1)))
     block = (1, bp, pow2_at_least(d))
+    if target != "interpret" and steps and block[2] >= 64:
+        # Heads of 64 and more: loop steps of 32 rows and eight warps keep the two accumulators and
+        # the four score-sized tiles in registers (64-row steps, or four warps, spill on sm_90).
+        bs, warps = min(bs, 32), 8
+    else:
+        warps = 4
     return KernelTiling("attention_bwd", tuple(space), block, tuple(cdiv(s, b) for s, b in zip(space, block)), (0,),
-                        bs if steps else None)
+                        bs if steps else None, num_warps=warps)
 
 
 def kernel_facts(op: Op, functions: dict[str, Function]) -> TilingFacts:

@@ -28,7 +28,6 @@ from fusec.runtime.ad_route import NO_ATTENTION, kernel_ad_problem
 from fusec.runtime.jax_internals import make_weak
 from fusec.runtime.primitive import call_kernel
 
-
 _WARNED: set[int] = set()
 
 
