@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -84,9 +85,16 @@ def _forward(grad: AttentionGrad, spec: KernelSpec, primals: tuple[Any, ...]) ->
     return forward(*primals)
 
 
+_KERNEL_CALL: list[Callable[[KernelSpec, list[Any]], list[Any]]] = []
+
+
+def register_kernel_call(call: Callable[[KernelSpec, list[Any]], list[Any]]) -> None:
+    """How a kernel is bound (the kernel primitive registers itself: this module never imports it)."""
+    _KERNEL_CALL[:] = [call]
+
+
 def _call(spec: KernelSpec, args: list[Any]) -> list[Any]:
-    from fusec.runtime.primitive import call_kernel
-    return list(call_kernel(spec, args))
+    return list(_KERNEL_CALL[0](spec, args))
 
 
 def _lin_impl(*args: Any, grad: AttentionGrad, spec: KernelSpec) -> Any:

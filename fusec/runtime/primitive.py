@@ -23,6 +23,7 @@ from jax.interpreters import ad, batching, mlir
 from fusec.codegen.kernel_spec import KernelSpec
 from fusec.codegen.xla import numpy_dtype
 from fusec.errors import FusecError
+from fusec.runtime.attention_vjp import attention_jvp, register_kernel_call
 from fusec.runtime.jax_internals import gpu_lowering_target, kernel_result_aval, without_manual_axes, without_vma_checks
 
 fusec_kernel_p = jcore.Primitive("fusec_kernel")
@@ -113,7 +114,6 @@ def _batch(args: list[Any], dims: list[Any], *, spec: KernelSpec) -> tuple[list[
 
 def _jvp(primals: list[Any], tangents: list[Any], *, spec: KernelSpec) -> tuple[list[Any], list[Any]]:
     if spec.grad_builder is not None:  # an attention kernel: fused backward kernels under grad
-        from fusec.runtime.attention_vjp import attention_jvp
         fused = attention_jvp(spec, primals, tangents)
         if fused is not None:
             return fused
@@ -129,3 +129,4 @@ mlir.register_lowering(fusec_kernel_p, functools.partial(_lowering, platform="cp
 mlir.register_lowering(fusec_kernel_p, functools.partial(_lowering, platform="cuda"), platform="cuda")
 batching.primitive_batchers[fusec_kernel_p] = _batch
 ad.primitive_jvps[fusec_kernel_p] = _jvp
+register_kernel_call(call_kernel)
