@@ -129,6 +129,33 @@ def test_gqa_bthd_layout_sums_the_group() -> None:
     assert _planes(jaxpr, 33) == []
 
 
+def test_softcap_and_sliding_window() -> None:
+    """A tanh soft-cap and a -inf sliding-window mask (both loops skip the blocks outside the band)."""
+    def attn(q, k, v):
+        t = q.shape[1]
+        i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+        s = 30.0 * jnp.tanh(jnp.einsum("hqd,hkd->hqk", q, k) / 30.0)
+        return jax.nn.softmax(jnp.where((j <= i) & (j > i - 40), s, -jnp.inf), axis=-1) @ v
+
+    q, k, v = _inputs((2, 130, 32), (2, 130, 32), (2, 130, 32))
+    _check_grad(attn, (q, k, v), (0, 1, 2))
+    grad = next(iter(fusec.jit(attn, backend="pallas", interpret=True).lower(q, k, v).program.kernels.values())
+                ).attention_grad()
+    for spec in (grad.forward, grad.dkv, grad.dq):
+        assert "bounded = true" in spec.tile_program
+
+
+def test_custom_rules_keep_the_original_derivative() -> None:
+    """A custom_jvp (relu) the IR inlines: the derivative is the original jaxpr's, with a warning."""
+    def attn(q, k, v):
+        return jax.nn.relu(mha(q, k, v, True))
+
+    q, k, v = _inputs((1, 2, 7, 32), (1, 2, 7, 32), (1, 2, 7, 32))
+    with pytest.warns(UserWarning, match=r"custom-derivative rules \(relu\)"):
+        jaxpr = _check_grad(attn, (q, k, v), (0, 1, 2))
+    assert not any(n.endswith(".dq") for n in _kernels(jaxpr))
+
+
 def test_bias_gradient_falls_back_visibly() -> None:
     """A bias that needs a gradient: the reference's VJP, with a warning; one that does not: fused."""
     def attn(q, k, v, bias):

@@ -20,11 +20,19 @@ NO_ATTENTION = "no attention kernel"
 _CUSTOM = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
 
 
+def _rule_name(eqn: Any) -> str:
+    """The function a custom-derivative equation wraps (``relu``), else the primitive's name."""
+    body = eqn.params.get("call_jaxpr", eqn.params.get("fun_jaxpr"))
+    info = getattr(getattr(body, "jaxpr", body), "debug_info", None)
+    where = str(getattr(info, "func_src_info", "") or "")
+    return where.split(" ")[0] if where else eqn.primitive.name
+
+
 def _custom_rules(jaxpr: Any) -> list[str]:
     found = []
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in _CUSTOM:
-            found.append(str(eqn.params.get("name", eqn.primitive.name)))
+            found.append(_rule_name(eqn))
         for sub in jaxprs_in_params(eqn.params):
             found += _custom_rules(getattr(sub, "jaxpr", sub))
     return found
