@@ -14,6 +14,7 @@ cannot differentiate, keeps the reference's JVP, with a warning that says so.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -162,11 +163,51 @@ def _run_backward(grad: AttentionGrad, primals: tuple[Any, ...], o: Any, lse: An
 
 
 def to_operand(c: Any, g: GradMap, shape: tuple[int, ...]) -> Any:
-    """Canonical gradient ``c`` (f32[B, T, depth], per query head) added into an array of the
+    """Canonical gradient ``c`` (f32[B, T, depth], per query head) laid out as an array of the
     operand's ``shape``: element (b, t, e) goes where the forward read it (a GQA group's heads
-    land on one key/value head and add up; a fused QKV array's parts add into their heads)."""
-    if list(c.shape) == list(shape) and [r[0] for r in g.roles] == ["b", "q" if g.which == "dq" else "k", "d"]:
-        return c  # already laid out as the operand
+    land on one key/value head and add up; a fused QKV array's part is padded into its heads).
+    Reshapes, a sum and a transpose where the labels allow, else a scatter-add."""
+    out = _relayout(c, g, shape)
+    return _scatter(c, g, shape) if out is None else out
+
+
+def _relayout(c: Any, g: GradMap, shape: tuple[int, ...]) -> Any | None:
+    batch, t, depth = c.shape
+    heads = [r for r in g.roles if r[0] in ("b", "m")]
+    cuts = sorted({1, batch} | {x for _, stride, size in heads for x in (stride, stride * size)})
+    if cuts[-1] != batch or any(hi % lo for lo, hi in zip(cuts, cuts[1:])):
+        return None
+    factors = [(lo, hi // lo) for lo, hi in zip(cuts, cuts[1:])][::-1]  # row-major: largest stride first
+    x = c.reshape([n for _, n in factors] + [t, depth])
+    seq, dim = len(factors), len(factors) + 1
+    order: list[list[int]] = []
+    covered: list[int] = []
+    for kind, stride, size in g.roles:
+        axes = [i for i, (lo, _) in enumerate(factors) if stride <= lo < stride * size] if kind in ("b", "m") else []
+        covered += axes
+        order.append(axes + [dim] if kind == "m" else axes if kind == "b" else [seq] if kind in ("q", "k") else
+                     [dim] if kind == "d" else [])
+    if len(set(covered)) != len(covered) or sum(len(a) for a in order) != len(covered) + 2:
+        return None
+    missing = tuple(i for i in range(len(factors)) if i not in covered)
+    x = x.sum(axis=missing, keepdims=True) if missing else x  # a GQA group adds up
+    x = jnp.transpose(x, [a for axes in order for a in axes] + list(missing))
+    dims = []
+    at = 0
+    for axes in order:
+        dims.append(math.prod(x.shape[at:at + len(axes)]) if axes else 1)
+        at += len(axes)
+    x = x.reshape(dims)
+    pads = []
+    for d, (role, n) in enumerate(zip(g.roles, shape)):
+        before = g.offset * depth if role[0] == "m" else 0
+        if n - dims[d] - before < 0:
+            return None
+        pads.append((before, n - dims[d] - before))
+    return jnp.pad(x, pads) if any(p != (0, 0) for p in pads) else x
+
+
+def _scatter(c: Any, g: GradMap, shape: tuple[int, ...]) -> Any:
     iota = [lax.broadcasted_iota(jnp.int32, c.shape, d) for d in range(3)]
     b, t, e = iota
     index = []
