@@ -7,6 +7,9 @@ blocks carrying the running row maximum ``m``, the running sum ``l`` and the out
 runs), hides keys past the end, and folds the block into ``m``, ``l`` and the accumulator; the
 result is ``acc / l``. A row whose every score is -inf gives NaN, as the reference's softmax does.
 Arrays are addressed by the labels :mod:`fusec.passes.attention_match` gives their dimensions.
+A causal or sliding-window mask bounds the key loop to the blocks its band reaches
+(:mod:`fusec.passes.attention_band`); a kernel op with a second result also stores each row's
+log-sum-exp (f32[B, Tq]) for the fused backward (:mod:`fusec.passes.to_tile_attention_bwd`).
 """
 
 from __future__ import annotations
