@@ -151,6 +151,17 @@ def test_custom_rules_keep_the_original_derivative() -> None:
     assert not any(n.endswith(".dq") for n in _kernels(jaxpr))
 
 
+def test_stop_gradient_keeps_the_original_derivative() -> None:
+    """A stop_gradient on V (not a softmax's shift): V gets no gradient, as under jax.grad."""
+    def attn(q, k, v):
+        return mha(q, k, jax.lax.stop_gradient(v), True)
+
+    q, k, v = _inputs((1, 2, 7, 32), (1, 2, 7, 32), (1, 2, 7, 32))
+    with pytest.warns(UserWarning, match="stop_gradient"):
+        jaxpr = _check_grad(attn, (q, k, v), (0, 1, 2))
+    assert not any(n.endswith(".dq") for n in _kernels(jaxpr))
+
+
 def test_bias_gradient_falls_back_visibly() -> None:
     """A bias that needs a gradient: the reference's VJP, with a warning; one that does not: fused."""
     def attn(q, k, v, bias):

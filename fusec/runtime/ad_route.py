@@ -52,14 +52,51 @@ def kernel_ad_problem(jaxpr: Any, stages: tuple[tuple[str, Module], ...]) -> str
     inlined = next((m for name, m in stages if name == "inline"), stages[0][1])
     absorbed = {op.loc for k in attention for op in final.function(str(k.attr("callee"))).ops if op.loc}
     for func in inlined.functions:
+        producer = {r.name: op for op in func.ops for r in op.results}
         users: dict[str, list[Any]] = {}
         for op in func.ops:
             for v in op.operands:
                 users.setdefault(v.name, []).append(op)
         for op in func.ops:
-            if op.opcode != "stop_gradient":
-                continue
-            after = users.get(op.result.name, [])
-            if not after or any(u.loc not in absorbed for u in after):
-                return f"a stop_gradient ({op.loc or op.result.name}) outside a recognised attention"
+            if op.opcode == "stop_gradient" and not _softmax_shift(op, producer, users, absorbed):
+                return f"a stop_gradient ({op.loc or op.result.name}) outside a recognised attention's softmax"
     return None
+
+
+def _softmax_shift(sg: Any, producer: dict[str, Any], users: dict[str, list[Any]], absorbed: set[str]) -> bool:
+    """Whether ``sg`` is the row-max shift of a softmax that a recognised attention took in:
+    ``sub(x, stop_gradient(max(-inf, reduce_max(x))))`` through broadcasts, the reduce and the sub
+    in the kernel (the softmax is invariant to the shift, so dropping the stop_gradient changes no
+    derivative)."""
+    subs, frontier = [], [sg.result]
+    while frontier:
+        v = frontier.pop()
+        for u in users.get(v.name, []):
+            if u.opcode in ("broadcast", "reshape"):
+                frontier.append(u.result)
+            elif u.opcode == "sub" and u.operands[1].name == v.name and u.loc in absorbed:
+                subs.append(u)
+            else:
+                return False
+    v = sg.operands[0]
+    for _ in range(6):
+        op = producer.get(v.name)
+        if op is None:
+            return False
+        if op.opcode == "reduce" and op.attr("kind") == "max":
+            return bool(subs) and op.loc in absorbed and all(u.operands[0].name == op.operands[0].name for u in subs)
+        if op.opcode not in ("broadcast", "max", "reshape"):
+            return False
+        # max(-inf, r) follows its non-constant side; broadcasts and reshapes their one operand.
+        inner = [u for u in op.operands if not _splat(u, producer)] if op.opcode == "max" else list(op.operands)
+        if len(inner) != 1:
+            return False
+        v = inner[0]
+    return False
+
+
+def _splat(v: Any, producer: dict[str, Any]) -> bool:
+    op = producer.get(v.name)
+    while op is not None and op.opcode == "broadcast":
+        op = producer.get(op.operands[0].name)
+    return op is not None and op.opcode == "constant"
