@@ -165,8 +165,8 @@ def test_grad_through_attention() -> None:
         return jnp.sum(mha(q, k, v, True) ** 2)
 
     want = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-    # grad of the fused function (the kernel primitive's JVP differentiates its reference), and
-    # fusec.jit of the gradient program.
+    # grad of the fused function (fused backward kernels: tests/test_attention_grad.py), and
+    # fusec.jit of the gradient program (the post-AD jaxpr: its attention backward is XLA's).
     fused = _pallas(lambda q, k, v: mha(q, k, v, True))
     outside = jax.grad(lambda q, k, v: jnp.sum(fused(q, k, v) ** 2), argnums=(0, 1, 2))(q, k, v)
     inside = _pallas(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
