@@ -6,7 +6,7 @@ broadcasts: ``tril``, ``jnp.where(j <= i, ...)``, windows), the allowed keys of 
 ``lo <= j - i <= hi``. A key block outside the band is all ``fill``, and skipping it changes nothing
 when ``fill`` is -inf, or, with no bias or padding mask, a fill so low (<= -1e9) that ``exp(fill -
 max)`` is 0 beside the row's own scores, and every query sees at least one key (else the reference
-spreads a fully masked row over every key)."""
+spreads a fully masked row over every key; with -inf such a row is NaN either way)."""
 
 from __future__ import annotations
 
@@ -128,8 +128,9 @@ def attention_band(func: Function, m: AttentionMatch) -> Band | None:
     band = finder.cond(pred, labels)
     if band is None or (band.lo == -_INF and band.hi == _INF):
         return None
-    # Every query must see a key: i + hi >= 0 at i = 0, i + lo <= tk - 1 at i = tq - 1, lo <= hi.
-    if band.hi < 0 or m.tq - 1 + band.lo > m.tk - 1 or band.lo > band.hi:
+    # With a finite fill every query must see a key: i + hi >= 0 at i = 0, i + lo <= tk - 1 at
+    # i = tq - 1, lo <= hi (a -inf row is NaN with or without the blocks skipped).
+    if value != -_INF and (band.hi < 0 or m.tq - 1 + band.lo > m.tk - 1 or band.lo > band.hi):
         return None
     return band
 

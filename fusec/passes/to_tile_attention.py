@@ -131,6 +131,8 @@ class _AttentionLowering:
         if band.hi != float("inf"):
             end = b.value("min", [b.value("add", [q0, b.const(bq + int(band.hi))], SCALAR, "j1"),
                                   b.const(self.m.tk)], SCALAR, "j1")
+            if bq + band.hi < 0:  # a band below the diagonal: the first query blocks see no key
+                end = b.value("max", [end, b.const(0)], SCALAR, "j1")
         start = first if bk == 1 or band.lo == float("-inf") else b.value("div", [first, b.const(bk)], SCALAR, "kv0")
         stop = b.value("div", [b.value("add", [end, b.const(bk - 1)], SCALAR, "kv1"), b.const(bk)], SCALAR, "kv1")
         return [start, stop]
