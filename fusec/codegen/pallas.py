@@ -19,7 +19,7 @@ from fusec.codegen.pallas_text import jnp_dtype
 from fusec.codegen.pallas_unpack import ASM_FLAG
 from fusec.codegen.xla import Evaluator
 from fusec.ir import Function, KernelTiling, Module, Op, Value, parse_elem_type, print_function
-from fusec.ir.tile_ops import ACCESS_OPS, pair_is_table
+from fusec.ir.tile_ops import ACCESS_OPS, loop_bounds, pair_is_table
 from fusec.passes.to_tile import lower_kernel
 from fusec.passes.tune_space import canonical_kernel_text
 
@@ -63,15 +63,17 @@ def _write_loop(w: BodyWriter, programs: Module, op: Op, plans: dict[str, RefPla
     carried = int(op.attr("carried"))
     fn = "_" + identifier(body.name)
     outer_names = w.names
+    # Names are per function: the body's scalar constants are its own, and the captured ones.
+    outer_consts, inner_consts = w.consts, dict[str, int]()
     inner: dict[str, str] = {}
     inner_refs: dict[str, str] = {}
     for p, v in zip(body.params[1 + carried:], op.operands[carried:]):
         inner[p.name] = w.name(v)  # captured values are the enclosing function's variables
         if v.name in refs:
             inner_refs[p.name] = refs[v.name]
-        if v.name in w.consts:
-            w.consts[p.name] = w.consts[v.name]
-    w.names = inner
+        if v.name in outer_consts:
+            inner_consts[p.name] = outer_consts[v.name]
+    w.names, w.consts = inner, inner_consts
     index = w.name(body.params[0])
     carry = [w.name(p) for p in body.params[1:1 + carried]]
     w.line(f"def {fn}({index}, carry):")
@@ -80,10 +82,12 @@ def _write_loop(w: BodyWriter, programs: Module, op: Op, plans: dict[str, RefPla
     _write(w, programs, body, plans, inner_refs)
     w.line(f"return ({''.join(w.name(r) + ', ' for r in body.returns)})")
     w.indent = w.indent[:-4]
-    w.names = outer_names
+    w.names, w.consts = outer_names, outer_consts
     inits = "".join(w.name(v) + ", " for v in op.operands[:carried])
     results = "".join(w.name(r) + ", " for r in op.results)
-    w.line(f"({results}) = lax.fori_loop(0, {op.attr('trips')}, {fn}, ({inits}))")
+    bounds = loop_bounds(op)
+    start, stop = (w.index_name(v) for v in bounds) if bounds else ("0", str(op.attr("trips")))
+    w.line(f"({results}) = lax.fori_loop({start}, {stop}, {fn}, ({inits}))")
 
 
 def _atomic_outputs(module: Module, outputs: tuple[Value, ...]) -> list[int]:
@@ -170,7 +174,21 @@ def build_kernel(op: Op, module: Module, interpret: bool, programs: list[Functio
     gpu_builder = gpu_builder_for(build_kernel, op, module)
     return KernelSpec(name, "pallas", source, text, tuple(v.type for v in op.operands),
                       tuple(r.type for r in op.results), namespace[ident], kernel_reference(op, module), interpret,
-                      masked_refs(source, ident), gpu_builder if interpret else None, op=op, module=module)
+                      masked_refs(source, ident), gpu_builder if interpret else None, op=op, module=module,
+                      grad_builder=grad_builder_for(build_kernel, op, module, interpret))
+
+
+def grad_builder_for(build: Callable[..., KernelSpec], op: Op, module: Module, interpret: bool
+                     ) -> Callable[[], Any] | None:
+    """An attention kernel's ``grad_builder`` (its fused backward, built by ``build``); None for others."""
+    if op.attr("kind") != "attention" or len(op.results) != 1:
+        return None
+
+    def grad_builder() -> Any:
+        from fusec.codegen.attention_grad import attention_grad
+        return attention_grad(op, module, interpret, build)
+
+    return grad_builder
 
 
 def masked_refs(source: str, ident: str) -> tuple[int, ...]:

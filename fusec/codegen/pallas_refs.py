@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from fusec.codegen.pallas_text import literal
 from fusec.errors import FusecError
 from fusec.ir import Function, Module, Op, ScalarIntervals, TensorType
-from fusec.ir.tile_ops import ACCESS_OPS
+from fusec.ir.tile_ops import ACCESS_OPS, loop_inputs
+from fusec.ir.tile_verify import loop_index_interval
 
 _INDEX_OPS = {"add": "+", "sub": "-", "mul": "*", "div": "//", "rem": "%"}
 
@@ -68,10 +69,10 @@ class _Walk:
                 self.record(op, exprs, scalars, alias)
             elif op.opcode == "loop":
                 body = self.module.function(str(op.attr("body")))
-                inner = ScalarIntervals({body.params[0].name: (0, max(0, int(op.attr("trips")) - 1))})
+                inner = ScalarIntervals({body.params[0].name: loop_index_interval(op, scalars)})
                 inner_exprs: dict[str, str] = {}
                 inner_alias: dict[str, str] = {}
-                for p, v in zip(body.params[1:], op.operands):
+                for p, v in zip(body.params[1:], loop_inputs(op)):
                     if scalars.of(v) is not None:
                         inner.intervals[p.name] = scalars.of(v)  # type: ignore[assignment]
                     if v.name in exprs:

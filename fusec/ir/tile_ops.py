@@ -18,7 +18,10 @@ keep their graph-level meaning on tiles; the ops here add what only a kernel has
   writing (or adding into) the block, masked dimensions writing nothing past the end;
 - ``loop %carried..., %captured... {body, trips, carried}``: ``body(i, carried..., captured...)``
   for ``i`` in ``0 .. trips-1``, returning the next carried values (an ``scf.for`` with
-  ``iter_args``); results are the final carried values;
+  ``iter_args``); results are the final carried values. With ``bounded = true`` its last two
+  operands are ``i32[]`` scalars ``%start, %stop`` (computed from program ids) and ``i`` runs over
+  ``start .. stop-1`` only, within ``0 .. trips-1`` (the verifier proves it): a causal attention's
+  key loop skips the blocks its mask hides;
 - ``dot_acc %acc, %a, %b {lhs_t, rhs_t, precision}``: ``acc + a @ b`` accumulated in acc's dtype;
 - ``unpack %planes..., %scale, [%zero] {format, shape, dtype}``: a tile of a packed low-bit weight
   decoded in registers from its words and the tile's group scale (and zero-point).
@@ -40,6 +43,8 @@ rounded to the 16-bit float (no bias), and ``pick_lanes {adjacent}`` picks x[m, 
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from fusec.ir.opdefs import OPDEFS, Attrs, OpDef, Rule, TypeRuleError, _axes_attr, _elem, _shape_attr
 from fusec.ir.types import F32, I32, DType, LowBitType, TensorType
@@ -130,9 +135,23 @@ def _loop(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
         raise TypeRuleError(f"attribute body={attrs['body']!r} must name a function")
     _int_attr(attrs, "trips", 0)
     carried = _int_attr(attrs, "carried", 0)
-    if carried > len(types):
-        raise TypeRuleError(f"carries {carried} values but has {len(types)} operands")
+    bounds = 2 if attrs.get("bounded") else 0
+    if carried > len(types) - bounds:
+        raise TypeRuleError(f"carries {carried} values but has {len(types) - bounds} operands besides its bounds")
+    for i in range(len(types) - bounds, len(types)):
+        if types[i] != SCALAR_INDEX:
+            raise TypeRuleError(f"has type {types[i]}; a bounded loop's start and stop are i32[] scalars", i)
     return types[:carried]
+
+
+def loop_inputs(op: Any) -> tuple[Any, ...]:
+    """A loop op's carried and captured operands (what its body takes after the index)."""
+    return op.operands[:-2] if op.attr("bounded") else op.operands
+
+
+def loop_bounds(op: Any) -> tuple[Any, Any] | None:
+    """A bounded loop's ``(start, stop)`` operands, or None for ``0 .. trips``."""
+    return (op.operands[-2], op.operands[-1]) if op.attr("bounded") else None
 
 
 def _dot_acc(types: list[TensorType], attrs: Attrs) -> list[TensorType]:

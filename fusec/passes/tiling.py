@@ -143,6 +143,26 @@ def attention_tiling(space: tuple[int, ...], tk: int, target: str) -> KernelTili
     return KernelTiling("attention", tuple(space), block, tuple(cdiv(s, b) for s, b in zip(space, block)), (0,), bk)
 
 
+def backward_tiling(space: tuple[int, ...], steps: int, target: str) -> KernelTiling:
+    """A backward part over ``(batch, T, D)``, looping over ``steps`` (0: no loop) rows of the
+    other sequence: parallel blocks of 64 rows on a GPU; for the interpreter few, large parallel
+    blocks and loop steps of 32."""
+    batch, t, d = space
+    if target == "interpret":
+        bp, bs = min(128, pow2_at_least(t)), min(32, pow2_at_least(max(steps, 1)))
+    else:
+        bp, bs = (min(64, max(16, pow2_at_least(n))) for n in (t, max(steps, 1)))
+    block = (1, bp, pow2_at_least(d))
+    if target != "interpret" and steps and block[2] >= 64:
+        # Heads of 64 and more: loop steps of 32 rows and eight warps keep the two accumulators and
+        # the four score-sized tiles in registers (64-row steps, or four warps, spill on sm_90).
+        bs, warps = min(bs, 32), 8
+    else:
+        warps = 4
+    return KernelTiling("attention_bwd", tuple(space), block, tuple(cdiv(s, b) for s, b in zip(space, block)), (0,),
+                        bs if steps else None, num_warps=warps)
+
+
 def kernel_facts(op: Op, functions: dict[str, Function]) -> TilingFacts:
     """What tiling reads of a kernel op and its callee."""
     kind, space = str(op.attr("kind")), tuple(op.attr("space"))
@@ -195,10 +215,13 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str, config: 
     ``config`` (a matmul on the ``gpu`` target), that config's tiling (checked: ValueError naming the
     bad field), its ``source`` ("cache:gpu-timed", "shipped:model", "option", ...) kept in the ``tuned``
     attribute."""
-    if op.attr("kind") == "attention":  # its own tiling (not tuned yet)
+    if op.attr("kind") in ("attention", "attention_bwd"):  # their own tilings (not tuned yet)
         callee = functions[str(op.attr("callee"))]
         tk = next(o for o in callee.ops if o.opcode == "dot").result.type.shape[-1]
-        tiling = attention_tiling(tuple(op.attr("space")), tk, target)
+        if op.attr("kind") == "attention":
+            tiling = attention_tiling(tuple(op.attr("space")), tk, target)
+        else:
+            tiling = backward_tiling(tuple(op.attr("space")), int(op.attr("steps")), target)
         attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile", "tuned")}
         return Op(op.opcode, op.operands, op.results, Op.make("kernel", **(attrs | tiling.as_attrs())).attrs, op.loc)
     f = kernel_facts(op, functions)

@@ -337,6 +337,9 @@ def lower_kernel(op: Op, callee: Function) -> list[Function]:
     if op.attr("kind") == "attention":
         from fusec.passes.to_tile_attention import lower_attention  # it imports this module's builder
         return lower_attention(op, callee)
+    if op.attr("kind") == "attention_bwd":
+        from fusec.passes.to_tile_attention_bwd import lower_attention_backward
+        return lower_attention_backward(op, callee)
     return _KernelLowering(op, callee).lower()
 
 

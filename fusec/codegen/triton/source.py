@@ -16,7 +16,7 @@ from fusec.codegen.triton.kernel import INTERPRETED_FLAG, ArraySig, TritonKernel
 from fusec.codegen.triton.text import constant_value, pow2, shape_text
 from fusec.errors import Unsupported
 from fusec.ir import Function, KernelTiling, Module, Op, print_function
-from fusec.ir.tile_ops import ACCESS_OPS
+from fusec.ir.tile_ops import ACCESS_OPS, loop_bounds
 
 _PRELUDE = f"""import triton
 import triton.language as tl
@@ -100,6 +100,8 @@ def _write_loop(w: BodyWriter, programs: Module, op: Op, refs: dict[str, str]) -
     body = programs.function(str(op.attr("body")))
     carried = int(op.attr("carried"))
     outer = w.names
+    # Names are per function: the body's scalar constants are its own, and the captured ones.
+    outer_consts, inner_consts = w.consts, dict[str, int]()
     inner: dict[str, str] = {}
     inner_refs: dict[str, str] = {}
     carry = []
@@ -111,13 +113,15 @@ def _write_loop(w: BodyWriter, programs: Module, op: Op, refs: dict[str, str]) -
         inner[p.name] = w.name(v)  # captured values are the enclosing function's variables
         if v.name in refs:
             inner_refs[p.name] = refs[v.name]
-        if v.name in w.consts:
-            w.consts[p.name] = w.consts[v.name]
+        if v.name in outer_consts:
+            inner_consts[p.name] = outer_consts[v.name]
     for p, ident in zip(body.params[1:1 + carried], carry):
         inner[p.name] = ident
-    w.names = inner
+    bounds = loop_bounds(op)  # the enclosing function's values
+    span = f"{w.index(bounds[0])}, {w.index(bounds[1])}" if bounds else str(int(op.attr("trips")))
+    w.names, w.consts = inner, inner_consts
     index = w.name(body.params[0])
-    w.line(f"for {index} in range({int(op.attr('trips'))}):")
+    w.line(f"for {index} in range({span}):")
     w.indent += "    "
     _write(w, programs, body, inner_refs)
     returns = [w.name(r) for r in body.returns]
@@ -126,7 +130,7 @@ def _write_loop(w: BodyWriter, programs: Module, op: Op, refs: dict[str, str]) -
     else:
         w.line("pass")
     w.indent = w.indent[:-4]
-    w.names = outer
+    w.names, w.consts = outer, outer_consts
     for r, ident in zip(op.results, carry):
         w.line(f"{w.name(r)} = {ident}")
 
