@@ -3,6 +3,7 @@ arithmetic, and real kernels compiled for sm_90 on this (GPU-less) machine."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -140,6 +141,10 @@ def test_model_toy_config_by_hand() -> None:
     # One CTA of one warp: one scheduler issues; a tiny kernel is one memory latency.
     tiny = model(KernelWork(1, 1, 32, 0, 100, 0, 0.0, 4096, 4096, 8192), H100)
     assert tiny.issue_s == pytest.approx(100 / f) and tiny.bound_by == "latency"
+    # A split-K fixup's 3 serial L2 round trips (150 ns each) come after everything else.
+    fixup = model(dataclasses.replace(work, tail_round_trips=3), H100)
+    assert fixup.tail_s == pytest.approx(3 * 150e-9) and got.tail_s == 0.0
+    assert fixup.time_s == pytest.approx(got.time_s + 3 * 150e-9) and fixup.bound_by == "bandwidth"
 
 
 # -- real kernels, compiled for sm_90 on this machine -------------------------------------------------------
