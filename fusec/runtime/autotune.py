@@ -131,7 +131,7 @@ def model_timer(kernel: TunableKernel, lower: Callable[[TileConfig], Any], gpu: 
     this machine (no GPU needed), its SASS read and modeled on ``gpu``."""
     from fusec.runtime.gpu_compile import compile_kernel_artifacts
     from fusec.runtime.gpu_model import model, model_gpu
-    from fusec.runtime.gpu_work import kernel_work
+    from fusec.runtime.gpu_work import fixup_work, kernel_work
 
     spec = model_gpu(gpu)
 
@@ -145,8 +145,9 @@ def model_timer(kernel: TunableKernel, lower: Callable[[TileConfig], Any], gpu: 
         compiled = {ck.name: ck for ck in compile_kernel_artifacts(lowered.lower_for("cuda"), 90, sass=True)}
         tile = module.function(str(op.attr("tile")))
         trips = max([int(o.attr("trips")) for o in tile.ops if o.opcode == "loop"], default=1)
+        tail, scratch = fixup_work(op, tile)
         work, _, _ = kernel_work(compiled[name], trips, int(op.attr("bytes_read")) + int(op.attr("bytes_written")),
-                                 spec)
+                                 spec, tail, scratch)
         return model(work, spec).time_s
 
     return modeled_time

@@ -103,6 +103,8 @@ class KernelWork:
     load_bytes_per_cta: float  # global bytes one CTA loads over its life
     inflight_bytes_per_cta: float  # global bytes one CTA has requested and not yet received
     compulsory_bytes: int  # bytes the kernel must move to and from HBM (fusec's cost model)
+    workspace_bytes: int = 0  # bytes of the kernel's own workspace it moves too (a fixup's f32 sums): time,
+    # not useful traffic (the share of peak leaves them out)
     tail_round_trips: int = 0  # L2 round trips each CTA waits out, one after another, after its last
     # load: a split-K fixup's release, arrival counter and reload of the finished sum (3)
 
@@ -124,7 +126,7 @@ class Modeled:
     time_s: float
     bound_by: str  # the largest term: "issue", "conversions", "mma", "bandwidth" or "latency" (also when
     # every term is below one memory latency)
-    bandwidth_share: float  # bandwidth_s / time_s: the share of HBM peak the kernel reaches
+    bandwidth_share: float  # compulsory bytes / HBM bandwidth / time_s: the share of HBM peak the kernel reaches
 
 
 def model(work: KernelWork, spec: GpuModelSpec) -> Modeled:
@@ -133,7 +135,7 @@ def model(work: KernelWork, spec: GpuModelSpec) -> Modeled:
     - issue: the busiest SM's warp instructions / (min(schedulers, resident warps) x clock)
     - conversions: its conversion results / (16 per clock x clock)
     - mma: its tensor-core clocks / clock
-    - bandwidth: compulsory bytes / HBM bandwidth
+    - bandwidth: (compulsory + workspace bytes) / HBM bandwidth
     - latency: its load bytes x memory latency / its bytes in flight (Little's law)
     - fill: one memory latency, before the first bytes arrive;
     - tail: the kernel's serial L2 round trips after its stream (a split-K fixup's), which no
@@ -149,7 +151,7 @@ def model(work: KernelWork, spec: GpuModelSpec) -> Modeled:
     issue = warps * work.warp_instructions / (issuers * spec.clock_hz)
     conversions = warps * 32 * work.slow_conversions / (spec.conversions_per_clock_per_sm * spec.clock_hz)
     mma = warps * work.mma_clocks / spec.clock_hz
-    bandwidth = work.compulsory_bytes / spec.hbm_bytes_per_s
+    bandwidth = (work.compulsory_bytes + work.workspace_bytes) / spec.hbm_bytes_per_s
     inflight = resident * work.inflight_bytes_per_cta
     loaded = busiest * work.load_bytes_per_cta
     latency = loaded * spec.memory_latency_s / inflight if inflight > 0 else 0.0
@@ -161,5 +163,6 @@ def model(work: KernelWork, spec: GpuModelSpec) -> Modeled:
     time = fill + terms[bound] + tail
     if terms[bound] < fill:
         bound = "latency"  # one memory round trip is most of the time
+    useful = work.compulsory_bytes / spec.hbm_bytes_per_s
     return Modeled(occ, busiest, resident, active, inflight, issue, conversions, mma, bandwidth, latency, fill,
-                   tail, time, bound, bandwidth / time)
+                   tail, time, bound, useful / time)
