@@ -19,7 +19,8 @@ keep their graph-level meaning on tiles; the ops here add what only a kernel has
   (``relaxed``: the adds need no memory ordering of their own; a later release orders them);
 - an access with attribute ``when`` takes one more operand, last: an ``i1[]`` scalar; the access
   happens only where it is true (a load reads ``other`` where it is not);
-- ``barrier``: every thread of the program waits here for the others (a CTA barrier);
+- ``barrier {scope = "cta"}``: every thread of the program waits here for the others (a CTA
+  barrier; the attribute also keeps its text unambiguous: an op of no operands and no results);
 - ``arrive %counters, %i``: adds 1 to the i32 element ``%i`` of a 1-d array, atomically (acquire
   and release, GPU scope), and returns the element's old value (a split-K fixup's arrival count);
 - ``loop %carried..., %captured... {body, trips, carried}``: ``body(i, carried..., captured...)``
@@ -161,6 +162,8 @@ def _atomic_add(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
 
 
 def _barrier(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    if attrs["scope"] != "cta":
+        raise TypeRuleError(f"scope={attrs['scope']!r}: a tile program's barrier is the program's (\"cta\")")
     return []
 
 
@@ -276,7 +279,7 @@ _TILE_DEFS: list[tuple[str, int, int | None, tuple[str, ...], Rule]] = [
     ("load", 1, None, ("block",), _load),
     ("store", 2, None, ("block",), _store),
     ("atomic_add", 2, None, ("block",), _atomic_add),
-    ("barrier", 0, 0, (), _barrier),
+    ("barrier", 0, 0, ("scope",), _barrier),
     ("arrive", 2, 2, (), _arrive),
     ("loop", 0, None, ("body", "trips", "carried"), _loop),
     ("dot_acc", 3, 3, ("lhs_t", "rhs_t"), _dot_acc),

@@ -120,7 +120,7 @@ class _KernelLowering:
         counters = b.param("arrivals", TensorType(I32, (tiles,)))
         indices = [b.index(e) for e in mapping.index]
         b.access("atomic_add", ws, indices, mapping.blocks, ws.type, self.tiles[dot.result.name], relaxed=True)
-        b.emit("barrier", [], None, "sync")
+        b.emit("barrier", [], None, "sync", scope="cta")
         tile = b.program_id(0)
         for axis, g in enumerate(t.grid[1:], 1):  # the output tile's index, row-major over the grid
             tile = b.value("add", [b.value("mul", [tile, b.const(g)], SCALAR, "i"), b.program_id(axis)], SCALAR,
