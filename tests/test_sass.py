@@ -16,7 +16,7 @@ import pytest
 import fusec
 from fusec import lowprec
 from fusec.runtime.gpu_model import H100, H200, KernelWork, mma_clocks, model, occupancy
-from fusec.runtime.sass import hot_loop, loops, mix, mma_flops, parse_resource_usage, parse_sass
+from fusec.runtime.sass import hot_loop, loops, mix, mma_flops, parse_resource_usage, parse_sass, tail_round_trips
 
 # A toy kernel: a prologue load, an outer loop (0x40..0x140) holding an inner one (0xd0..0x100), an
 # epilogue, then the padding every kernel ends with (a branch to itself and NOPs).
@@ -224,3 +224,38 @@ def test_cli_inspect_sass(tmp_path: Path, capsys) -> None:
     (kernel,) = json.loads(capsys.readouterr().out)["kernels"]
     assert kernel["programs"] == 1 and kernel["spills"] == 0
     assert main(["inspect", f"{path}:add", "--args", "a=f32[8] b=f32[8]", "--sass", "--gpu", "a100"]) == 2
+
+
+# The tails of two split-K fixups as ptxas writes them (addresses renumbered): relaxed adds, then
+# one thread's acq_rel count and the reload; and acq_rel adds, each fenced, then the same.
+_TAILS = """//--------------------- .text.tail       --------------------------
+        /*0000*/                   REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR12][R2.64], R8 ;
+        /*0010*/                   REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR12][R2.64+0x8000], R40 ;
+        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0030*/               @P1 MEMBAR.ALL.GPU ;
+        /*0040*/               @P1 ATOMG.E.ADD.STRONG.GPU PT, R3, desc[UR12][R4.64], R3 ;
+        /*0050*/               @P1 CCTL.IVALL ;
+        /*0060*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0070*/               @P2 LDG.E.128 R8, desc[UR12][R2.64] ;
+        /*0080*/               @P2 STG.E.64 desc[UR12][R6.64], R8 ;
+        /*0090*/                   EXIT ;
+//--------------------- .text.fenced       --------------------------
+        /*0000*/                   MEMBAR.ALL.GPU ;
+        /*0010*/                   ATOMG.E.ADD.F32x4.FTZ.RN.STRONG.GPU PT, RZ, desc[UR8][R6.64], R44 ;
+        /*0020*/                   MEMBAR.ALL.GPU ;
+        /*0030*/                   ATOMG.E.ADD.F32x4.FTZ.RN.STRONG.GPU PT, RZ, desc[UR8][R4.64+0x8000], R12 ;
+        /*0040*/                   MEMBAR.ALL.GPU ;
+        /*0050*/               @P1 ATOMG.E.ADD.STRONG.GPU PT, R3, desc[UR12][R4.64], R3 ;
+        /*0060*/               @P2 LDG.E.128 R8, desc[UR12][R2.64] ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_tail_round_trips_by_hand() -> None:
+    relaxed, fenced = parse_sass(_TAILS)
+    # The release waits for the adds, the count comes back, the reload: 3.
+    assert tail_round_trips(relaxed.executable()) == 3
+    # The first fence has nothing to wait for; the second and third wait for an add each: 2 + 2.
+    assert tail_round_trips(fenced.executable()) == 4
+    # A plain store at the end waits for nothing (no kernel's final drain is charged).
+    assert tail_round_trips(relaxed.executable()[-2:]) == 0

@@ -87,10 +87,14 @@ _FIXUP_SAMPLED = [("pallas", 1), ("pallas", 16), ("triton", 3)]
 
 @pytest.mark.parametrize("backend,m", [c if c in _FIXUP_SAMPLED else pytest.param(*c, marks=pytest.mark.slow)
                                        for c in _FIXUP_CASES])
-def test_split_k_with_a_cast_finishes_in_one_kernel(backend: str, m: int) -> None:
+def test_split_k_with_a_cast_finishes_in_one_kernel(backend: str, m: int, monkeypatch) -> None:
     """A bfloat16 GEMV (its epilogue only the cast): the K loop splits, and the program that adds
     the last partial sum (arrival count = split - 1) reloads the whole f32 sum, casts and stores it;
-    no second kernel. Equal to the f32 sum rounded once (up to the sum's order)."""
+    no second kernel. Equal to the f32 sum rounded once (up to the sum's order). The Triton
+    interpreter checks every access (the workspace's and counters' too) against its array."""
+    from fusec.codegen.triton import interpret as triton_interpret
+
+    monkeypatch.setattr(triton_interpret, "CHECK_BOUNDS", True)
     k, n = 512, 200  # N = 200 divides no N block; M = 3, 5 no row block
     rng = np.random.default_rng(m)
     w = jnp.asarray(rng.standard_normal((k, n)) * 0.1, jnp.bfloat16)

@@ -132,7 +132,7 @@ def model_timer(kernel: TunableKernel, lower: Callable[[TileConfig], Any], gpu: 
     registers raises (the tuner counts it as failed)."""
     from fusec.runtime.gpu_compile import compile_kernel_artifacts
     from fusec.runtime.gpu_model import model, model_gpu
-    from fusec.runtime.gpu_work import fixup_work, kernel_work
+    from fusec.runtime.gpu_work import kernel_work, workspace_bytes
 
     spec = model_gpu(gpu)
 
@@ -148,9 +148,8 @@ def model_timer(kernel: TunableKernel, lower: Callable[[TileConfig], Any], gpu: 
         trips = max([int(o.attr("trips")) for o in tile.ops if o.opcode == "loop"], default=1)
         if compiled[name].resources.spills:  # a config whose registers spill is not one to ship
             raise ValueError(f"{config.label} spills {compiled[name].resources.spills} bytes of registers")
-        tail, scratch = fixup_work(op, tile)
         work, _, _ = kernel_work(compiled[name], trips, int(op.attr("bytes_read")) + int(op.attr("bytes_written")),
-                                 spec, tail, scratch)
+                                 spec, workspace_bytes(op, tile))
         return model(work, spec).time_s
 
     return modeled_time
