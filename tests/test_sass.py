@@ -259,3 +259,17 @@ def test_tail_round_trips_by_hand() -> None:
     assert tail_round_trips(fenced.executable()) == 4
     # A plain store at the end waits for nothing (no kernel's final drain is charged).
     assert tail_round_trips(relaxed.executable()[-2:]) == 0
+
+
+def test_split_gemv_fixup_tail_is_three_round_trips() -> None:
+    """A split bfloat16 GEMV finishes its cast itself: relaxed adds (Pallas's acq_rel atomics would
+    fence each one), then the release, the arrival count and the reload: 3 L2 round trips."""
+    _tools_or_skip()
+    k_dim, n = 1024, 256
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((k_dim, n)) * 0.02, jnp.bfloat16)
+    q = lowprec.quantize({"w": w}, lowprec.QuantSpec(4, 128))["w"]
+    profile, op, _ = _profile(lambda q, x: x @ q, q, jax.ShapeDtypeStruct((1, k_dim), jnp.bfloat16))
+    (k,) = profile.kernels
+    assert op.attr("split", 1) > 1 and k.spills == 0
+    assert k.modeled.tail_s == pytest.approx(3 * 150e-9)
+    assert k.modeled.bandwidth_share < k.modeled.bandwidth_s / k.modeled.time_s  # the workspace is not useful
