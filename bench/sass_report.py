@@ -71,9 +71,9 @@ def rows(backend: str = "pallas", fmt: str = "int4") -> list[dict[str, Any]]:
             lowered = matmul.lower(q, jax.ShapeDtypeStruct((m, k), jnp.bfloat16))
             h100, h200 = (lowered.gpu_profile(90, gpu) for gpu in ("h100", "h200"))
             a, b = _weight_kernel(h100), _weight_kernel(h200)
-            # Split-K leaves the epilogue (here the cast to bfloat16) to a second, small kernel:
-            # the modeled time is both kernels', one after the other; % peak is the weight
-            # kernel's compulsory bytes at peak bandwidth over that time.
+            # A split-K GEMV finishes a cast-only epilogue (here to bfloat16) itself; any other
+            # epilogue is a second, small kernel: the modeled time is all kernels', one after the
+            # other; % peak is the weight kernel's compulsory bytes at peak bandwidth over that time.
             t100, t200 = (sum(x.modeled_us for x in p.kernels) for p in (h100, h200))
             op = next(o for o in lowered.program.module.entry.ops if o.attr("kind") == "matmul")
             out.append({"shape": f"M={m} K={k} N={n}", "config": gpu_config_of(op, lowered.program.module),

@@ -33,7 +33,7 @@ def _ident(name: str) -> str:
 def _input_refs(spec) -> int:
     """How many refs the kernel takes before its outputs (a low-bit weight is several)."""
     header = re.search(r"_body\((.*)\):", spec.source).group(1)
-    # Keyword flags the wrapper sets (_masked_atomics, _fusec_asm) are no refs.
+    # Keyword flags the wrapper sets (_on_gpu, _fusec_asm) are no refs.
     return len([n for n in header.split(",") if "=" not in n]) - len(spec.out_types)
 
 

@@ -19,7 +19,7 @@ from fusec.codegen.pallas_text import jnp_dtype
 from fusec.codegen.pallas_unpack import ASM_FLAG
 from fusec.codegen.xla import Evaluator
 from fusec.ir import Function, KernelTiling, Module, Op, Value, parse_elem_type, print_function
-from fusec.ir.tile_ops import ACCESS_OPS, loop_bounds, pair_is_table
+from fusec.ir.tile_ops import ACCESS_OPS, access_indices, access_predicate, loop_bounds, pair_is_table, scratch_params
 from fusec.passes.to_tile import lower_kernel
 from fusec.passes.tune_space import canonical_kernel_text
 
@@ -42,16 +42,25 @@ def _write(w: BodyWriter, programs: Module, func: Function, plans: dict[str, Ref
     for op in func.ops:
         if op.opcode in ACCESS_OPS:
             plan = plans[refs[op.operands[0].name]]
-            n_values = 1 if op.opcode == "load" else 2
-            indices = [w.index_name(v) for v in op.operands[n_values:]]
+            indices = [w.index_name(v) for v in access_indices(op)]
+            when = access_predicate(op)
+            pred = w.name(when) if when is not None else None
             if op.opcode == "load":
                 # A low-bit weight's scales are declared f32: read as f32, whatever dtype stores them.
                 cast = ".astype(jnp.float32)" if str(op.result.type.elem) == "f32" and \
                     op.result.name not in uncast else ""
-                w.line(f"{w.name(op.result)} = {access_source(plan, op, indices)}{cast}  "
+                w.line(f"{w.name(op.result)} = {access_source(plan, op, indices, when=pred)}{cast}  "
                        f"# {op.result.name}: {op.result.type}")
             else:
-                w.line(access_source(plan, op, indices, w.name(op.operands[1])))
+                w.line(access_source(plan, op, indices, w.name(op.operands[1]), when=pred))
+        elif op.opcode == "barrier":
+            # Interpret mode runs one program at a time and has no barrier to lower.
+            w.line("if _on_gpu:")
+            w.line("    plgpu.debug_barrier()")
+        elif op.opcode == "arrive":
+            ref = plans[refs[op.operands[0].name]].ref
+            w.line(f"{w.name(op.result)} = plgpu.atomic_add({ref}, ({w.index_name(op.operands[1])},), jnp.int32(1))"
+                   f"  # {op.result.name}: the count before this program's arrival")
         elif op.opcode == "loop":
             _write_loop(w, programs, op, plans, refs)
         else:
@@ -91,8 +100,8 @@ def _write_loop(w: BodyWriter, programs: Module, op: Op, plans: dict[str, RefPla
 
 
 def _atomic_outputs(module: Module, outputs: tuple[Value, ...]) -> list[int]:
-    """Positions of the outputs some ``atomic_add`` of the tile program writes."""
-    names = {o.operands[0].name for f in module.functions for o in f.ops if o.opcode == "atomic_add"}
+    """Positions of the outputs some ``atomic_add`` (or ``arrive``) of the tile program writes."""
+    names = {o.operands[0].name for f in module.functions for o in f.ops if o.opcode in ("atomic_add", "arrive")}
     return [j for j, p in enumerate(outputs) if p.name in names]
 
 
@@ -104,23 +113,26 @@ def generate_source(op: Op, programs: list[Function], ident: str) -> str:
     ops = [o for f in programs for o in f.ops]
     plans = plan_refs(module, program)
     n_out = len(op.results)
-    inputs, outputs = program.params[:len(program.params) - n_out], program.params[len(program.params) - n_out:]
+    # The kernel's own workspace (split-K fixup) are outputs too, zeroed first and dropped after.
+    n_scratch = len(scratch_params(op, program))
+    n_in = len(program.params) - n_out - n_scratch
+    inputs, outputs = program.params[:n_in], program.params[n_in:]
     w = BodyWriter()
     w.used.update(plan.ref for plan in plans.values())
     _write(w, module, program, plans, {p.name: p.name for p in program.params})
     args = [plans[p.name].ref for p in program.params]
-    out_shapes = [f"jax.ShapeDtypeStruct({tuple(r.type.shape)}, {jnp_dtype(r)})" for r in op.results]
+    out_shapes = [f"jax.ShapeDtypeStruct({tuple(r.type.shape)}, {jnp_dtype(r)})" for r in outputs]
     grid = KernelTiling.from_attrs(op.attr_dict).launch_grid
     # Outputs the kernel adds into (split-K) start as zeros: an aliased input.
     atomic = _atomic_outputs(module, outputs)
     if atomic:  # the zeros' refs (aliased to the outputs) come between the inputs and the outputs
         args[len(inputs):len(inputs)] = [f"_zeros{j}" for j in atomic]
-    # Keywords the wrapper sets from ``interpret``: masked atomics, PTX (table decodes).
+    # Keywords the wrapper sets from ``interpret``: masked atomics and predicated accesses, PTX (table decodes).
     asm = any(o.opcode == "unpack_pair" and pair_is_table(parse_elem_type(str(o.attr("format")))) for o in ops)
-    flags = (["_masked_atomics"] if atomic else []) + ([ASM_FLAG] if asm else [])
+    flags = (["_on_gpu"] if atomic else []) + ([ASM_FLAG] if asm else [])
     lines = [f"def {ident}_body({', '.join(args + [f'{f}=True' for f in flags])}):"]
     lines += ["    " + line for line in w.lines]
-    zeros = ", ".join(f"jnp.zeros({tuple(outputs[j].type.shape)}, jnp.float32)" for j in atomic)
+    zeros = ", ".join(f"jnp.zeros({tuple(outputs[j].type.shape)}, {jnp_dtype(outputs[j])})" for j in atomic)
     body = f"functools.partial({ident}_body, {', '.join(f'{f}=not interpret' for f in flags)})" if flags \
         else f"{ident}_body"
     in_specs = [plans[p.name].spec for p in inputs] + [plans[outputs[j].name].spec for j in atomic]
@@ -142,7 +154,7 @@ def generate_source(op: Op, programs: list[Function], ident: str) -> str:
         f"        compiler_params=plgpu.CompilerParams(num_warps={op.attr('num_warps')}, "
         f"num_stages={op.attr('num_stages')}),",
         f"        name={ident!r},  # PTX names allow no dots",
-        "    )(*args)",
+        f"    )(*args){f'[:{n_out}]' if n_scratch else ''}",
     ]
     special = SPECIAL_SOURCE if any(o.opcode in SPECIAL_FUNCTIONS for o in ops) else ""
     return _PRELUDE + special + "\n\n" + "\n".join(lines) + "\n"
@@ -196,7 +208,7 @@ def masked_refs(source: str, ident: str) -> tuple[int, ...]:
     header = re.search(rf"def {ident}_body\((.*)\):", source)
     assert header is not None
     # The Triton kernel's arguments: the refs, an aliased zeros input (split-K) included.
-    names = [n.strip() for n in header.group(1).split(",") if not n.strip().startswith(("_masked", ASM_FLAG))]
+    names = [n.strip() for n in header.group(1).split(",") if not n.strip().startswith(("_on_gpu", ASM_FLAG))]
     return tuple(i for i, n in enumerate(names) if re.search(rf"plgpu\.(load|store|atomic_add)\({n}\b", source))
 
 

@@ -14,8 +14,15 @@ keep their graph-level meaning on tiles; the ops here add what only a kernel has
   ``other`` past the array's end; ``squeeze`` drops block dimensions of 1. A low-bit weight is its
   arrays (``LowBitType.part_types``: u32 planes, then scales and zero-points declared f32, which
   is how kernels read them whatever dtype stores them);
-- ``store %ref, %value, %i0, ...`` and ``atomic_add %ref, %value, %i0, ...``: the same addressing,
-  writing (or adding into) the block, masked dimensions writing nothing past the end;
+- ``store %ref, %value, %i0, ...`` and ``atomic_add %ref, %value, %i0, ... {relaxed}``: the same
+  addressing, writing (or adding into) the block, masked dimensions writing nothing past the end
+  (``relaxed``: the adds need no memory ordering of their own; a later release orders them);
+- an access with attribute ``when`` takes one more operand, last: an ``i1[]`` scalar; the access
+  happens only where it is true (a load reads ``other`` where it is not);
+- ``barrier {scope = "cta"}``: every thread of the program waits here for the others (a CTA
+  barrier; the attribute also keeps its text unambiguous: an op of no operands and no results);
+- ``arrive %counters, %i``: adds 1 to the i32 element ``%i`` of a 1-d array, atomically (acquire
+  and release, GPU scope), and returns the element's old value (a split-K fixup's arrival count);
 - ``loop %carried..., %captured... {body, trips, carried}``: ``body(i, carried..., captured...)``
   for ``i`` in ``0 .. trips-1``, returning the next carried values (an ``scf.for`` with
   ``iter_args``); results are the final carried values. With ``bounded = true`` its last two
@@ -46,12 +53,44 @@ from __future__ import annotations
 
 from typing import Any
 
+from fusec.ir.function import Function, Op, Value
 from fusec.ir.opdefs import OPDEFS, Attrs, OpDef, Rule, TypeRuleError, _axes_attr, _elem, _shape_attr
-from fusec.ir.types import F32, I32, DType, LowBitType, TensorType
+from fusec.ir.types import BOOL, F32, I32, DType, LowBitType, TensorType
 
 SCALAR_INDEX = TensorType(I32, ())
 ACCESS_OPS = ("load", "store", "atomic_add")
-TILE_OPS = ("program_id", "element_index", *ACCESS_OPS, "loop", "dot_acc", "unpack", "unpack_pair", "pick_lanes")
+TILE_OPS = ("program_id", "element_index", *ACCESS_OPS, "barrier", "arrive", "loop", "dot_acc", "unpack",
+            "unpack_pair", "pick_lanes")
+SCALAR_BOOL = TensorType(BOOL, ())
+
+
+def access_indices(op: Op) -> tuple[Value, ...]:
+    """An access op's block indices (after its ref and stored value, before its ``when``)."""
+    first = 1 if op.opcode == "load" else 2
+    return op.operands[first:len(op.operands) - int(bool(op.attr("when")))]
+
+
+def access_predicate(op: Op) -> Value | None:
+    """An access op's ``when`` operand: the scalar that says whether it happens at all."""
+    return op.operands[-1] if op.attr("when") else None
+
+
+def scratch_params(op: Op, program: Function) -> tuple[Value, ...]:
+    """The tile program's arrays after the kernel op's inputs and outputs: workspace the kernel
+    keeps to itself (a split-K fixup's f32 sums and arrival counters), zeroed by the caller and
+    dropped after the call."""
+    inputs = sum(len(v.type.elem.part_types(v.type.shape)) if isinstance(v.type.elem, LowBitType) else 1
+                 for v in op.operands)
+    return tuple(program.params[inputs + len(op.results):])
+
+
+def _unpredicated(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    if not attrs.get("when"):
+        return types
+    if not types or types[-1] != SCALAR_BOOL:
+        raise TypeRuleError(f"an access with attribute when ends with an i1[] predicate, got "
+                            f"{types[-1] if types else 'none'}", len(types) - 1)
+    return types[:-1]
 # The 16-bit float whose mantissa a paired code is ORed into: 2^7 (bf16, 7 mantissa bits), 2^10 (f16).
 PAIR_MAGIC = {"bf16": (0x4300, 128), "f16": (0x6400, 1024)}
 
@@ -110,13 +149,15 @@ def block_type(types: list[TensorType], attrs: Attrs, n_before_index: int) -> Te
 
 
 def _load(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    types = _unpredicated(types, attrs)
     tile = block_type(types, attrs, 1)
-    if attrs.get("masked") and "other" not in attrs:
+    if (attrs.get("masked") or attrs.get("when")) and "other" not in attrs:
         raise TypeRuleError("a masked load needs attribute other, the value read past the array's end")
     return [tile]
 
 
 def _store(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    types = _unpredicated(types, attrs)
     tile = block_type(types, attrs, 2)
     if types[1] != tile:
         raise TypeRuleError(f"has type {types[1]}, but the block written is {tile}", 1)
@@ -128,6 +169,21 @@ def _atomic_add(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     if not (isinstance(elem, DType) and (elem.is_float or elem.is_int)):
         raise TypeRuleError(f"has type {types[0]}; atomic adds take float or integer arrays", 0)
     return _store(types, attrs)
+
+
+def _barrier(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    if attrs["scope"] != "cta":
+        raise TypeRuleError(f"scope={attrs['scope']!r}: a tile program's barrier is the program's (\"cta\")")
+    return []
+
+
+def _arrive(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    counters, index = types
+    if counters.elem != I32 or counters.rank != 1:
+        raise TypeRuleError(f"has type {counters}; arrival counters are a 1-d i32 array", 0)
+    if index != SCALAR_INDEX:
+        raise TypeRuleError(f"has type {index}, expected an element index i32[]", 1)
+    return [SCALAR_INDEX]
 
 
 def _loop(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
@@ -258,6 +314,8 @@ _TILE_DEFS: list[tuple[str, int, int | None, tuple[str, ...], Rule]] = [
     ("load", 1, None, ("block",), _load),
     ("store", 2, None, ("block",), _store),
     ("atomic_add", 2, None, ("block",), _atomic_add),
+    ("barrier", 0, 0, ("scope",), _barrier),
+    ("arrive", 2, 2, (), _arrive),
     ("loop", 0, None, ("body", "trips", "carried"), _loop),
     ("dot_acc", 3, 3, ("lhs_t", "rhs_t"), _dot_acc),
     ("unpack", 2, None, ("format", "shape", "dtype"), _unpack),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from fusec.errors import VerifyError
 from fusec.ir.function import Function, Module, Op, Value
-from fusec.ir.tile_ops import ACCESS_OPS, TILE_OPS, loop_bounds, loop_inputs
+from fusec.ir.tile_ops import ACCESS_OPS, TILE_OPS, access_indices, loop_bounds, loop_inputs
 
 Interval = tuple[int, int]
 
@@ -124,6 +124,8 @@ class _Checker:
                                     f"({self.grid[axis]} and {size})")
             elif op.opcode in ACCESS_OPS:
                 self.check_access(op, scalars, refs)
+            elif op.opcode == "arrive":
+                self.check_arrive(op, scalars, refs)
             elif op.opcode == "loop":
                 self.check_loop(op, scalars, refs, depth)
             scalars.add(op)
@@ -154,15 +156,24 @@ class _Checker:
                 inner_refs[p.name] = refs[v.name]
         self.check(body, inner, inner_refs, depth + 1)
 
+    def check_arrive(self, op: Op, scalars: ScalarIntervals, refs: dict[str, Value]) -> None:
+        ref = refs.get(op.operands[0].name)
+        if ref is None:
+            raise self.fail(f"arrive counts in {op.operands[0]}, which is not one of the kernel's arrays")
+        interval = scalars.of(op.operands[1])
+        size = op.operands[0].type.shape[0]
+        if interval is None or interval[0] < 0 or interval[1] >= size:
+            raise self.fail(f"arrive at %{ref.name}[{op.operands[1]}]: the index ({interval}) is not proven "
+                            f"within its {size} counters")
+
     def check_access(self, op: Op, scalars: ScalarIntervals, refs: dict[str, Value]) -> None:
         ref = refs.get(op.operands[0].name)
         if ref is None:
             raise self.fail(f"{op.opcode} addresses {op.operands[0]}, which is not one of the kernel's arrays")
-        n_values = 1 if op.opcode == "load" else 2
         array = op.operands[0].type
         block, masked = tuple(op.attr("block")), set(op.attr("masked", ()))
         what = f"{op.opcode} of %{ref.name}"
-        for d, index in enumerate(op.operands[n_values:]):
+        for d, index in enumerate(access_indices(op)):
             interval = scalars.of(index)
             if interval is None:
                 raise self.fail(f"{what}: the block index {index} of dimension {d} cannot be bounded")

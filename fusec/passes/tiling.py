@@ -17,6 +17,7 @@ from fusec.ir.tile_ops import pair_format_ok
 from fusec.ir.tiling import TILING_ATTRS, cdiv
 from fusec.lowprec.formats import format_of
 from fusec.passes.base import Pass, register_pass
+from fusec.passes.split_epilogue import cast_epilogue
 from fusec.passes.target import PALLAS_TRITON
 from fusec.passes.tune_cache import kernel_key, lookup
 from fusec.passes.tune_space import (
@@ -172,8 +173,10 @@ def kernel_facts(op: Op, functions: dict[str, Function]) -> TilingFacts:
     table_bits = max((f.bits for f in formats if getattr(f, "family", "") in ("nf", "lut")), default=0)
     reduce_axes = tuple(op.attr("reduce_axes")) if op.attr("reduce_axes") is not None else None
     dots = [o for o in callee.ops if o.opcode == "dot"]
-    splittable = len(formats) == 1 and len(dots) == 1 and callee.returns == (dots[0].result,) and \
-        str(dots[0].result.type.elem) == "f32" and not op.attr("in_views") and not op.attr("out_views")
+    # Only the f32 K reduction, or it and a cast (split-epilogue's forms): the K loop may split.
+    reduction = len(dots) == 1 and ((callee.returns == (dots[0].result,) and str(dots[0].result.type.elem) == "f32")
+                                    or cast_epilogue(callee) is not None)
+    splittable = len(formats) == 1 and reduction and not op.attr("in_views") and not op.attr("out_views")
     group = None
     if formats and k:
         weight = next(o for o in callee.ops if o.opcode == "dequantize").operands[0]

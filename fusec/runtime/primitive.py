@@ -24,7 +24,13 @@ from fusec.codegen.kernel_spec import KernelSpec
 from fusec.codegen.xla import numpy_dtype
 from fusec.errors import FusecError
 from fusec.runtime.attention_vjp import attention_jvp, register_kernel_call
-from fusec.runtime.jax_internals import gpu_lowering_target, kernel_result_aval, without_manual_axes, without_vma_checks
+from fusec.runtime.jax_internals import (
+    gpu_lowering_target,
+    kernel_result_aval,
+    relaxed_float_atomics,
+    without_manual_axes,
+    without_vma_checks,
+)
 
 fusec_kernel_p = jcore.Primitive("fusec_kernel")
 fusec_kernel_p.multiple_results = True
@@ -77,7 +83,7 @@ def _pallas_if_no_jax_triton(gpu: KernelSpec) -> KernelSpec | None:
 
 
 def _lowering(ctx: Any, *args: Any, spec: KernelSpec, platform: str) -> Any:
-    with warnings.catch_warnings(), without_vma_checks(), gpu_lowering_target(platform):
+    with warnings.catch_warnings(), without_vma_checks(), gpu_lowering_target(platform), relaxed_float_atomics():
         # JAX 0.11 deprecates Pallas's Triton lowering on every use; fusec chose it deliberately
         # (see the README), and a warning per kernel per compile would tell users nothing.
         warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")

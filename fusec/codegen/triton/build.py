@@ -35,15 +35,16 @@ def register_gpu_call(call: Callable[..., list[Any]]) -> None:
 
 def _runner(kernel: TritonKernel) -> Callable[..., list[Any]]:
     def run(*arrays: Any, interpret: bool = True) -> list[Any]:
+        results = len(kernel.outputs) - kernel.hidden_outputs
         if interpret:
             from fusec.codegen.triton.interpret import interpret_call
-            return interpret_call(kernel, *arrays)
+            return interpret_call(kernel, *arrays)[:results]
         if not _GPU_CALL:
             raise Unsupported("the Triton backend has no GPU call registered (fusec.runtime registers jax-triton's)")
         # A low-bit weight's scales may be stored in another dtype than the f32 they are declared.
         actual = tuple(ArraySig(tuple(a.shape), np.dtype(a.dtype).name) for a in arrays)
         launched = kernel if actual == kernel.inputs else dataclasses.replace(kernel, inputs=actual)
-        return list(_GPU_CALL[0](launched, *arrays))
+        return list(_GPU_CALL[0](launched, *arrays))[:results]
     return run
 
 
