@@ -209,7 +209,10 @@ def masked_refs(source: str, ident: str) -> tuple[int, ...]:
     assert header is not None
     # The Triton kernel's arguments: the refs, an aliased zeros input (split-K) included.
     names = [n.strip() for n in header.group(1).split(",") if not n.strip().startswith(("_on_gpu", ASM_FLAG))]
-    return tuple(i for i, n in enumerate(names) if re.search(rf"plgpu\.(load|store|atomic_add)\({n}\b", source))
+    # An access with no mask (a split-K fixup's arrival count: one element, in bounds by construction)
+    # does not make its ref a masked one.
+    return tuple(i for i, n in enumerate(names)
+                 if re.search(rf"plgpu\.(load|store|atomic_add)\({n}\b[^\n]*\bmask=", source))
 
 
 def kernel_fingerprint(op: Op, module: Module, programs: list[Function]) -> str:
