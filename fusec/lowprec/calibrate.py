@@ -22,7 +22,7 @@ import numpy as np
 
 from fusec.lowprec.codebook import learn_table
 from fusec.lowprec.formats import Format
-from fusec.lowprec.gptq import gptq, output_error, rtn
+from fusec.lowprec.gptq import Factor, factor, gptq, output_error, rtn
 from fusec.lowprec.hessian import Hessian, HessianCollector
 from fusec.lowprec.qarray import QuantSpec, from_codes, packed_shape
 from fusec.lowprec.quantize import SCALE_DTYPES, QuantizedCodes, dequantize_codes
@@ -119,10 +119,12 @@ def _matrix(leaf: Any, contract: tuple[int, ...]) -> np.ndarray:
 
 
 def _quantize(w: np.ndarray, h: np.ndarray, fmt: Format, group: int, scale_dtype: str, method: str,
-              search: bool, act_order: bool, damp: float, block: int, refit: bool) -> QuantizedCodes:
+              search: bool, act_order: bool, damp: float, block: int, refit: bool,
+              factored: Factor | None = None) -> QuantizedCodes:
     if method == "rtn":
         return rtn(w, h, fmt, group, scale_dtype, search=search)
-    q = gptq(w, h, fmt, group, scale_dtype, damp=damp, block=block, act_order=act_order, search=search)
+    q = gptq(w, h, fmt, group, scale_dtype, damp=damp, block=block, act_order=act_order, search=search,
+             factored=factored)
     return refit_scales(w, h, q, scale_dtype) if refit else q
 
 
@@ -149,6 +151,10 @@ def _allocate(costs: list[list[int]], errors: list[list[float]], limit: float) -
         choice[m] = j
 
 
+def _factor(h: np.ndarray, method: str, damp: float, act_order: bool) -> Factor | None:
+    return factor(h, damp, act_order) if method == "gptq" else None
+
+
 def _method_name(method: str, search: bool, act_order: bool, sequential: bool, refit: bool) -> str:
     gptq = method == "gptq"
     return (method + ("+search" if search else "") + ("+act" if act_order and gptq else "")
@@ -156,12 +162,13 @@ def _method_name(method: str, search: bool, act_order: bool, sequential: bool, r
 
 
 def _one(w: np.ndarray, h: np.ndarray, bits: int, group: int | None, fmt: str, scale_dtype: str, method: str,
-         search: bool, act_order: bool, damp: float, block: int, refit: bool
+         search: bool, act_order: bool, damp: float, block: int, refit: bool, factored: Factor | None = None
          ) -> tuple[QuantizedCodes, float, int]:
-    """One matrix at one width: its codes, relative output error and stored bits."""
+    """One matrix at one width: its codes, relative output error and stored bits (``factored``:
+    H's GPTQ factor, shared by every width of the matrix)."""
     g = w.shape[0] if group is None else group
     spec = learn_table(w, np.diag(h), bits, g) if fmt == "lut" else QuantSpec(bits, group, fmt).format()
-    q = _quantize(w, h, spec, g, scale_dtype, method, search, act_order, damp, block, refit)
+    q = _quantize(w, h, spec, g, scale_dtype, method, search, act_order, damp, block, refit, factored)
     return q, output_error(w, dequantize_codes(q), h), storage_bits(*w.shape, bits, g, fmt, scale_dtype)
 
 
@@ -266,8 +273,10 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
     first: dict[str, tuple[QuantizedCodes, float, int]] = {}
     if budget is not None:  # every width on the float model's inputs: each matrix's sensitivity
         options = {p: [(b, g) for b in sorted(set(widths)) for g in fits[p]] for p, _, _ in chosen}
-        results = [[_one(w, hess.h, b, g, fmt, *args) for b, g in options[path]]
-                   for path, hess, w in _progress(chosen, progress, "sensitivity")]
+        results = []
+        for path, hess, w in _progress(chosen, progress, "sensitivity"):
+            f = _factor(hess.h, method, damp, act_order)  # one factor of H for all of its widths
+            results.append([_one(w, hess.h, b, g, fmt, *args, factored=f) for b, g in options[path]])
         total_weights = sum(w.size for _, _, w in chosen)
         # Each matrix's effect on the model is probed at the option nearest the budget.
         probes = [r[min(range(len(r)), key=lambda i: abs(r[i][2] / w.size - budget))]

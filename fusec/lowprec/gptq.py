@@ -13,20 +13,25 @@ the scale dtype before any code is chosen, so the codes returned decode exactly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from fusec.lowprec.formats import Format
+from fusec.lowprec.nearest import nearest
 from fusec.lowprec.quantize import SCALE_DTYPES, QuantizedCodes, _round_up, quantize_codes, symmetric_range
 
 CLIP_GRID = tuple(np.round(np.linspace(1.0, 0.5, 21), 4))
 
 
-def _encode(x: np.ndarray, fmt: Format) -> np.ndarray:
-    """The nearest code of x (already divided by its scale), exactly as ``Format.encode``."""
+def _encode(x: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
+    """The nearest code of x (already divided by its scale) and its table value, exactly as
+    ``Format.encode`` and ``Format.table``."""
     if fmt.family == "int":  # fast path: rint is half-to-even, as encode's ties are
         lo, hi = -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
-        return np.mod(np.clip(np.rint(x), lo, hi), 2**fmt.bits).astype(np.uint8)
-    return fmt.encode(x)
+        codes = np.mod(np.clip(np.rint(x), lo, hi), 2**fmt.bits).astype(np.uint8)
+        return codes, fmt.table[codes]
+    return nearest(x, fmt)
 
 
 def quantize_rows(w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, fmt: Format
@@ -35,8 +40,8 @@ def quantize_rows(w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, fmt
     if zero is not None:
         codes = np.clip(np.rint(w / scale) + zero, 0, 2**fmt.bits - 1)
         return codes.astype(np.uint8), (codes - zero) * scale
-    codes = _encode(w / scale, fmt)
-    return codes, fmt.table[codes] * scale
+    codes, values = _encode(w / scale, fmt)
+    return codes, values * scale
 
 
 def _scales_for(g: np.ndarray, fmt: Format, ratio: float, dtype: type) -> tuple[np.ndarray, np.ndarray | None]:
@@ -95,16 +100,35 @@ def rtn(w: np.ndarray, h: np.ndarray, fmt: Format, group: int, scale_dtype: str 
     return _finish(codes, scales, zeros, fmt, group, scale_dtype)
 
 
-def gptq(w: np.ndarray, h: np.ndarray, fmt: Format, group: int, scale_dtype: str = "bf16", *,
-         damp: float = 0.1, block: int = 128, act_order: bool = False, search: bool = True) -> QuantizedCodes:
-    """GPTQ of ``w`` [K, N] given H = X^T X [K, K]; ``group`` divides K."""
-    w = np.asarray(w, np.float64)
-    k, n = w.shape
+@dataclass(frozen=True)
+class Factor:
+    """What GPTQ needs of H, whatever the width or group: the damped diagonal, the row order, and
+    the upper Cholesky factor U of the (permuted) damped H^-1 = U^T U. Computed once per matrix."""
+
+    weights: np.ndarray
+    perm: np.ndarray
+    u: np.ndarray
+
+
+def factor(h: np.ndarray, damp: float = 0.1, act_order: bool = False) -> Factor:
     h = np.asarray(h, np.float64)
+    k = h.shape[0]
     diag = np.diag(h)
     h = h + np.eye(k) * damp * max(float(np.mean(diag)), 1e-12)
-    weights = np.diag(h)
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
+    u = np.linalg.cholesky(np.linalg.inv(h[np.ix_(perm, perm)])).T  # upper: H^-1 = U^T U
+    return Factor(np.diag(h), perm, u)
+
+
+def gptq(w: np.ndarray, h: np.ndarray, fmt: Format, group: int, scale_dtype: str = "bf16", *,
+         damp: float = 0.1, block: int = 128, act_order: bool = False, search: bool = True,
+         factored: Factor | None = None) -> QuantizedCodes:
+    """GPTQ of ``w`` [K, N] given H = X^T X [K, K]; ``group`` divides K. ``factored``: ``factor(h,
+    damp, act_order)`` computed beforehand (the same for every width and group)."""
+    w = np.asarray(w, np.float64)
+    k, n = w.shape
+    f = factor(h, damp, act_order) if factored is None else factored
+    weights, perm, u = f.weights, f.perm, f.u
     grid = CLIP_GRID if search else (1.0,)
     scales = np.empty((k // group, n))
     zeros = np.empty((k // group, n)) if fmt.family == "uint" else None
@@ -115,8 +139,7 @@ def gptq(w: np.ndarray, h: np.ndarray, fmt: Format, group: int, scale_dtype: str
             scales[j] = s
             if zeros is not None and z is not None:
                 zeros[j] = z
-    wp, hp = w[perm].copy(), h[np.ix_(perm, perm)]
-    u = np.linalg.cholesky(np.linalg.inv(hp)).T  # upper: H^-1 = U^T U
+    wp = w[perm].copy()
     # Blocks hold whole groups, so a group's scale is searched on rows that are all up to date.
     b = group if group >= block else group * max(1, block // group)
     codes = np.empty((k, n), np.uint8)
