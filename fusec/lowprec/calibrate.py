@@ -22,7 +22,7 @@ import numpy as np
 
 from fusec.lowprec.codebook import learn_table
 from fusec.lowprec.formats import Format
-from fusec.lowprec.gptq import Factor, factor, gptq, output_error, rtn
+from fusec.lowprec.gptq import Factor, factor, gptq, output_energy, output_error, rtn
 from fusec.lowprec.hessian import Hessian, HessianCollector
 from fusec.lowprec.qarray import QuantSpec, from_codes, packed_shape
 from fusec.lowprec.quantize import SCALE_DTYPES, QuantizedCodes, dequantize_codes
@@ -162,14 +162,14 @@ def _method_name(method: str, search: bool, act_order: bool, sequential: bool, r
 
 
 def _one(w: np.ndarray, h: np.ndarray, bits: int, group: int | None, fmt: str, scale_dtype: str, method: str,
-         search: bool, act_order: bool, damp: float, block: int, refit: bool, factored: Factor | None = None
-         ) -> tuple[QuantizedCodes, float, int]:
-    """One matrix at one width: its codes, relative output error and stored bits (``factored``:
-    H's GPTQ factor, shared by every width of the matrix)."""
+         search: bool, act_order: bool, damp: float, block: int, refit: bool, factored: Factor | None = None,
+         energy: float | None = None) -> tuple[QuantizedCodes, float, int]:
+    """One matrix at one width: its codes, relative output error and stored bits (``factored``
+    and ``energy``: H's GPTQ factor and tr(W^T H W), shared by every width of the matrix)."""
     g = w.shape[0] if group is None else group
     spec = learn_table(w, np.diag(h), bits, g) if fmt == "lut" else QuantSpec(bits, group, fmt).format()
     q = _quantize(w, h, spec, g, scale_dtype, method, search, act_order, damp, block, refit, factored)
-    return q, output_error(w, dequantize_codes(q), h), storage_bits(*w.shape, bits, g, fmt, scale_dtype)
+    return q, output_error(w, dequantize_codes(q), h, energy), storage_bits(*w.shape, bits, g, fmt, scale_dtype)
 
 
 def _with_values(leaves: list[Any], index: int, contract: tuple[int, ...], q: QuantizedCodes) -> list[Any]:
@@ -275,8 +275,8 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
         options = {p: [(b, g) for b in sorted(set(widths)) for g in fits[p]] for p, _, _ in chosen}
         results = []
         for path, hess, w in _progress(chosen, progress, "sensitivity"):
-            f = _factor(hess.h, method, damp, act_order)  # one factor of H for all of its widths
-            results.append([_one(w, hess.h, b, g, fmt, *args, factored=f) for b, g in options[path]])
+            f, e = _factor(hess.h, method, damp, act_order), output_energy(w, hess.h)  # once for all widths
+            results.append([_one(w, hess.h, b, g, fmt, *args, factored=f, energy=e) for b, g in options[path]])
         total_weights = sum(w.size for _, _, w in chosen)
         # Each matrix's effect on the model is probed at the option nearest the budget.
         probes = [r[min(range(len(r)), key=lambda i: abs(r[i][2] / w.size - budget))]

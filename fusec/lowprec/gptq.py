@@ -166,10 +166,16 @@ def gptq(w: np.ndarray, h: np.ndarray, fmt: Format, group: int, scale_dtype: str
     return _finish(natural, scales, zeros, fmt, group, scale_dtype)
 
 
-def output_error(w: np.ndarray, values: np.ndarray, h: np.ndarray) -> float:
+def output_energy(w: np.ndarray, h: np.ndarray) -> float:
+    """tr(W^T H W): the layer's squared output on the calibration inputs."""
+    w = np.asarray(w, np.float64)
+    return float(np.sum(w * (h @ w)))
+
+
+def output_error(w: np.ndarray, values: np.ndarray, h: np.ndarray, energy: float | None = None) -> float:
     """tr(D^T H D) / tr(W^T H W), D = W - values: the layer's relative squared output error on the
-    calibration inputs."""
+    calibration inputs (``energy``: :func:`output_energy`, when known)."""
     d = np.asarray(w, np.float64) - values
     num = float(np.sum(d * (h @ d)))
-    den = float(np.sum(w * (h @ w)))
+    den = output_energy(w, h) if energy is None else energy
     return num / den if den > 0 else num

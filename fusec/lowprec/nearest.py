@@ -19,17 +19,15 @@ import numpy as np
 
 from fusec.lowprec.formats import Format
 
-BUCKETS = 16384
+BUCKETS = 2**18  # 512 KiB of int16 per format; more buckets, fewer values near a midpoint to search
 
 
 @dataclass(frozen=True)
 class _Grid:
     lo: float
     inv_step: float
-    safe: np.ndarray  # bool [BUCKETS]: every value within one bucket of it has one code
-    codes: np.ndarray  # uint8 [BUCKETS]
-    values: np.ndarray  # float64 [BUCKETS], the table value of that code
-    order: np.ndarray  # the finite codes by value
+    position: np.ndarray  # int16 [BUCKETS]: the sorted position every value near the bucket takes, or -1
+    order: np.ndarray  # the finite codes by value (uint8)
     sorted_values: np.ndarray
 
 
@@ -43,7 +41,7 @@ def _positions(sorted_values: np.ndarray, order: np.ndarray, v: np.ndarray) -> n
     return np.where(pick_hi, hi, lo)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=32)  # learned tables are one format per matrix and width: keep a few
 def _grid(fmt: Format) -> _Grid | None:
     table = fmt.table
     order = np.argsort(np.where(np.isfinite(table), table, np.inf), kind="stable")
@@ -59,11 +57,10 @@ def _grid(fmt: Format) -> _Grid | None:
     # Bucket b is [edges[b], edges[b+1]); a value's computed bucket may be off by one, so b is
     # safe when edges[b-1] and edges[b+2] pick the same position. The end buckets also hold every
     # value beyond the grid (where encode's distance ties need not pick the nearest end): never safe.
-    safe = np.zeros(BUCKETS, bool)
-    safe[1:-1] = at[:BUCKETS - 2] == at[3:]
-    pos = at[:BUCKETS]
-    return _Grid(float(lo), float(1 / step), safe, order[pos].astype(np.uint8), sorted_values[pos], order,
-                 sorted_values)
+    position = np.full(BUCKETS, -1, np.int16)
+    safe = at[:BUCKETS - 2] == at[3:]
+    position[1:-1] = np.where(safe, at[1:BUCKETS - 1], -1)
+    return _Grid(float(lo), float(1 / step), position, order.astype(np.uint8), sorted_values)
 
 
 def nearest(x: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
@@ -78,12 +75,8 @@ def nearest(x: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
     t *= grid.inv_step
     # fmax/fmin send NaN to bucket 0 and infinities to the ends, all unsafe: the exact path
     np.fmin(np.fmax(t, 0.0, out=t), BUCKETS - 1, out=t)
-    bucket = t.astype(np.intp)
-    codes, values = grid.codes[bucket], grid.values[bucket]
-    exact = ~grid.safe[bucket]
+    pos = grid.position[t.astype(np.intp)]
+    exact = pos < 0
     if exact.any():
-        xs = x[exact]
-        pos = _positions(grid.sorted_values, grid.order, xs)
-        codes[exact] = grid.order[pos]
-        values[exact] = grid.sorted_values[pos]
-    return codes, values
+        pos[exact] = _positions(grid.sorted_values, grid.order, x[exact])
+    return grid.order[pos], grid.sorted_values[pos]
