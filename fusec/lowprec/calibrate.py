@@ -12,10 +12,9 @@ float. The budget averages over exactly those matrices.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import numpy as np
@@ -24,6 +23,7 @@ from fusec.lowprec.codebook import learn_table
 from fusec.lowprec.formats import Format
 from fusec.lowprec.gptq import Factor, factor, gptq, output_energy, output_error, rtn
 from fusec.lowprec.hessian import Hessian, HessianCollector
+from fusec.lowprec.progress import Progress
 from fusec.lowprec.qarray import QuantSpec, from_codes, packed_shape
 from fusec.lowprec.quantize import SCALE_DTYPES, QuantizedCodes, dequantize_codes
 from fusec.lowprec.refit import refit_scales
@@ -87,6 +87,8 @@ def storage_bits(k: int, n: int, bits: int, group: int, family: str, scale_dtype
 
 def _check_args(bits: int | None, budget: float | None, group: Any, fmt: str, method: str,
                 scale_dtype: str, widths: tuple[int, ...]) -> None:
+    if isinstance(bits, bool) or isinstance(budget, bool):
+        raise ValueError(f"bits and budget are numbers of bits, got bits={bits!r}, budget={budget!r}")
     if (bits is None) == (budget is None):
         raise ValueError("calibrate needs exactly one of bits= (one width for every matrix) or budget= "
                          f"(average bits per weight); got bits={bits!r}, budget={budget!r}")
@@ -182,8 +184,8 @@ def _with_values(leaves: list[Any], index: int, contract: tuple[int, ...], q: Qu
 
 
 def _model_gains(apply_fn: Callable[..., Any], params: Any, batches: list[Any],
-                 where: list[tuple[int, tuple[int, ...]]], probes: list[tuple[QuantizedCodes, float, int]]
-                 ) -> list[float]:
+                 where: list[tuple[int, tuple[int, ...]]], probes: list[tuple[QuantizedCodes, float, int]],
+                 prog: Progress, names: list[str]) -> list[float]:
     """Per matrix, the squared error of the model's outputs on ``batches`` with only that matrix
     quantized (its ``probes`` codes), per unit of its own relative output error: how much its error
     matters downstream, so widths go where the model's output gains most."""
@@ -192,7 +194,8 @@ def _model_gains(apply_fn: Callable[..., Any], params: Any, batches: list[Any],
     batches = [b if isinstance(b, tuple) else (b,) for b in batches]
     reference = [run(params, *b) for b in batches]
     gains = []
-    for (index, contract), (q, rel, _) in zip(where, probes):
+    for _, (index, contract), (q, rel, _) in prog.phase("model effect", list(zip(names, where, probes)),
+                                                       label=lambda item: item[0]):
         probe = jax.tree.unflatten(treedef, _with_values(leaves, index, contract, q))
         err = sum(float(np.sum((np.asarray(o, np.float64) - np.asarray(r, np.float64)) ** 2))
                   for b, ref in zip(batches, reference) for o, r in zip(run(probe, *b), ref))
@@ -200,16 +203,12 @@ def _model_gains(apply_fn: Callable[..., Any], params: Any, batches: list[Any],
     return gains
 
 
-def _say(on: bool, line: str, last: bool) -> None:
-    """A progress line on stderr, rewritten in place."""
-    if on:
-        print(f"\rcalibrate: {line}", end="\n" if last else "", file=sys.stderr, flush=True)
+def _size(item: tuple[str, Hessian, np.ndarray]) -> float:
+    return float(item[2].size)  # a matrix's share of the work: its weights
 
 
-def _progress(items: list[Any], on: bool, what: str) -> Any:
-    for i, item in enumerate(items):
-        _say(on, f"{what} {i + 1}/{len(items)} {item[0]}", i + 1 == len(items))
-        yield item
+def _name(item: tuple[str, Hessian, np.ndarray]) -> str:
+    return item[0]
 
 
 def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any], *, bits: int | None = None,
@@ -217,7 +216,8 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
               scale_dtype: str = "bf16",
               method: str = "gptq", search: bool = True, act_order: bool = True, damp: float = 0.1,
               block: int = 128, refit: bool = False, widths: tuple[int, ...] = WIDTHS,
-              where: Callable[[str, Any], bool] | None = None, sequential: bool = False, progress: bool = False,
+              where: Callable[[str, Any], bool] | None = None, sequential: bool = False,
+              progress: bool | TextIO = False,
               with_report: bool = False) -> Any:
     """``params`` with every matmul weight quantized against ``apply_fn(params, *batch)`` on
     ``batches`` (tuples of the arguments after ``params``; a non-tuple is the one argument).
@@ -236,13 +236,23 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
     0.9843, 0.1 0.9867, 0.1 with act-order 0.9873); ``refit`` (GPTQ only): each group's scale
     refitted by least squares given its codes (:mod:`refit`; on MiniLM +0.0001 at nf4, +0.0008 at
     nf3); ``sequential``: each matrix's inputs are collected with the matrices before it already quantized (as GPTQ does
-    layer by layer). ``where(path, leaf)`` narrows the matrices. With ``with_report`` returns
-    ``(qparams, CalibrationReport)``. Every argument, batch and matrix is checked before any
-    weight is quantized; errors raise ``ValueError``.
+    layer by layer). ``where(path, leaf)`` narrows the matrices. ``progress``: a progress bar on
+    stderr (or on the stream given): phase, matrix i/N, elapsed time, ETA (:mod:`progress`).
+    With ``with_report`` returns ``(qparams, CalibrationReport)``. Every argument, batch and
+    matrix is checked before any weight is quantized; errors raise ``ValueError``.
     """
     _check_args(bits, budget, group, fmt, method, scale_dtype, tuple(widths))
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+        raise ValueError(f"batches must be an iterable of calibration batches (tuples of the arguments after "
+                         f"params), got {type(batches).__name__}")
+    prog = Progress(progress)
     batch_list = list(batches)
     collector = HessianCollector(apply_fn, params, batch_list, where)
+    bad = [p for p, h in collector.hessians.items() if not np.all(np.isfinite(h.h))]
+    if bad:
+        raise ValueError(f"the calibration batches give {bad} non-finite inputs (inf or NaN in X^T X); "
+                         "check the batches and the model's float range")
+    prog.note(f"statistics: X^T X of {len(collector.hessians)} matrices from {len(batch_list)} batches")
     skipped = dict(collector.skipped)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     by_path = {jax.tree_util.keystr(p) or "<root>": i for i, (p, _) in enumerate(leaves)}
@@ -274,7 +284,7 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
     if budget is not None:  # every width on the float model's inputs: each matrix's sensitivity
         options = {p: [(b, g) for b in sorted(set(widths)) for g in fits[p]] for p, _, _ in chosen}
         results = []
-        for path, hess, w in _progress(chosen, progress, "sensitivity"):
+        for path, hess, w in prog.phase("sensitivity", chosen, size=_size, label=_name):
             f, e = _factor(hess.h, method, damp, act_order), output_energy(w, hess.h)  # once for all widths
             results.append([_one(w, hess.h, b, g, fmt, *args, factored=f, energy=e) for b, g in options[path]])
         total_weights = sum(w.size for _, _, w in chosen)
@@ -282,7 +292,7 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
         probes = [r[min(range(len(r)), key=lambda i: abs(r[i][2] / w.size - budget))]
                   for r, (_, _, w) in zip(results, chosen)]
         gains = _model_gains(apply_fn, params, batch_list, [(by_path[p], hess.contract) for p, hess, _ in chosen],
-                             probes)
+                             probes, prog, [p for p, _, _ in chosen])
         picked = _allocate([[c for _, _, c in r] for r in results],
                            [[gain * e for _, e, _ in r] for gain, r in zip(gains, results)], budget * total_weights)
         if picked is None:
@@ -291,23 +301,20 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
                              f"({least:.3f} at {min(widths)} bits with group {group} {scale_dtype} scales)")
         picks = {path: options[path][i] for (path, _, _), i in zip(chosen, picked)}
         first = {path: r[i] for (path, _, _), r, i in zip(chosen, results, picked)}
-    stages = sorted({collector.stages.get(path, 0) for path, _, _ in chosen})
     out = [leaf for _, leaf in leaves]
     current = list(out)  # the model as later stages see it: earlier stages' weights dequantized
     final: dict[str, tuple[QuantizedCodes, float, int, np.ndarray]] = {}
-    done = 0
-    for stage in stages:
-        hs = collector.hessians
-        if sequential and stage != stages[0]:
+    hs, stage_now = collector.hessians, None
+    ordered = sorted(chosen, key=lambda c: collector.stages.get(c[0], 0))  # stable: chosen order within a stage
+    for path, hess, w in prog.phase("quantize", ordered, size=_size, label=_name):
+        stage = collector.stages.get(path, 0)
+        if sequential and stage_now is not None and stage != stage_now:
             hs = collector.collect(jax.tree_util.tree_unflatten(treedef, current))
-        for path, hess, w in [c for c in chosen if collector.stages.get(c[0], 0) == stage]:
-            done += 1
-            _say(progress, f"quantize {done}/{len(chosen)} {path}", done == len(chosen))
-            h = hs[path].h
-            q, err, cost = first[path] if path in first and h is hess.h else _one(w, h, *picks[path], fmt,
-                                                                                   *args)
-            final[path] = (q, err, cost, h)
-            current = _with_values(current, by_path[path], hess.contract, q)
+        stage_now = stage
+        h = hs[path].h
+        q, err, cost = first[path] if path in first and h is hess.h else _one(w, h, *picks[path], fmt, *args)
+        final[path] = (q, err, cost, h)
+        current = _with_values(current, by_path[path], hess.contract, q)
     report_rows = []
     for path, hess, w in chosen:
         q, err, cost, h = final[path]
