@@ -18,40 +18,46 @@ from dataclasses import dataclass
 import numpy as np
 
 from fusec.lowprec.formats import Format
-from fusec.lowprec.nearest import nearest
+from fusec.lowprec.nearest import nearest_scaled
 from fusec.lowprec.quantize import SCALE_DTYPES, QuantizedCodes, _round_up, quantize_codes, symmetric_range
 
 CLIP_GRID = tuple(np.round(np.linspace(1.0, 0.5, 21), 4))
 
 
-def _encode(x: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
-    """The nearest code of x (already divided by its scale) and its table value, exactly as
-    ``Format.encode`` and ``Format.table``."""
+def quantize_rows(w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, fmt: Format, codes: bool = True
+                  ) -> tuple[np.ndarray | None, np.ndarray]:
+    """Codes (None unless ``codes``) and their float64 values for rows ``w`` [..., N] sharing
+    per-column ``scale`` [N]: exactly ``fmt.encode(w / scale)`` and ``fmt.table[codes] * scale``."""
+    if zero is not None:
+        c = np.clip(np.rint(w / scale) + zero, 0, 2**fmt.bits - 1)
+        return c.astype(np.uint8), (c - zero) * scale
     if fmt.family == "int":  # fast path: rint is half-to-even, as encode's ties are
         lo, hi = -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
-        codes = np.mod(np.clip(np.rint(x), lo, hi), 2**fmt.bits).astype(np.uint8)
-        return codes, fmt.table[codes]
-    return nearest(x, fmt)
+        c = np.mod(np.clip(np.rint(w / scale), lo, hi), 2**fmt.bits).astype(np.uint8)
+        return c, fmt.table[c] * scale
+    return nearest_scaled(w, scale, fmt, codes)
 
 
-def quantize_rows(w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, fmt: Format
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Codes and their float64 values for rows ``w`` [..., N] sharing per-column ``scale`` [N]."""
-    if zero is not None:
-        codes = np.clip(np.rint(w / scale) + zero, 0, 2**fmt.bits - 1)
-        return codes.astype(np.uint8), (codes - zero) * scale
-    codes, values = _encode(w / scale, fmt)
-    return codes, values * scale
+class _Ranges:
+    """What every clipping ratio's scale is computed from, computed once per group: the columns'
+    largest magnitude, or for uint their ranges around 0."""
 
+    def __init__(self, g: np.ndarray, fmt: Format) -> None:
+        self.fmt = fmt
+        if fmt.family == "uint":
+            self.lo, self.hi = np.minimum(g.min(axis=0), 0.0), np.maximum(g.max(axis=0), 0.0)
+        else:
+            self.absmax, self.range = np.abs(g).max(axis=0), symmetric_range(fmt)
 
-def _scales_for(g: np.ndarray, fmt: Format, ratio: float, dtype: type) -> tuple[np.ndarray, np.ndarray | None]:
-    if fmt.family == "uint":
-        lo, hi = np.minimum(g.min(axis=0), 0.0) * ratio, np.maximum(g.max(axis=0), 0.0) * ratio
-        s = _round_up(np.where(hi > lo, (hi - lo) / (2**fmt.bits - 1), 1.0), dtype).astype(np.float64)
-        return s, np.clip(np.rint(-lo / s), 0, 2**fmt.bits - 1)
-    absmax = np.abs(g).max(axis=0) * ratio
-    s = _round_up(np.where(absmax > 0, absmax / symmetric_range(fmt), 1.0), dtype).astype(np.float64)
-    return s, None
+    def scales(self, ratio: float, dtype: type) -> tuple[np.ndarray, np.ndarray | None]:
+        fmt = self.fmt
+        if fmt.family == "uint":
+            lo, hi = self.lo * ratio, self.hi * ratio
+            s = _round_up(np.where(hi > lo, (hi - lo) / (2**fmt.bits - 1), 1.0), dtype).astype(np.float64)
+            return s, np.clip(np.rint(-lo / s), 0, 2**fmt.bits - 1)
+        absmax = self.absmax * ratio
+        s = _round_up(np.where(absmax > 0, absmax / self.range, 1.0), dtype).astype(np.float64)
+        return s, None
 
 
 def search_scales(g: np.ndarray, weights: np.ndarray, fmt: Format, scale_dtype: str,
@@ -59,12 +65,14 @@ def search_scales(g: np.ndarray, weights: np.ndarray, fmt: Format, scale_dtype: 
     """Per column of a group ``g`` [G, N]: the scale (and zero-point for uint), among clipping
     ratios ``grid``, with the least sum_k weights_k (g_kn - q_kn)^2."""
     dtype = SCALE_DTYPES[scale_dtype]
-    best_s, best_z = _scales_for(g, fmt, grid[0], dtype)
+    ranges = _Ranges(g, fmt)
+    best_s, best_z = ranges.scales(grid[0], dtype)
     best_err = np.full(g.shape[1], np.inf)
     for ratio in grid:
-        s, z = _scales_for(g, fmt, ratio, dtype)
-        _, q = quantize_rows(g, s, z, fmt)
-        err = weights @ (g - q) ** 2
+        s, z = ranges.scales(ratio, dtype)
+        _, q = quantize_rows(g, s, z, fmt, codes=False)
+        d = np.subtract(g, q, out=q)
+        err = weights @ np.square(d, out=d)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_s = np.where(better, s, best_s)

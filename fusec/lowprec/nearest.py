@@ -52,14 +52,15 @@ def _grid(fmt: Format) -> _Grid | None:
         return None
     lo = sorted_values[0] - 2 * span  # values beyond clamp into an end bucket, which is never safe
     step = 5 * span / BUCKETS
-    edges = lo + np.arange(BUCKETS + 1) * step
-    at = _positions(sorted_values, order, edges)
-    # Bucket b is [edges[b], edges[b+1]); a value's computed bucket may be off by one, so b is
-    # safe when edges[b-1] and edges[b+2] pick the same position. The end buckets also hold every
-    # value beyond the grid (where encode's distance ties need not pick the nearest end): never safe.
-    position = np.full(BUCKETS, -1, np.int16)
-    safe = at[:BUCKETS - 2] == at[3:]
-    position[1:-1] = np.where(safe, at[1:BUCKETS - 1], -1)
+    # Bucket b is [edges[b], edges[b+1]); a value's bucket, computed in float64, is off by far less
+    # than a millionth of a bucket, so b is safe when a millionth of a bucket beyond either edge
+    # picks the same position. The end buckets also hold every value beyond the grid (where
+    # encode's distance ties need not pick the nearest end): never safe.
+    margin = step * 1e-6
+    starts = _positions(sorted_values, order, lo + np.arange(BUCKETS) * step - margin)
+    ends = _positions(sorted_values, order, lo + np.arange(1, BUCKETS + 1) * step + margin)
+    position = np.where(starts == ends, starts, -1).astype(np.int16)
+    position[0] = position[-1] = -1
     return _Grid(float(lo), float(1 / step), position, order.astype(np.uint8), sorted_values)
 
 
@@ -80,3 +81,25 @@ def nearest(x: np.ndarray, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
     if exact.any():
         pos[exact] = _positions(grid.sorted_values, grid.order, x[exact])
     return grid.order[pos], grid.sorted_values[pos]
+
+
+def nearest_scaled(w: np.ndarray, scale: np.ndarray, fmt: Format, codes: bool = True
+                   ) -> tuple[np.ndarray | None, np.ndarray]:
+    """``nearest(w / scale, fmt)`` with the values times ``scale`` (broadcast against ``w``), codes
+    only if asked: the buckets come from w * (1 / (step * scale)), a few roundings off w / scale
+    but far within the one-bucket margin, so w / scale is only divided out where it is searched."""
+    grid = _grid(fmt)
+    if grid is None:
+        c, v = nearest(w / scale, fmt)
+        return c, v * scale
+    t = w * (grid.inv_step / scale)
+    t -= grid.lo * grid.inv_step
+    np.fmin(np.fmax(t, 0.0, out=t), BUCKETS - 1, out=t)
+    pos = grid.position[t.astype(np.intp)]
+    exact = pos < 0
+    if exact.any():
+        s = scale if np.shape(scale) == w.shape else np.broadcast_to(scale, w.shape)
+        pos[exact] = _positions(grid.sorted_values, grid.order, w[exact] / s[exact])
+    values = grid.sorted_values[pos]
+    values *= scale
+    return (grid.order[pos] if codes else None), values
