@@ -21,6 +21,7 @@ import numpy as np
 
 from fusec.lowprec.codebook import learn_table
 from fusec.lowprec.formats import Format
+from fusec.lowprec.forward import Forward
 from fusec.lowprec.gptq import Factor, factor, gptq, output_energy, output_error, rtn
 from fusec.lowprec.hessian import Hessian, HessianCollector
 from fusec.lowprec.progress import Progress
@@ -183,22 +184,18 @@ def _with_values(leaves: list[Any], index: int, contract: tuple[int, ...], q: Qu
     return out
 
 
-def _model_gains(apply_fn: Callable[..., Any], params: Any, batches: list[Any],
-                 where: list[tuple[int, tuple[int, ...]]], probes: list[tuple[QuantizedCodes, float, int]],
-                 prog: Progress, names: list[str]) -> list[float]:
-    """Per matrix, the squared error of the model's outputs on ``batches`` with only that matrix
+def _model_gains(forward: Forward, params: Any, where: list[tuple[int, tuple[int, ...]]],
+                 probes: list[tuple[QuantizedCodes, float, int]], prog: Progress, names: list[str]) -> list[float]:
+    """Per matrix, the squared error of the model's outputs on the batches with only that matrix
     quantized (its ``probes`` codes), per unit of its own relative output error: how much its error
     matters downstream, so widths go where the model's output gains most."""
     leaves, treedef = jax.tree.flatten(params)
-    run = jax.jit(lambda p, *a: jax.tree.leaves(apply_fn(p, *a)))
-    batches = [b if isinstance(b, tuple) else (b,) for b in batches]
-    reference = [run(params, *b) for b in batches]
     gains = []
     for _, (index, contract), (q, rel, _) in prog.phase("model effect", list(zip(names, where, probes)),
                                                        label=lambda item: item[0]):
         probe = jax.tree.unflatten(treedef, _with_values(leaves, index, contract, q))
-        err = sum(float(np.sum((np.asarray(o, np.float64) - np.asarray(r, np.float64)) ** 2))
-                  for b, ref in zip(batches, reference) for o, r in zip(run(probe, *b), ref))
+        err = sum(float(np.sum((o - r) ** 2)) for i in range(len(forward.batches))
+                  for o, r in zip(forward.outputs(probe, i), forward.reference(i)))
         gains.append(err / max(rel, 1e-30))
     return gains
 
@@ -283,6 +280,7 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
     first: dict[str, tuple[QuantizedCodes, float, int]] = {}
     if budget is not None:  # every width on the float model's inputs: each matrix's sensitivity
         options = {p: [(b, g) for b in sorted(set(widths)) for g in fits[p]] for p, _, _ in chosen}
+        forward = Forward(apply_fn, params, batch_list)  # compiles in the background meanwhile
         results = []
         for path, hess, w in prog.phase("sensitivity", chosen, size=_size, label=_name):
             f, e = _factor(hess.h, method, damp, act_order), output_energy(w, hess.h)  # once for all widths
@@ -291,8 +289,8 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
         # Each matrix's effect on the model is probed at the option nearest the budget.
         probes = [r[min(range(len(r)), key=lambda i: abs(r[i][2] / w.size - budget))]
                   for r, (_, _, w) in zip(results, chosen)]
-        gains = _model_gains(apply_fn, params, batch_list, [(by_path[p], hess.contract) for p, hess, _ in chosen],
-                             probes, prog, [p for p, _, _ in chosen])
+        gains = _model_gains(forward, params, [(by_path[p], hess.contract) for p, hess, _ in chosen], probes, prog,
+                             [p for p, _, _ in chosen])
         picked = _allocate([[c for _, _, c in r] for r in results],
                            [[gain * e for _, e, _ in r] for gain, r in zip(gains, results)], budget * total_weights)
         if picked is None:
