@@ -19,7 +19,7 @@ import numpy as np
 
 
 def _key(args: tuple[Any, ...]) -> Any:
-    return jax.tree.structure(args), tuple((np.shape(a), str(np.result_type(a))) for a in jax.tree.leaves(args))
+    return jax.tree.structure(args), tuple((np.shape(a), str(jax.numpy.result_type(a))) for a in jax.tree.leaves(args))
 
 
 class Forward:
