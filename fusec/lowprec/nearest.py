@@ -2,12 +2,12 @@
 
 ``Format.encode`` binary-searches the sorted table for every value, then compares the distances to
 the two neighbours (ties to the even code). Calibration calls it on ~10^9 values (every clipping
-ratio of every group at every width), so here a uniform grid of buckets over the table's range
-holds, per bucket, the code and value ``encode`` gives at its edges. The position ``encode`` picks
-in the sorted table never decreases as the value grows, so a bucket whose neighbours' edges agree
-is constant, and a value landing in it (its bucket computed to within one) takes that code without
-a search. Values in the few buckets around a midpoint, and non-finite values, go through the exact
-search itself.
+ratio of every group at every width), so here a uniform grid of 2^18 buckets over the table's
+range holds, per bucket, the sorted position ``encode`` picks throughout it. That position never
+decreases as the value grows, so a bucket whose edges, widened by a millionth of a bucket (far more
+than the float64 error in computing a value's bucket), pick the same position is constant, and a
+value landing in it takes that code without a search. Values in the buckets around a midpoint or
+beyond the grid, and non-finite values, go through ``encode``'s exact steps.
 """
 
 from __future__ import annotations
