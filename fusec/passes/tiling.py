@@ -183,7 +183,11 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str, config: 
     if op.attr("kind") == "attention":  # its own tiling (not tuned yet)
         callee = functions[str(op.attr("callee"))]
         tk = next(o for o in callee.ops if o.opcode == "dot").result.type.shape[-1]
-        tiling = attention_tiling(tuple(op.attr("space")), tk, target)
+        if op.attr("decode_split") is not None:
+            from fusec.passes.to_tile_decode import decode_tiling
+            tiling = decode_tiling(tuple(op.attr("space")), int(op.attr("decode_chunk")), target)
+        else:
+            tiling = attention_tiling(tuple(op.attr("space")), tk, target)
         attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile", "tuned")}
         return Op(op.opcode, op.operands, op.results, Op.make("kernel", **(attrs | tiling.as_attrs())).attrs, op.loc)
     f = kernel_facts(op, functions)

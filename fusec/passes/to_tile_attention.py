@@ -104,6 +104,10 @@ class _AttentionLowering:
         self.access(b, "store", out, m.out.roles, {"q": (g1, bq), "d": (zero, dvp)}, g0, o)
         return [b.function([]), body.function(returns)]
 
+    def tail_masked(self) -> bool:
+        """Whether some key block reaches past the last key."""
+        return self.m.tk % self.bk != 0
+
     def step(self, b: TileBuilder, q_tile: Value, m_prev: Value, l_prev: Value, acc: Value,
              rows_first: bool) -> list[Value]:
         """One key block: scores, the user's chain, the tail mask, the online softmax update."""
@@ -135,7 +139,7 @@ class _AttentionLowering:
         if x.type.elem != F32:
             x = b.value("convert", [x], scores, "x", dtype="f32")
         neg_inf = b.const(float("-inf"), scores)
-        if m.tk % bk:  # keys past the end take no part
+        if self.tail_masked():  # keys past the end take no part
             cols = b.value("element_index", [kk], scores.with_elem(I32), "cols", block=bk, dimension=1,
                            shape=scores.shape)
             inside = b.value("lt", [cols, b.const(m.tk, scores.with_elem(I32))], scores.with_elem(BOOL), "inside")
