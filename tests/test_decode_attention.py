@@ -1,0 +1,158 @@
+"""Flash-decoding (split-decode) and the low-bit KV cache (fusec.lowprec.KVCache)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fusec
+from fusec.ir import PER_CHANNEL, DType, LowBitType, TensorType
+from fusec.lowprec import KVCache
+from fusec.passes.cost import nbytes
+from fusec.passes.decode_split import decode_chunks
+
+SMOKE = ("test_decode_split_matches_jit",)
+
+
+def attend(q, k, v, mask=None):
+    """[B, H, Tq, D] queries over [B, H, Tk, D] keys and values; ``mask`` [Tk] hides keys."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(q.shape[-1]).astype(np.float32)
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), v)
+
+
+def _inputs(b, h, tq, tk, d, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return [jax.random.normal(k, s) for k, s in zip(keys, ((b, h, tq, d), (b, h, tk, d), (b, h, tk, d)))]
+
+
+def _attention_kernels(fn, *args, backend="pallas"):
+    lowered = fusec.jit(fn, backend=backend, interpret=True).lower(*args)
+    return [op for op in lowered.program.module.all_ops() if op.opcode == "kernel" and op.attr("kind") == "attention"]
+
+
+def test_chunks_fill_the_gpu() -> None:
+    # batch 1 x 32 heads over 4096 keys: 8 chunks of 512, 256 programs (>= 132 SMs).
+    assert decode_chunks(32, 4096) == (8, 512)
+    s, c = decode_chunks(4, 1000)
+    assert s * c >= 1000 > (s - 1) * c and c % 128 == 0
+    assert decode_chunks(1, 100) == (1, 128)  # one chunk: not split
+
+
+@pytest.mark.parametrize("backend,tq,tk", [("pallas", 1, 1000), ("triton", 3, 512)])
+def test_decode_split_matches_jit(backend: str, tq: int, tk: int) -> None:
+    q, k, v = _inputs(1, 2, tq, tk, 64)
+    f = fusec.jit(attend, backend=backend, interpret=True)
+    (op,) = _attention_kernels(attend, q, k, v, backend=backend)
+    s = int(op.attr("decode_split"))
+    assert tuple(op.attr("grid"))[:2] == (2, s) and s == decode_chunks(2, tk)[0] > 1
+    np.testing.assert_allclose(np.asarray(f(q, k, v)), np.asarray(jax.jit(attend)(q, k, v)), rtol=2e-5, atol=2e-5)
+
+
+def test_decode_split_grid_at_llama_decode_shape() -> None:
+    # Lowering only (no run): batch 1, 32 heads, KV 4096, d 128 -> grid (32, 8).
+    q, k, v = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((1, 32, 1, 128), (1, 32, 4096, 128), (1, 32, 4096, 128)))
+    (op,) = _attention_kernels(attend, q, k, v)
+    grid = tuple(op.attr("grid"))
+    assert grid[0] * grid[1] >= 132 and grid[:2] == (32, 8)
+
+
+def test_decode_split_masked_chunks_and_grad() -> None:
+    # A padding mask that hides whole chunks (their m_s is -inf), and jax.grad through the split.
+    q, k, v = _inputs(1, 2, 1, 512, 32, seed=1)
+    mask = jnp.arange(512) < 300
+    f = fusec.jit(attend, backend="pallas", interpret=True)
+    assert _attention_kernels(attend, q, k, v, mask)[0].attr("decode_split") == 4
+    np.testing.assert_allclose(np.asarray(f(q, k, v, mask)), np.asarray(attend(q, k, v, mask)), rtol=2e-5, atol=2e-5)
+    got = jax.grad(lambda q, v: jnp.sum(f(q, k, v, mask) ** 2), argnums=(0, 1))(q, v)
+    want = jax.grad(lambda q, v: jnp.sum(attend(q, k, v, mask) ** 2), argnums=(0, 1))(q, v)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_long_queries_are_not_split() -> None:
+    q, k, v = _inputs(1, 2, 32, 512, 32)
+    (op,) = _attention_kernels(attend, q, k, v)
+    assert op.attr("decode_split") is None
+
+
+# -- the KV cache -------------------------------------------------------------------------------
+def _errors(got, want) -> tuple[float, float, float]:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    err = np.abs(got - want)
+    cos = float((got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want))
+    return float(err.max()), float(err.mean()), cos
+
+
+# (bits, max abs error of the attention output, its cosine) on N(0, 1) keys/values, 200 tokens.
+BOUNDS = {8: (0.005, 0.9999), 4: (0.06, 0.98), 2: (0.3, 0.8)}  # measured: 0.002/0.99998, 0.032/0.993, 0.17/0.86
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_cache_attention_error(bits: int) -> None:
+    q, k, v = _inputs(1, 2, 1, 200, 64, seed=2)
+    cache = jax.jit(lambda c, k, v: c.append(k, v))(KVCache.create(1, 2, 256, 64, bits, dtype=jnp.float32), k, v)
+    assert int(cache.length) == 200
+    step = {8: 1 / 255, 4: 1 / 15, 2: 1 / 3}[bits]
+    for got, want in ((cache.keys(), k), (cache.values(), v)):
+        span = float(np.max(np.asarray(want)) - np.min(np.asarray(want)))
+        assert _errors(np.asarray(got)[:, :, :200], want)[0] <= step * span  # one code step of the range
+    out = attend(q, cache.keys(), cache.values(), cache.mask())
+    max_err, _, cos = _errors(out, attend(q, k, v))
+    assert max_err <= BOUNDS[bits][0] and cos >= BOUNDS[bits][1]
+
+
+def test_cache_exact_window_and_capacity() -> None:
+    k, v = _inputs(1, 1, 1, 70, 32, seed=3)[1:]
+    cache = KVCache.create(1, 1, 128, 32, 4, dtype=jnp.float32).append(k, v)
+    window = np.asarray(cache.keys(exact_window=True))[:, :, 64:70]
+    np.testing.assert_array_equal(window, np.asarray(k)[:, :, 64:70])  # the open group is exact
+    with pytest.raises(ValueError, match="overflows its capacity"):
+        cache.append(jnp.zeros((1, 1, 60, 32)), jnp.zeros((1, 1, 60, 32)))
+    full = jax.jit(lambda c: c.append(jnp.ones((1, 1, 60, 32)), jnp.ones((1, 1, 60, 32))))(cache)
+    assert int(full.length) == 130 and full.length > full.capacity  # under jit: dropped, counted
+    np.testing.assert_array_equal(np.asarray(full.keys())[:, :, :64], np.asarray(cache.keys())[:, :, :64])
+
+
+def test_cache_bad_inputs_name_the_argument() -> None:
+    with pytest.raises(ValueError, match="bits must be one of"):
+        KVCache.create(1, 1, 128, 32, 3)
+    with pytest.raises(ValueError, match="capacity 100 is not a whole number of key_group"):
+        KVCache.create(1, 1, 100, 32, 4)
+    cache = KVCache.create(1, 2, 128, 32, 4)
+    with pytest.raises(ValueError, match=r"k must be \[batch, kv_heads, tokens, head_dim\]"):
+        cache.append(jnp.zeros((1, 3, 1, 32)), jnp.zeros((1, 2, 1, 32)))
+    with pytest.raises(ValueError, match="v must be a float array"):
+        cache.append(jnp.zeros((1, 2, 1, 32)), jnp.zeros((1, 2, 1, 32), jnp.int32))
+
+
+def test_cache_is_a_pytree_under_vmap_and_scan() -> None:
+    k, v = _inputs(2, 1, 1, 40, 32, seed=4)[1:]
+    caches = jax.vmap(lambda k, v: KVCache.create(1, 1, 64, 32, 8, dtype=jnp.float32).append(k[None], v[None]))(k, v)
+    assert caches.k_words.shape[0] == 2
+    keys = jax.vmap(lambda c: c.keys())(caches)
+    assert _errors(keys[:, 0, :, :40], k)[0] < 0.05
+
+    def step(c, kv):
+        return c.append(*kv), None
+
+    kv = (jnp.moveaxis(k[:1], 2, 0), jnp.moveaxis(v[:1], 2, 0))  # 40 steps of one token
+    cache, _ = jax.lax.scan(step, KVCache.create(1, 1, 64, 32, 8, dtype=jnp.float32), kv)
+    assert int(cache.length) == 40 and _errors(cache.values()[:, :, :40], v[:1])[0] < 0.05
+
+
+def test_cache_bytes_against_bf16() -> None:
+    # Batch 1, 32 heads, KV 4096, d 128: the cost model's bytes of the packed codes, scales and
+    # zero-points against a bf16 cache's.
+    b, h, t, d = 1, 32, 4096, 128
+    bf16 = 2 * nbytes(TensorType(DType("bf16"), (b, h, t, d)))
+    for bits, bound in ((4, 0.3), (2, 0.2)):
+        cache = jax.eval_shape(lambda bits=bits: KVCache.create(b, h, t, d, bits))
+        keys = TensorType(LowBitType("uint", bits, group=64, zero_point=True), (t, b * h * d))
+        values = TensorType(LowBitType("uint", bits, group=PER_CHANNEL, zero_point=True), (d, b * h * t))
+        model = nbytes(keys) + nbytes(values)
+        assert model / bf16 <= bound
+        assert cache.k_words.shape == (t * bits // 32, b * h * d)
