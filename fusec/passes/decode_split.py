@@ -21,7 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fusec.ir import Function, Module, Op, Value, infer_result_types
+from fusec.ir import Function, KernelTiling, Module, Op, Value, infer_result_types
+from fusec.ir.tiling import cdiv
 from fusec.ir.types import F32
 from fusec.passes.attention_labels import ONE, Labels
 from fusec.passes.attention_match import AttentionMatch, match_attention
@@ -67,6 +68,16 @@ def _batch_order(labels: Labels) -> tuple[Labels, Labels]:
     if len(labels) < 2 or labels[-1][0] != "k":
         return (), ()
     return tuple(lb for lb in labels[:-2] if lb != ONE), labels[-2:]
+
+
+def decode_tiling(space: tuple[int, ...], chunk: int, target: str) -> KernelTiling:
+    """Grid ``(batch-heads, S, 1)`` over the space ``(batch-heads, S, Dv)``; key blocks of 32 for
+    the interpreter (several online-softmax steps even in small tests), 64 on a GPU."""
+    batch, s, dv = space
+    bk = min(32 if target == "interpret" else 64, chunk)
+    block = (1, 1, 1 << max(0, dv - 1).bit_length())
+    return KernelTiling("attention", tuple(space), block, tuple(cdiv(n, b) for n, b in zip(space, block)), (0, 1), bk,
+                        strategy="decode")
 
 
 class _Emitter:

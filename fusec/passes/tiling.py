@@ -184,7 +184,7 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str, config: 
         callee = functions[str(op.attr("callee"))]
         tk = next(o for o in callee.ops if o.opcode == "dot").result.type.shape[-1]
         if op.attr("decode_split") is not None:
-            from fusec.passes.to_tile_decode import decode_tiling
+            from fusec.passes.decode_split import decode_tiling
             tiling = decode_tiling(tuple(op.attr("space")), int(op.attr("decode_chunk")), target)
         else:
             tiling = attention_tiling(tuple(op.attr("space")), tk, target)

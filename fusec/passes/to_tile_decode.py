@@ -10,8 +10,7 @@ row sum, all f32, at ``[b, s]`` of the three partials arrays.
 from __future__ import annotations
 
 from fusec.errors import FusecError
-from fusec.ir import Function, KernelTiling, Op, TensorType, Value
-from fusec.ir.tiling import cdiv
+from fusec.ir import Function, Op, TensorType, Value
 from fusec.ir.types import F32
 from fusec.passes.attention_match import AttentionMatch, match_attention
 from fusec.passes.tile_builder import SCALAR, TileBuilder
@@ -19,16 +18,6 @@ from fusec.passes.tiling import pow2_at_least
 from fusec.passes.to_tile_attention import _AttentionLowering
 
 MIN_ROWS = 16  # a tensor-core dot's rows: the query tile is padded (and masked) to them
-
-
-def decode_tiling(space: tuple[int, ...], chunk: int, target: str) -> KernelTiling:
-    """Grid ``(batch-heads, S, 1)`` over the space ``(batch-heads, S, Dv)``; key blocks of 32 for
-    the interpreter (several online-softmax steps even in small tests), 64 on a GPU."""
-    batch, s, dv = space
-    bk = min(32 if target == "interpret" else 64, chunk)
-    block = (1, 1, pow2_at_least(dv))
-    return KernelTiling("attention", tuple(space), block, tuple(cdiv(n, b) for n, b in zip(space, block)), (0, 1), bk,
-                        strategy="decode")
 
 
 class _DecodeLowering(_AttentionLowering):
