@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fusec.ir import Function, KernelTiling, Module, Op, Value, infer_result_types
+from fusec.ir import Function, KernelTiling, LowBitType, Module, Op, Value, infer_result_types
 from fusec.ir.tiling import cdiv
 from fusec.ir.types import F32
 from fusec.passes.attention_labels import ONE, Labels
@@ -104,11 +104,11 @@ class _Emitter:
         return self("select", [dead, mx, self.const(0.0, mx.type.shape)])
 
 
-def partials_callee(m: AttentionMatch, name: str, s: int, c: int) -> Function:
+def partials_callee(m: AttentionMatch, callee: Function, name: str, s: int, c: int) -> Function:
     """The reference of the partials kernel: the pattern's ops up to the scores (the chain cloned
     under fresh names), then ``(O_s, m_s, l_s)`` per chunk as ``f32[B, S, Tq, Dv]``, ``[B, S, Tq]``."""
-    callee_ops = [op for op in m.ops if op is not m.pv and op not in m.tail]
-    taken = {v.name for op in m.ops for v in (*op.operands, *op.results)}
+    callee_ops = callee.ops
+    taken = {v.name for op in callee.ops for v in (*op.operands, *op.results)} | {p.name for p in callee.params}
     e = _Emitter(taken, "dec")
     # The ops up to the scores: the pattern's, less the softmax and what follows it (the chain's
     # side operands: masks, iotas, constants, are kept where they are made).
@@ -152,11 +152,7 @@ def partials_callee(m: AttentionMatch, name: str, s: int, c: int) -> Function:
     outs = [e("reshape", [o], shape=(m.batch, s, tq, dv)),
             e("reshape", [e("transpose", [mx], perm=back)], shape=(m.batch, s, tq)),
             e("reshape", [e("transpose", [ls], perm=back)], shape=(m.batch, s, tq))]
-    params = []
-    for operand in (m.q, m.k, m.v, *m.inputs):
-        if operand.value.name not in {p.name for p in params}:
-            params.append(operand.value)
-    return Function(name, tuple(params), tuple(e.ops), tuple(outs))
+    return Function(name, callee.params, tuple(e.ops), tuple(outs))
 
 
 def combine(e: _Emitter, o: Value, mx: Value, ls: Value) -> Value:
@@ -170,16 +166,61 @@ def combine(e: _Emitter, o: Value, mx: Value, ls: Value) -> Value:
     return e("div", [acc, e("broadcast", [total], shape=(b, tq, dv), dims=(0, 1))])
 
 
-def split_kernel(op: Op, callee: Function, names: set[str], taken: set[str]) -> tuple[list[Op], list[Function]] | None:
+def packed_view(v: Value, producers: dict[str, Op]) -> tuple[Op, Op] | None:
+    """``(dequantize, reshape)`` when ``v`` is a low-bit array dequantized and viewed as
+    ``[R, heads..., C]`` (its packed axis first): a KV cache's keys or values."""
+    view = producers.get(v.name)
+    dq = producers.get(view.operands[0].name) if view is not None and view.opcode == "reshape" else None
+    if dq is None or dq.opcode != "dequantize" or len(dq.operands) != 1 or \
+            not isinstance(dq.operands[0].type.elem, LowBitType):
+        return None
+    rows, shape = dq.result.type.shape[0], v.type.shape
+    if len(shape) < 3 or shape[0] != rows:
+        return None
+    return dq, view
+
+
+def absorb_packed(op: Op, callee: Function, m: AttentionMatch, producers: dict[str, Op]) -> tuple[Op, Function]:
+    """The kernel op and its callee reading K and V packed where they are dequantized views of
+    low-bit arrays: the kernel takes the low-bit array, and its callee starts with the dequantize
+    and the view (so the kernel unpacks the codes in registers and reads only codes and scales)."""
+    operands, params, prologue = list(op.operands), list(callee.params), []
+    taken = {v.name for o in callee.ops for v in (*o.operands, *o.results)} | {p.name for p in params}
+    for target in (m.k.value, m.v.value):
+        if target.name not in {p.name for p in params}:
+            continue
+        i = [p.name for p in params].index(target.name)
+        found = packed_view(operands[i], producers)
+        if found is None:
+            continue
+        dq, view = found
+        packed = Value(fresh_name(f"{target.name}.packed", taken), dq.operands[0].type)
+        values = Value(fresh_name(f"{target.name}.dq", taken), dq.result.type)
+        prologue += [Op(dq.opcode, (packed,), (values,), dq.attrs, dq.loc),
+                     Op(view.opcode, (values,), (target,), view.attrs, view.loc)]
+        operands[i], params[i] = dq.operands[0], packed
+    if not prologue:
+        return op, callee
+    new_op = Op(op.opcode, tuple(operands), op.results, Op.make(
+        "kernel", **(op.attr_dict | {"bytes_read": sum(nbytes(v.type) for v in operands)})).attrs, op.loc)
+    return new_op, Function(callee.name, tuple(params), (*prologue, *callee.ops), callee.returns)
+
+
+def split_kernel(op: Op, callee: Function, names: set[str], taken: set[str], producers: dict[str, Op]
+                 ) -> tuple[list[Op], list[Function]] | None:
     """The partials kernel and the combine replacing attention kernel ``op``, and the functions
     they add (the partials' reference and the pattern); None when it is not split."""
     qk = next((o for o in callee.ops if o.opcode == "dot"), None)
     m = match_attention(callee, qk) if qk is not None else None
     if m is None or splittable(m):
         return None
+    op, callee = absorb_packed(op, callee, m, producers)
+    m = match_attention(callee, next(o for o in callee.ops if o.opcode == "dot"))
+    if m is None:
+        return None
     s, c = decode_chunks(m.batch, m.tk)
     name = fresh_name(f"{callee.name}.decode", names)
-    partials = partials_callee(m, name, s, c)
+    partials = partials_callee(m, callee, name, s, c)
     pattern = Function(f"{name}.pattern", callee.params, callee.ops, callee.returns)
     names.add(pattern.name)
     e = _Emitter(taken, f"{callee.name}.comb")
@@ -214,10 +255,11 @@ class SplitDecode(Pass):
         for func in module.functions:
             taken = {v.name for op in func.ops for v in (*op.operands, *op.results)} | {p.name for p in func.params}
             ops: list[Op] = []
+            producers = {r.name: op for op in func.ops for r in op.results}
             for op in func.ops:
                 found = None
                 if op.opcode == "kernel" and op.attr("kind") == "attention" and op.attr("decode_split") is None:
-                    found = split_kernel(op, module.function(str(op.attr("callee"))), names, taken)
+                    found = split_kernel(op, module.function(str(op.attr("callee"))), names, taken, producers)
                 if found is None:
                     ops.append(op)
                     continue

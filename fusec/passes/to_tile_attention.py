@@ -104,6 +104,13 @@ class _AttentionLowering:
         self.access(b, "store", out, m.out.roles, {"q": (g1, bq), "d": (zero, dvp)}, g0, o)
         return [b.function([]), body.function(returns)]
 
+    def load_kv(self, b: TileBuilder, operand: Operand, kk: Value, dblock: int, hint: str) -> Value:
+        """Key block ``kk`` of K or V (``operand``), its head-dim axis in one ``dblock`` block."""
+        tile = self.access(b, "load", self.body_refs[operand.value.name], operand.roles,
+                           {"k": (kk, self.bk), "d": (b.const(0), dblock)}, self.g[0], hint=hint, offset=operand.offset)
+        assert tile is not None
+        return tile
+
     def tail_masked(self) -> bool:
         """Whether some key block reaches past the last key."""
         return self.m.tk % self.bk != 0
@@ -113,9 +120,7 @@ class _AttentionLowering:
         """One key block: scores, the user's chain, the tail mask, the online softmax update."""
         m, bq, bk = self.m, self.bq, self.bk
         g0, g1, kk = self.g
-        k_tile = self.access(b, "load", self.body_refs[m.k.value.name], m.k.roles, {"k": (kk, bk), "d": (
-            b.const(0), self.dp)}, g0, hint="k", offset=m.k.offset)
-        assert k_tile is not None
+        k_tile = self.load_kv(b, m.k, kk, self.dp, "k")
         scores = TensorType(F32, (bq, bk))
         precision = {key: m.qk.attr(key) for key in _PRECISION if m.qk.attr(key) is not None}
         s = b.value("dot_acc", [b.const(0.0, scores), q_tile, k_tile], scores, "s",
@@ -159,9 +164,7 @@ class _AttentionLowering:
         v_elem = m.v.value.type.elem
         if v_elem != F32:
             p = b.value("convert", [p], scores.with_elem(v_elem), "p", dtype=str(v_elem))
-        v_tile = self.access(b, "load", self.body_refs[m.v.value.name], m.v.roles, {"k": (kk, bk), "d": (
-            b.const(0), self.t.block[2])}, g0, hint="v", offset=m.v.offset)
-        assert v_tile is not None
+        v_tile = self.load_kv(b, m.v, kk, self.t.block[2], "v")
         k_first = self.first(m.v.roles, "k", "d")
         precision = {key: m.pv.attr(key) for key in _PRECISION if m.pv.attr(key) is not None}
         if rows_first:  # acc[q, d] += p @ v

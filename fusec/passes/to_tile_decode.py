@@ -10,8 +10,9 @@ row sum, all f32, at ``[b, s]`` of the three partials arrays.
 from __future__ import annotations
 
 from fusec.errors import FusecError
-from fusec.ir import Function, Op, TensorType, Value
+from fusec.ir import Function, LowBitType, Op, TensorType, Value
 from fusec.ir.types import F32
+from fusec.passes.attention_labels import Operand
 from fusec.passes.attention_match import AttentionMatch, match_attention
 from fusec.passes.tile_builder import SCALAR, TileBuilder
 from fusec.passes.tiling import pow2_at_least
@@ -29,14 +30,79 @@ class _DecodeLowering(_AttentionLowering):
             raise FusecError(f"kernel {op.attr('callee')}: key block {self.bk} does not divide the chunk {self.c}")
         self.per = self.c // self.bk
         self.name = str(op.attr("callee"))
+        # K or V read packed: the view's name -> its dequantize (of a low-bit parameter).
+        self.packed = {view.result.name: dq for dq in pattern.ops if dq.opcode == "dequantize"
+                       for view in pattern.ops if view.opcode == "reshape" and view.operands[0] == dq.result}
 
     def tail_masked(self) -> bool:
         return self.s * self.c > self.m.tk
 
+    def load_kv(self, b: TileBuilder, operand: Operand, kk: Value, dblock: int, hint: str) -> Value:
+        dq = self.packed.get(operand.value.name)
+        if dq is None:
+            return super().load_kv(b, operand, kk, dblock, hint)
+        return self.unpack_kv(b, operand, dq, kk, dblock, hint)
+
+    def unpack_kv(self, b: TileBuilder, operand: Operand, dq: Op, kk: Value, dblock: int, hint: str) -> Value:
+        """Key block ``kk`` of a K or V stored packed as ``[R, heads... x C]`` and viewed as
+        ``[R, heads..., C]``: its words and group scales (and zero-points) loaded, the codes
+        unpacked in registers. Keys are ``[T, heads x D]`` (a [bk, D] tile: rows of the block,
+        the head's D columns), values ``[D, heads x T]`` (a [D, bk] tile: every row, the block's
+        columns within the head's T)."""
+        fmt = dq.operands[0].type.elem
+        assert isinstance(fmt, LowBitType)
+        view, roles = operand.value.type.shape, operand.roles
+        rows_kind = roles[0][0]
+        last = view[-1]
+        if rows_kind not in ("k", "d") or roles[-1][0] not in ("k", "d") or roles[-1][0] == rows_kind or \
+                (rows_kind == "d" and last % self.bk) or (rows_kind == "k" and last != dblock):
+            raise FusecError(f"kernel {self.name}: {hint} is packed in a layout the decode kernel does not unpack")
+        head = b.const(0)
+        for d in range(1, len(view) - 1):  # the head's index among the view's middle (heads) axes
+            index = self.batch_index(b, self.g[0], roles[d]) if roles[d][0] == "b" else b.const(0)
+            scaled = b.value("mul", [head, b.const(view[d])], SCALAR, "h") if d > 1 else head
+            head = b.value("add", [scaled, index], SCALAR, "h")
+        words = self.body_parts[dq.operands[0].name]
+        n_planes = len(fmt.plane_widths)
+        rows = dq.result.type.shape[0]
+        if rows_kind == "k":  # keys: block kk of rows, the head's column block
+            row_block, col_block, tile = kk, head, (self.bk, last)
+            group = fmt.rows_per_scale(rows)
+            if group % self.bk:
+                raise FusecError(f"kernel {self.name}: key block {self.bk} straddles {hint}'s scale groups of {group}")
+            scale_row = b.value("div", [kk, b.const(group // self.bk)], SCALAR, "g") if group > self.bk else kk
+        else:  # values: every row, the head's key block kk
+            if fmt.rows_per_scale(rows) != rows:
+                raise FusecError(f"kernel {self.name}: {hint} has more than one scale group per token")
+            steps = b.value("mul", [head, b.const(last // self.bk)], SCALAR, "h")
+            row_block, col_block, tile = b.const(0), b.value("add", [steps, kk], SCALAR, "col"), (rows, self.bk)
+            scale_row = b.const(0)
+        tiles = []
+        for j, p in enumerate(fmt.plane_widths):
+            ref = words[j]
+            loaded = b.access("load", ref, [row_block, col_block], (tile[0] * p // 32, tile[1]), ref.type,
+                              hint=f"{hint}w{j}")
+            assert loaded is not None
+            tiles.append(loaded)
+        for ref in words[n_planes:]:
+            loaded = b.access("load", ref, [scale_row, col_block], (1, tile[1]), ref.type, hint=f"{hint}s")
+            assert loaded is not None
+            tiles.append(loaded)
+        attrs = {"format": str(fmt), "shape": tile, "dtype": str(dq.result.type.elem)}
+        if dq.attr("lut") is not None:
+            attrs["lut"] = dq.attr("lut")
+        return b.value("unpack", tiles, TensorType(dq.result.type.elem, tile), hint, **attrs)
+
     def lower(self) -> list[Function]:
         m, t, bq = self.m, self.t, self.bq
         b = TileBuilder(f"{self.name}.tile", t)
-        refs = {p.name: b.param(f"in{i}", p.type) for i, p in enumerate(self.callee.params)}
+        refs: dict[str, Value] = {}
+        parts: dict[str, list[Value]] = {}  # a low-bit parameter's arrays: planes, scales, zero-points
+        for i, p in enumerate(self.callee.params):
+            if isinstance(p.type.elem, LowBitType):
+                parts[p.name] = [b.param(f"in{i}_{j}", t) for j, t in enumerate(p.type.elem.part_types(p.type.shape))]
+            else:
+                refs[p.name] = b.param(f"in{i}", p.type)
         outs = [b.param(f"out{j}", r.type) for j, r in enumerate(self.op.results)]
         g0, gs = b.program_id(0), b.program_id(1)
         zero = b.const(0)
@@ -46,7 +112,7 @@ class _DecodeLowering(_AttentionLowering):
         dvp = t.block[2]
         acc_type, row = TensorType(F32, (bq, dvp)), TensorType(F32, (bq,))
         inits = [b.const(float("-inf"), row), b.const(0.0, row), b.const(0.0, acc_type)]
-        captured = [*refs.values(), g0, gs, q_tile]
+        captured = [*refs.values(), *(r for rs in parts.values() for r in rs), g0, gs, q_tile]
         body = TileBuilder(f"{self.name}.tile.kv", t)
         kk = body.param("kk", SCALAR)
         body.scalars.intervals[kk.name] = (0, self.per - 1)
@@ -57,6 +123,7 @@ class _DecodeLowering(_AttentionLowering):
             if b.scalars.of(v) is not None:
                 body.scalars.intervals[inner[v.name].name] = b.scalars.of(v)  # type: ignore[assignment]
         self.body_refs = {name: inner[r.name] for name, r in refs.items()}
+        self.body_parts = {name: [inner[r.name] for r in rs] for name, rs in parts.items()}
         # Constants are named "c", "c.1", ... in each function and the code writer shares them by
         # name: the body's "c" is 0, as the program's is.
         body.const(0)
