@@ -208,10 +208,10 @@ def cache_rows(q: Any, k: Any, v: Any, interpret: bool, peak: float | None, back
     b, tk, h, d = k.shape
     qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, T, D]
 
-    def attend(q: Any, cache: KVCache) -> Any:
-        s = jnp.einsum("bhqd,bhkd->bhqk", q, cache.keys()) / jnp.sqrt(jnp.float32(q.shape[-1])).astype(q.dtype)
+    def attend(q: Any, cache: KVCache) -> Any:  # f32 scores and softmax, as models write decode
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, cache.keys(), preferred_element_type=jnp.float32) * float(d) ** -0.5
         s = jnp.where(cache.mask(), s, -jnp.inf)
-        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), cache.values())
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1).astype(q.dtype), cache.values())
 
     impl = "xla" if interpret else "cudnn"
     base_fn = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation=impl))
