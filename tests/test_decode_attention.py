@@ -169,6 +169,29 @@ def test_cache_decode_unpacks_in_the_kernel(backend: str, bits: int) -> None:
     np.testing.assert_allclose(np.asarray(got), np.asarray(jax.jit(fn)(*args)), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("gpu_tiles", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_cache_decode_gqa_batch_and_gpu_tiles(gpu_tiles: bool) -> None:
+    # Batch 2, 4 query heads over 2 KV heads (jnp.repeat), 2 queries, a bf16 cache; GPU tiles
+    # (16 query rows, 64-key blocks) run in interpret mode too.
+    from fusec.pipeline import resolve_pipeline
+
+    def fn(q, cache):
+        k, v = (jnp.repeat(x, 2, axis=1) for x in (cache.keys(), cache.values()))
+        return attend_bf16(q, k, v, cache.mask())
+
+    q = _inputs(2, 4, 2, 1, 64, seed=7)[0].astype(jnp.bfloat16)
+    k, v = _inputs(2, 2, 1, 300, 64, seed=8)[1:]
+    cache = KVCache.create(2, 2, 512, 64, 4).append(k, v)
+    passes = resolve_pipeline(None, "pallas", interpret=False) if gpu_tiles else None
+    f = fusec.jit(fn, backend="pallas", interpret=True, passes=passes)
+    entry = f.lower(q, cache).program.module.entry
+    (op,) = [o for o in entry.ops if o.opcode == "kernel" and o.attr("kind") == "attention"]
+    assert tuple(op.attr("grid")) == (8, 4, 1) and op.attr("bk") == (64 if gpu_tiles else 32)
+    assert str(op.operands[1].type) == "u4g64z[512,256]"
+    got, want = np.asarray(f(q, cache), np.float32), np.asarray(jax.jit(fn)(q, cache), np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=4e-3)  # bf16 output
+
+
 def test_cache_bytes_and_grid_at_llama_decode() -> None:
     # Batch 1, 32 heads, KV 4096, d 128: the cost model's bytes of the decode kernel reading the
     # int4 / int2 cache packed, against the same kernel on a bf16 cache (measured: 0.268x, 0.143x).

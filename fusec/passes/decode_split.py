@@ -54,7 +54,7 @@ def splittable(m: AttentionMatch) -> str:
     if decode_chunks(m.batch, m.tk)[0] < 2:
         return f"{m.tk} keys make one chunk"
     canonical = _batch_order(m.labels[m.qk.result.name])
-    if _batch_order(m.labels[m.x.name]) != canonical or m.x.type.shape[-2:] != (m.tq, m.tk):
+    if not canonical[0] or _batch_order(m.labels[m.x.name]) != canonical or m.x.type.shape[-2:] != (m.tq, m.tk):
         return "the score chain changes the scores' layout"
     p = m.pv.operands[0]
     if _batch_order(m.labels.get(p.name, ())) != canonical or m.pv.attr("lhs_t") or p.type.shape[-2:] != (m.tq, m.tk):
@@ -62,12 +62,18 @@ def splittable(m: AttentionMatch) -> str:
     return ""
 
 
-def _batch_order(labels: Labels) -> tuple[Labels, Labels]:
-    """The labels' batch factors (size-1 axes left out) and their last two, which must be the
-    query and key axes: what makes a reshape between two layouts free and row-major."""
+def _batch_order(labels: Labels) -> tuple[bool, Labels]:
+    """Whether the labels' batch axes flatten row-major to the batch index (size-1 axes left
+    out), and their last two, which must be the query and key axes: what makes a reshape between
+    two such layouts free."""
     if len(labels) < 2 or labels[-1][0] != "k":
-        return (), ()
-    return tuple(lb for lb in labels[:-2] if lb != ONE), labels[-2:]
+        return False, ()
+    stride = 1
+    for lb in reversed([lb for lb in labels[:-2] if lb != ONE]):
+        if lb[0] != "b" or lb[1] != stride:
+            return False, ()
+        stride *= lb[2]
+    return True, labels[-2:]
 
 
 def decode_tiling(space: tuple[int, ...], chunk: int, target: str) -> KernelTiling:
