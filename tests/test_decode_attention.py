@@ -159,10 +159,7 @@ def attend_cache(q, cache):
 def test_cache_decode_unpacks_in_the_kernel(backend: str, bits: int) -> None:
     q, k, v = _inputs(1, 2, 1, 400, 64, seed=6)
     cache = KVCache.create(1, 2, 512, 64, bits, dtype=jnp.float32).append(k, v)
-    if backend == "pallas":
-        fn, args = attend_cache, (q, cache)
-    else:  # the Triton interpreter path takes no i32[] scalar input (on main too): the mask instead
-        fn, args = (lambda q, c, mask: attend(q, c.keys(), c.values(), mask)), (q, cache, cache.mask())
+    fn, args = attend_cache, (q, cache)
     (op,) = _attention_kernels(fn, *args, backend=backend)
     assert [str(v.type) for v in op.operands[1:3]] == [f"u{bits}g64z[512,128]", f"u{bits}gcz[64,1024]"]
     got = fusec.jit(fn, backend=backend, interpret=True)(*args)

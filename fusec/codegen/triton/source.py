@@ -64,7 +64,7 @@ def _access(w: BodyWriter, op: Op, ref: str, n_values: int) -> tuple[str, str]:
         terms.append(f"{along} * {stride}" if stride != 1 else along)
         if d in masked:
             masks.append(f"({along} < {size})")
-    return f"{ref} + {' + '.join(terms)}", " & ".join(masks)
+    return (f"{ref} + {' + '.join(terms)}" if terms else ref), " & ".join(masks)  # a 0-d array: its pointer
 
 
 def _write_access(w: BodyWriter, op: Op, ref: str) -> None:
