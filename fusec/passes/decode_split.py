@@ -18,6 +18,7 @@ the target, so interpreter and GPU kernels compute the same partials as the refe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,13 @@ def decode_tiling(space: tuple[int, ...], chunk: int, target: str) -> KernelTili
     block = (1, 1, 1 << max(0, dv - 1).bit_length())
     return KernelTiling("attention", tuple(space), block, tuple(cdiv(n, b) for n, b in zip(space, block)), (0, 1), bk,
                         strategy="decode")
+
+
+def combine_tiling(space: tuple[int, ...]) -> KernelTiling:
+    """One program per batch-head over the combine's space ``(batch-heads, Tq, Dv)``."""
+    batch, tq, dv = space
+    block = (1, 1 << max(0, tq - 1).bit_length(), 1 << max(0, dv - 1).bit_length())
+    return KernelTiling("decode-combine", tuple(space), block, tuple(cdiv(n, b) for n, b in zip(space, block)), (0,))
 
 
 class _Emitter:
@@ -231,21 +239,30 @@ def split_kernel(op: Op, callee: Function, names: set[str], taken: set[str], pro
     names.add(pattern.name)
     e = _Emitter(taken, f"{callee.name}.comb")
     results = [Value(fresh_name(f"{callee.name}.part", taken), r.type) for r in partials.returns]
+    inner = _Emitter(set(), "c")
+    parts = [Value(f"p{j}", r.type) for j, r in enumerate(results)]
     flops = 2 * m.batch * m.tq * s * c * (m.head_dim + m.value_dim)
     attrs = {k: v for k, v in op.attr_dict.items() if k not in ("callee", "space", "bytes_written", "flops")}
     kernel = Op(op.opcode, op.operands, tuple(results), Op.make(
         "kernel", **attrs, callee=name, space=(m.batch, s, m.value_dim), decode_split=s, decode_chunk=c,
         pattern=pattern.name, bytes_written=sum(nbytes(v.type) for v in results), flops=flops).attrs, op.loc)
-    out = combine(e, *results)
+    out = combine(inner, *parts)
     pv = m.pv.result
     if out.type.elem != pv.type.elem:
-        out = e("convert", [out], dtype=str(pv.type.elem))
+        out = inner("convert", [out], dtype=str(pv.type.elem))
+    # The combine: one kernel of its own (fuse would make several of its reductions), its ops the
+    # reference.
+    merged = Function(fresh_name(f"{name}.combine", names), tuple(parts), tuple(inner.ops), (out,))
+    out = Value(fresh_name(f"{callee.name}.o", taken), out.type)
+    e.ops.append(Op.make("kernel", results, [out], callee=merged.name, kind="decode-combine",
+                         space=out.type.shape, bytes_read=sum(nbytes(v.type) for v in results),
+                         bytes_written=nbytes(out.type), flops=3 * math.prod(results[0].type.shape)))
     final = op.results[0]
     steps: list[tuple[str, dict[str, Any]]] = [("reshape", {"shape": pv.type.shape})]
     steps += [(t.opcode, t.attr_dict) for t in m.tail]
     for n, (opcode, attrs_) in enumerate(steps):
         out = e(opcode, [out], final if n == len(steps) - 1 else None, **attrs_)
-    return [kernel, *e.ops], [partials, pattern]
+    return [kernel, *e.ops], [partials, pattern, merged]
 
 
 @register_pass

@@ -330,6 +330,9 @@ class _KernelLowering:
 def lower_kernel(op: Op, callee: Function, module: Module | None = None) -> list[Function]:
     """The tile program of a tiled kernel op (first) and the bodies of its loops (``module``
     holds the attention a split-decode kernel was made from)."""
+    if op.attr("kind") == "decode-combine":
+        from fusec.passes.to_tile_decode import lower_combine
+        return lower_combine(op, callee)
     if op.attr("decode_split") is not None:
         from fusec.passes.to_tile_decode import lower_decode
         if module is None:

@@ -10,8 +10,8 @@ row sum, all f32, at ``[b, s]`` of the three partials arrays.
 from __future__ import annotations
 
 from fusec.errors import FusecError
-from fusec.ir import Function, LowBitType, Op, TensorType, Value
-from fusec.ir.types import F32
+from fusec.ir import Function, KernelTiling, LowBitType, Op, TensorType, Value
+from fusec.ir.types import BOOL, F32
 from fusec.passes.attention_labels import Operand
 from fusec.passes.attention_match import AttentionMatch, match_attention
 from fusec.passes.tile_builder import SCALAR, TileBuilder
@@ -147,3 +147,38 @@ def lower_decode(op: Op, pattern: Function) -> list[Function]:
     if m is None:
         raise FusecError(f"kernel {op.attr('callee')}: its pattern is no longer an attention fusec recognises")
     return _DecodeLowering(op, pattern, m).lower()
+
+
+def lower_combine(op: Op, callee: Function) -> list[Function]:
+    """The combine's tile program: program ``b`` loads the S partials of its batch-head (chunk
+    rows past S read ``m = -inf``, adding nothing) and writes ``sum_s w_s O_s / sum_s w_s l_s``."""
+    t = KernelTiling.from_attrs(op.attr_dict)
+    o_type, m_type, _ = (v.type for v in op.operands)
+    _, s, tq, dv = o_type.shape
+    sp, bq, dvp = pow2_at_least(s), t.block[1], t.block[2]
+    b = TileBuilder(f"{callee.name}.tile", t)
+    o_ref, m_ref, l_ref = (b.param(f"in{i}", v.type) for i, v in enumerate(op.operands))
+    out = b.param("out0", op.results[0].type)
+    g0, zero = b.program_id(0), b.const(0)
+    parts = TensorType(F32, (sp, bq))
+    m = b.access("load", m_ref, [g0, zero, zero], (None, sp, bq), m_type, hint="m", other=float("-inf"))
+    l_ = b.access("load", l_ref, [g0, zero, zero], (None, sp, bq), m_type, hint="l")
+    o = b.access("load", o_ref, [g0, zero, zero, zero], (None, sp, bq, dvp), o_type, hint="o")
+    assert m is not None and l_ is not None and o is not None
+    row = TensorType(F32, (bq,))
+    top = b.value("reduce", [m], row, "top", axes=(0,), kind="max")
+    dead = b.value("eq", [top, b.const(float("-inf"), row)], row.with_elem(BOOL), "dead")
+    top = b.value("select", [dead, top, b.const(0.0, row)], row, "top")
+    w = b.value("exp", [b.value("sub", [m, b.value("broadcast", [top], parts, "tb", dims=(1,), shape=parts.shape)],
+                                parts, "d")], parts, "w")
+    total = b.value("reduce", [b.value("mul", [w, l_], parts, "wl")], row, "total", axes=(0,), kind="sum")
+    cube = TensorType(F32, (sp, bq, dvp))
+    wb = b.value("broadcast", [w], cube, "wb", dims=(0, 1), shape=cube.shape)
+    acc = TensorType(F32, (bq, dvp))
+    summed = b.value("reduce", [b.value("mul", [o, wb], cube, "wo")], acc, "acc", axes=(0,), kind="sum")
+    value = b.value("div", [summed, b.value("broadcast", [total], acc, "tb", dims=(0,), shape=acc.shape)], acc, "o")
+    elem = out.type.elem
+    if elem != F32:
+        value = b.value("convert", [value], acc.with_elem(elem), "o", dtype=str(elem))
+    b.access("store", out, [g0, zero, zero], (None, bq, dvp), out.type, value, "o")
+    return [b.function([])]
