@@ -166,7 +166,7 @@ def tile_programs(op: Op, module: Module) -> list[Function]:
         program = module.function(str(op.attr("tile")))
         bodies = [module.function(str(o.attr("body"))) for o in program.ops if o.opcode == "loop"]
         return [program, *bodies]
-    return lower_kernel(op, module.function(str(op.attr("callee"))))
+    return lower_kernel(op, module.function(str(op.attr("callee"))), module)
 
 
 def build_kernel(op: Op, module: Module, interpret: bool, programs: list[Function] | None = None) -> KernelSpec:

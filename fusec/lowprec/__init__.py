@@ -6,6 +6,7 @@ of quantized pytrees as safetensors files."""
 from fusec.lowprec.axes import contraction_axes
 from fusec.lowprec.calibrate import CalibrationReport, MatrixResult, calibrate
 from fusec.lowprec.formats import FLOAT_LAYOUTS, Format, fp_format, int_format, normal_float_table
+from fusec.lowprec.kvcache import KVCache
 from fusec.lowprec.packing import Packed, pack, plane_widths, unpack
 from fusec.lowprec.qarray import (
     LeafPlan,
@@ -21,7 +22,7 @@ from fusec.lowprec.qarray import (
 from fusec.lowprec.quantize import QuantizedCodes, dequantize_codes, error_bound, quantize_codes
 from fusec.lowprec.store import load, save
 
-__all__ = ["FLOAT_LAYOUTS", "CalibrationReport", "Format", "LeafPlan", "MatrixResult", "Packed", "QuantSpec",
+__all__ = ["FLOAT_LAYOUTS", "CalibrationReport", "Format", "KVCache", "LeafPlan", "MatrixResult", "Packed", "QuantSpec",
            "QuantizedArray", "QuantizedCodes", "calibrate", "contraction_axes", "dequantize", "dequantize_codes",
            "error_bound", "fp_format", "int_format", "is_quantized", "load", "normal_float_table", "pack", "plan",
            "plan_summary", "plane_widths", "quantize", "quantize_codes", "report", "save", "unpack"]

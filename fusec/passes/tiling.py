@@ -218,13 +218,21 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str, config: 
     ``config`` (a matmul on the ``gpu`` target), that config's tiling (checked: ValueError naming the
     bad field), its ``source`` ("cache:gpu-timed", "shipped:model", "option", ...) kept in the ``tuned``
     attribute."""
+    if op.attr("kind") == "decode-combine":
+        from fusec.passes.decode_split import combine_tiling
+        attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile", "tuned")}
+        tiling = combine_tiling(tuple(op.attr("space")))
+        return Op(op.opcode, op.operands, op.results, Op.make("kernel", **(attrs | tiling.as_attrs())).attrs, op.loc)
     if op.attr("kind") in ("attention", "attention_bwd"):  # their own tilings (not tuned yet)
         callee = functions[str(op.attr("callee"))]
         tk = next(o for o in callee.ops if o.opcode == "dot").result.type.shape[-1]
-        if op.attr("kind") == "attention":
-            tiling = attention_tiling(tuple(op.attr("space")), tk, target)
-        else:
+        if op.attr("kind") == "attention_bwd":
             tiling = backward_tiling(tuple(op.attr("space")), int(op.attr("steps")), target)
+        elif op.attr("decode_split") is not None:
+            from fusec.passes.decode_split import decode_tiling
+            tiling = decode_tiling(tuple(op.attr("space")), int(op.attr("decode_chunk")), target)
+        else:
+            tiling = attention_tiling(tuple(op.attr("space")), tk, target)
         attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile", "tuned")}
         return Op(op.opcode, op.operands, op.results, Op.make("kernel", **(attrs | tiling.as_attrs())).attrs, op.loc)
     f = kernel_facts(op, functions)

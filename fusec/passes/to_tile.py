@@ -366,8 +366,17 @@ class _KernelLowering:
                        dq.result.name, **attrs)
 
 
-def lower_kernel(op: Op, callee: Function) -> list[Function]:
-    """The tile program of a tiled kernel op (first) and the bodies of its loops."""
+def lower_kernel(op: Op, callee: Function, module: Module | None = None) -> list[Function]:
+    """The tile program of a tiled kernel op (first) and the bodies of its loops (``module``
+    holds the attention a split-decode kernel was made from)."""
+    if op.attr("kind") == "decode-combine":
+        from fusec.passes.to_tile_decode import lower_combine
+        return lower_combine(op, callee)
+    if op.attr("decode_split") is not None:
+        from fusec.passes.to_tile_decode import lower_decode
+        if module is None:
+            raise FusecError(f"kernel {callee.name}: a split-decode kernel is lowered from its module")
+        return lower_decode(op, module.function(str(op.attr("pattern"))))
     if op.attr("kind") == "attention":
         from fusec.passes.to_tile_attention import lower_attention  # it imports this module's builder
         return lower_attention(op, callee)
@@ -392,7 +401,7 @@ class ToTile(Pass):
             for op in f.ops:
                 if op.opcode == "kernel" and "block" in op.attr_dict:
                     try:
-                        programs = lower_kernel(op, module.function(str(op.attr("callee"))))
+                        programs = lower_kernel(op, module.function(str(op.attr("callee"))), module)
                     except FusecError:
                         programs = []  # left to codegen, which reports why it cannot build it
                     if programs:

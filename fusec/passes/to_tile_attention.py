@@ -145,14 +145,23 @@ class _AttentionLowering:
         out = b.params[-1]
         b.access("store", out, [g0, g1], (None, self.bq), out.type, lse, "lse")
 
+    def load_kv(self, b: TileBuilder, operand: Operand, kk: Value, dblock: int, hint: str) -> Value:
+        """Key block ``kk`` of K or V (``operand``), its head-dim axis in one ``dblock`` block."""
+        tile = self.access(b, "load", self.body_refs[operand.value.name], operand.roles,
+                           {"k": (kk, self.bk), "d": (b.const(0), dblock)}, self.g[0], hint=hint, offset=operand.offset)
+        assert tile is not None
+        return tile
+
+    def tail_masked(self) -> bool:
+        """Whether some key block reaches past the last key."""
+        return self.m.tk % self.bk != 0
+
     def step(self, b: TileBuilder, q_tile: Value, m_prev: Value, l_prev: Value, acc: Value,
              rows_first: bool) -> list[Value]:
         """One key block: scores, the user's chain, the tail mask, the online softmax update."""
-        m, bk = self.m, self.bk
+        m = self.m
         g0, g1, kk = self.g
-        k_tile = self.access(b, "load", self.body_refs[m.k.value.name], m.k.roles, {"k": (kk, bk), "d": (
-            b.const(0), self.dp)}, g0, hint="k", offset=m.k.offset)
-        assert k_tile is not None
+        k_tile = self.load_kv(b, m.k, kk, self.dp, "k")
         x = self.scores(b, q_tile, k_tile, kk)
         scores = x.type
         row = m_prev.type
@@ -170,9 +179,7 @@ class _AttentionLowering:
         v_elem = m.v.value.type.elem
         if v_elem != F32:
             p = b.value("convert", [p], scores.with_elem(v_elem), "p", dtype=str(v_elem))
-        v_tile = self.access(b, "load", self.body_refs[m.v.value.name], m.v.roles, {"k": (kk, bk), "d": (
-            b.const(0), self.t.block[2])}, g0, hint="v", offset=m.v.offset)
-        assert v_tile is not None
+        v_tile = self.load_kv(b, m.v, kk, self.t.block[2], "v")
         k_first = self.first(m.v.roles, "k", "d")
         precision = {key: m.pv.attr(key) for key in _PRECISION if m.pv.attr(key) is not None}
         if rows_first:  # acc[q, d] += p @ v
@@ -208,7 +215,7 @@ class _AttentionLowering:
         if x.type.elem != F32:
             x = b.value("convert", [x], scores, "x", dtype="f32")
         neg_inf = b.const(float("-inf"), scores)
-        if m.tk % bk:  # keys past the end take no part
+        if self.tail_masked():  # keys past the end take no part
             cols = b.value("element_index", [kk], scores.with_elem(I32), "cols", block=bk, dimension=1,
                            shape=scores.shape)
             inside = b.value("lt", [cols, b.const(m.tk, scores.with_elem(I32))], scores.with_elem(BOOL), "inside")

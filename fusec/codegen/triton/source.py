@@ -67,7 +67,7 @@ def _access(w: BodyWriter, op: Op, ref: str, n_values: int) -> tuple[str, str]:
     when = access_predicate(op)
     if when is not None:  # a [1, ..., 1] tile: the interpreter masks with tiles, not scalars
         masks.append(f"(tl.full({(1,) * rank}, 0, tl.int32) + {w.name(when)}.to(tl.int32) != 0)")
-    return f"{ref} + {' + '.join(terms)}", " & ".join(masks)
+    return (f"{ref} + {' + '.join(terms)}" if terms else ref), " & ".join(masks)  # a 0-d array: its pointer
 
 
 def _write_access(w: BodyWriter, op: Op, ref: str) -> None:
