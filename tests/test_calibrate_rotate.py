@@ -190,3 +190,14 @@ def test_matrices_reading_one_input_share_their_transform() -> None:
     assert sum(op.opcode == "input_transform" for op in entry.ops) == 1
     np.testing.assert_allclose(np.asarray(fused(rotated, x)),
                                np.asarray(jax.jit(model)(lowprec.dequantize(rotated), x)), rtol=2e-5, atol=2e-5)
+
+
+def test_transformed_matrices_save_and_load(tmp_path) -> None:
+    from fusec.lowprec.store import load, save
+
+    t = InputTransform(64, np.linspace(0.5, 2.0, 128).astype(np.float32))
+    _, qa, _ = _transformed(128, 32, (0,), t)
+    save(tmp_path / "q.safetensors", {"w": qa})
+    back = load(tmp_path / "q.safetensors")["w"]
+    assert back.rotate_block == 64 and back.in_scale is not None
+    np.testing.assert_array_equal(np.asarray(back.dequantize()), np.asarray(qa.dequantize()))

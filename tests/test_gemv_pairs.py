@@ -37,14 +37,16 @@ def test_which_formats_decode_in_pairs() -> None:
     fmt = parse_elem_type("i4g128")
     assert isinstance(fmt, LowBitType) and pair_format_ok(fmt, "bf16") and pair_bias(fmt, "bf16") == 136
     assert pair_format_ok(parse_elem_type("i2g64"), "bf16") and pair_format_ok(parse_elem_type("i8g128"), "f16")
-    # 8-bit codes overflow bfloat16's 7 mantissa bits; 3 bits are two planes; zero-points, tables.
-    for text, dtype in (("i8g128", "bf16"), ("i3g128", "bf16"), ("i4g128", "f32"), ("u4g128z", "bf16")):
+    # 8-bit codes overflow bfloat16's 7 mantissa bits; 3 bits are two planes; zero-points, wide tables.
+    for text, dtype in (("i8g128", "bf16"), ("i3g128", "bf16"), ("i4g128", "f32"), ("u4g128z", "bf16"),
+                        ("nf3g128", "bf16"), ("lut8g128", "bf16")):
         assert not pair_format_ok(parse_elem_type(text), dtype), text
     x = jnp.ones((3, 512), jnp.bfloat16)
     assert _strategy(_weight(4, 128, 512, 200), x) == "gemv-pairs"
     assert _strategy(_weight(2, 128, 512, 200), x) == "gemv-pairs"
     assert _strategy(_weight(3, 128, 512, 200), x) == "gemv"  # two planes: the general decoder
-    assert _strategy(_weight(4, 128, 512, 200, "nf"), x) == "gemv"
+    assert _strategy(_weight(4, 128, 512, 200, "nf"), x) == "gemv-pairs"  # by table permutes (test_lut_decode)
+    assert _strategy(_weight(3, 128, 512, 200, "nf"), x) == "gemv"
     assert _strategy(_weight(4, 32, 512, 200), x) == "gemv"  # 32-row steps: 8-row dots, too small
     # float32 activations: the dot would need float32 weights.
     assert _strategy(_weight(4, 128, 512, 200, dtype=jnp.float32), x.astype(jnp.float32)) != "gemv-pairs"

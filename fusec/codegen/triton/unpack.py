@@ -9,9 +9,10 @@ selects over a NormalFloat or lookup table) and multiplied by the tile's scale r
 
 from __future__ import annotations
 
+from fusec.codegen.lut_asm import CONSTRAINTS, lut4_pair_asm, table_bits16
 from fusec.codegen.triton.text import TL_DTYPES
 from fusec.ir import DType, LowBitType, Op, parse_elem_type
-from fusec.ir.tile_ops import pair_decode_constants
+from fusec.ir.tile_ops import pair_decode_constants, pair_is_table
 from fusec.ir.types import WORD_BITS
 from fusec.lowprec.formats import format_of
 
@@ -76,10 +77,33 @@ def unpack_pair_lines(op: Op, words: str, prefix: str) -> list[str]:
     become; the two halves interleave along K. The last item is the decoded tile's expression."""
     out = str(op.attr("dtype"))
     rows, cols = op.operands[0].type.shape
-    shift, both, flip = pair_decode_constants(op.attr_dict)
-    shifted = f"({words} >> {shift})" if shift else words
     half = lambda x: f"({x}).to(tl.uint16).to({TL_DTYPES[out]}, bitcast=True)"  # noqa: E731
-    return [f"{prefix}p = ({shifted} & {both:#x}) ^ {flip:#x}",
+    if pair_is_table(parse_elem_type(str(op.attr("format")))):
+        first = _table_pair_lines(op, words, f"{prefix}p")
+    else:
+        shift, both, flip = pair_decode_constants(op.attr_dict)
+        shifted = f"({words} >> {shift})" if shift else words
+        first = [f"{prefix}p = ({shifted} & {both:#x}) ^ {flip:#x}"]
+    return [*first,
             f"{prefix}lo = {half(f'{prefix}p & 0xFFFF')}",
             f"{prefix}hi = {half(f'{prefix}p >> 16')}",
             f"tl.reshape(tl.permute(tl.join({prefix}lo, {prefix}hi), (0, 2, 1)), ({2 * rows}, {cols}))"]
+
+
+
+def _table_pair_lines(op: Op, words: str, p: str) -> list[str]:
+    """Statements writing ``p``, the pair word (code 2 lane low, 2 lane + 1 high, as 16-bit float
+    patterns) of each word of a 4-bit table format: byte permutes (fusec/codegen/lut_asm.py) on a
+    GPU, selects in the interpreter, which runs no PTX."""
+    fmt = parse_elem_type(str(op.attr("format")))
+    assert isinstance(fmt, LowBitType)
+    bits = table_bits16(format_of(fmt, op.attr("lut")).table, str(op.attr("dtype")))
+    lane = int(op.attr("lane"))
+    lines = ["if FUSEC_INTERPRETED:"]
+    for h in range(2):
+        c, b = f"{p}c{h}", f"{p}b{h}"
+        lines += [f"    {c} = ({words} >> {8 * lane + 4 * h}) & 15", f"    {b} = {c} * 0 + {bits[0]}"]
+        lines += [f"    {b} = tl.where({c} == {k}, {v}, {b})" for k, v in enumerate(bits) if k]
+    return [*lines, f"    {p} = {p}b0 | ({p}b1 << 16)", "else:",
+            f"    {p} = tl.inline_asm_elementwise({lut4_pair_asm(bits, lane)!r}, {CONSTRAINTS!r}, [{words}], "
+            "dtype=tl.uint32, is_pure=True, pack=1)"]
