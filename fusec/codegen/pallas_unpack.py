@@ -27,9 +27,10 @@ def unpack_source(op: Op, args: list[str]) -> list[str]:
     for i, p in enumerate(fmt.plane_widths):
         per_word = WORD_BITS // p
         rows = bk // per_word
+        lane = f"lax.broadcasted_iota(jnp.int32, ({bk}, {bn}), 0) % {per_word}"
         lines += [
             f"words = jnp.broadcast_to({args[i]}[:, None, :], ({rows}, {per_word}, {bn})).reshape({bk}, {bn})",
-            f"lanes = (lax.broadcasted_iota(jnp.int32, ({bk}, {bn}), 0) % {per_word}).astype(jnp.uint32) * {p}",
+            f"lanes = ({lane_expr(fmt, i, lane)}).astype(jnp.uint32) * {p}",
             f"codes = {'codes | ' if shift else ''}((words >> lanes) & {2**p - 1}){f' << {shift}' if shift else ''}",
         ]
         shift += p
@@ -73,6 +74,18 @@ def unpack_source(op: Op, args: list[str]) -> list[str]:
         lines += [f"values = jnp.where(codes == {c}, {literal(v)}, values)" for c, v in enumerate(table) if c]
     lines.append(f"return (values * scale).astype(jnp.{out.numpy_name})")
     return lines
+
+
+def lane_expr(fmt: LowBitType, plane: int, row: str) -> str:
+    """The lane of a word's row ``row`` (an int32 expression) in plane ``plane``: the row itself,
+    or for the "pairs" packing the row with two bits swapped (``LowBitType.lane_order``). Written
+    with operators both kernel languages share."""
+    order = fmt.lane_order(plane)
+    if order == tuple(range(len(order))):
+        return row
+    a, b = next((t, order[t]) for t in range(len(order)) if order[t] != t)  # the two swapped bits
+    shift = (b // a).bit_length() - 1
+    return f"(({row}) & {len(order) - 1 - a - b}) | ((({row}) & {a}) << {shift}) | ((({row}) & {b}) >> {shift})"
 
 
 def unpack_pair_source(op: Op, words: str) -> list[str]:

@@ -9,6 +9,7 @@ selects over a NormalFloat or lookup table) and multiplied by the tile's scale r
 
 from __future__ import annotations
 
+from fusec.codegen.pallas_unpack import lane_expr
 from fusec.codegen.triton.text import TL_DTYPES
 from fusec.ir import DType, LowBitType, Op, parse_elem_type
 from fusec.ir.tile_ops import pair_decode_constants
@@ -30,7 +31,7 @@ def unpack_lines(op: Op, args: list[str], prefix: str) -> list[str]:
         per_word = WORD_BITS // p
         rows = bk // per_word
         words = f"tl.reshape(tl.broadcast_to({args[i]}[:, None, :], ({rows}, {per_word}, {bn})), ({bk}, {bn}))"
-        lanes = f"((tl.arange(0, {bk})[:, None] % {per_word}).to(tl.uint32) * {p})"
+        lanes = f"(({lane_expr(fmt, i, f'tl.arange(0, {bk})[:, None] % {per_word}')}).to(tl.uint32) * {p})"
         bits = f"(({words} >> {lanes}) & {2**p - 1})"
         if shift:
             lines.append(f"{p_}codes = {p_}codes | ({bits} << {shift})")
