@@ -123,7 +123,8 @@ class LowBitType:
             raise ValueError(f"packing must be one of {PACKINGS}, got {self.packing!r}")
         if self.packing == "pairs" and len(self.plane_widths) == 1:
             # One plane already holds its pairs 16 bits apart: one name per storage order.
-            raise ValueError(f"the pairs packing reorders the narrower planes of a format; {self.bits}-bit codes are one plane")
+            raise ValueError(f"the pairs packing reorders the narrower planes of a format; {self.bits}-bit codes "
+                             "are one plane")
 
     @property
     def base_name(self) -> str:
