@@ -154,10 +154,11 @@ def _unpack(w: BodyWriter, op: Op, a: list[str]) -> str:
 
 def _unpack_pair(w: BodyWriter, op: Op, a: list[str]) -> str:
     fn = f"_unpack_{w.name(op.result)}"
-    w.line(f"def {fn}(words):")
-    for line in unpack_pair_source(op, "words"):
+    planes = tuple(f"plane{i}" for i in range(1, len(a)))
+    w.line(f"def {fn}({', '.join(('words', *planes))}):")
+    for line in unpack_pair_source(op, "words", planes):
         w.line("    " + line)
-    return f"{fn}({a[0]})"
+    return f"{fn}({', '.join(a)})"
 
 
 def _pick_lanes(w: BodyWriter, op: Op, a: list[str]) -> str:

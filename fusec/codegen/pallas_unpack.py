@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fusec.codegen.pallas_text import literal
 from fusec.ir import DType, LowBitType, Op, parse_elem_type
-from fusec.ir.tile_ops import pair_decode_constants
+from fusec.ir.tile_ops import pair_decode_constants, pair_planes
 from fusec.ir.types import WORD_BITS
 from fusec.lowprec.formats import format_of
 
@@ -88,19 +88,30 @@ def lane_expr(fmt: LowBitType, plane: int, row: str) -> str:
     return f"(({row}) & {len(order) - 1 - a - b}) | ((({row}) & {a}) << {shift}) | ((({row}) & {b}) >> {shift})"
 
 
-def unpack_pair_source(op: Op, words: str) -> list[str]:
+def unpack_pair_source(op: Op, words: str, planes: tuple[str, ...] = ()) -> list[str]:
     """Lines of a function body that decodes an ``unpack_pair`` op (fusec/ir/tile_ops.py): lane
     ``j`` and ``j + L/2`` of every word sit 16 bits apart, so one shift and one mask give both
     codes; XOR flips their sign bits (two's complement to code + half) and sets the 16-bit float
     exponent whose mantissa they become; the halves are the two float bit patterns, interleaved
-    along K (a register pair, as the matmul's operand wants it)."""
+    along K (a register pair, as the matmul's operand wants it). A narrower plane's words
+    (``planes``, "pairs" packing) are repeated to one row per widest-plane word, each copy shifted
+    so that one more shift and mask per lane put its bits at the codes' offset, and ORed in."""
     out = str(op.attr("dtype"))
     rows, cols = op.operands[0].type.shape
     shift, both, flip = pair_decode_constants(op.attr_dict)
     float_dtype = f"jnp.{DType(out).numpy_name}"
     shifted = f"({words} >> {shift})" if shift else words
-    return [
-        f"p = ({shifted} & {both:#x}) ^ {flip:#x}",
+    lines, term = [], f"({shifted} & {both:#x})"
+    for i, (name, (copies, lane_shift, mask)) in enumerate(zip(planes, pair_planes(op.attr_dict))):
+        moved = [f"({name} >> {e})" if e > 0 else f"({name} << {-e})" if e else name for e in copies]
+        if len(moved) == 1:
+            lines.append(f"r{i} = {moved[0]}")
+        else:  # copy c of word s is row f s + c (Pallas's Triton lowering stacks on the last axis only)
+            lines.append(f"r{i} = jnp.stack([{', '.join(moved)}], axis=-1).transpose(0, 2, 1).reshape({rows}, {cols})")
+        lines.append(f"t{i} = (r{i} >> {lane_shift}) & {mask:#x}" if lane_shift else f"t{i} = r{i} & {mask:#x}")
+        term += f" | t{i}"
+    return lines + [
+        f"p = ({term}) ^ {flip:#x}",
         f"lo = lax.bitcast_convert_type((p & 0xFFFF).astype(jnp.uint16), {float_dtype})",
         f"hi = lax.bitcast_convert_type((p >> 16).astype(jnp.uint16), {float_dtype})",
         f"return jnp.stack([lo, hi], axis=-1).transpose(0, 2, 1).reshape({2 * rows}, {cols})",

@@ -26,10 +26,13 @@ keep their graph-level meaning on tiles; the ops here add what only a kernel has
 The paired GEMV (``strategy = "gemv-pairs"``, see passes/to_tile.py) decodes two codes per 32-bit
 operation and leaves the scale for after the group's sum, with two more ops:
 
-- ``unpack_pair %words {format, lane, dtype}``: from a [R, N] tile of words holding ``L = 32 / b``
+- ``unpack_pair %words... {format, lane, dtype}``: from a [R, N] tile of words holding ``L = 32 / b``
   b-bit codes each, the [2R, N] tile whose element (2r + h, n) is code ``lane + h L/2`` of word
   (r, n) plus :func:`pair_bias` (``(w >> b lane) & mask`` holds both codes, one per 16-bit half,
-  each ORed into a 16-bit float's mantissa: one shift and one LOP3 for two weights, no conversion);
+  each ORed into a 16-bit float's mantissa: one shift and one LOP3 for two weights, no conversion).
+  A 3-bit format packed "pairs" (fusec/lowprec/packing.py) gives its 2-bit plane's [R, N] words
+  (``L = 16``) and its 1-bit plane's [R/2, N]: the 1-bit word of rows 2s and 2s + 1 holds their
+  codes' top bits 16 bits apart too, and one more shift and LOP3 ORs them in (:func:`pair_planes`);
 - ``pick_lanes %x {lanes, lane}``: from a [M, B] tile, the [M, 2B/lanes] tile whose element
   (m, 2r + h) is x[m, lanes r + lane + h lanes/2]: the activations those codes multiply.
 """
@@ -37,7 +40,7 @@ operation and leaves the scale for after the group's sum, with two more ops:
 from __future__ import annotations
 
 from fusec.ir.opdefs import OPDEFS, Attrs, OpDef, Rule, TypeRuleError, _axes_attr, _elem, _shape_attr
-from fusec.ir.types import F32, I32, DType, LowBitType, TensorType
+from fusec.ir.types import F32, I32, WORD_BITS, DType, LowBitType, TensorType
 
 SCALAR_INDEX = TensorType(I32, ())
 ACCESS_OPS = ("load", "store", "atomic_add")
@@ -172,12 +175,20 @@ def _unpack(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
 
 def pair_format_ok(fmt: object, dtype: str) -> bool:
     """Whether ``unpack_pair`` decodes ``fmt`` to ``dtype``: a grouped symmetric integer format of
-    one power-of-two plane whose biased codes fit the float's mantissa."""
+    one power-of-two plane, or of a 2-bit and a 1-bit plane packed "pairs", whose biased codes fit
+    the float's mantissa."""
     if not isinstance(fmt, LowBitType) or fmt.family != "int" or fmt.group is None or fmt.zero_point:
         return False
-    if dtype not in PAIR_MAGIC or len(fmt.plane_widths) != 1 or fmt.plane_widths[0] not in (2, 4, 8):
+    widths = fmt.plane_widths
+    if dtype not in PAIR_MAGIC or not (len(widths) == 1 and widths[0] in (2, 4, 8) or
+                                       widths == (2, 1) and fmt.packing == "pairs"):
         return False
     return 2 ** fmt.bits <= PAIR_MAGIC[dtype][1]
+
+
+def pair_lanes(fmt: LowBitType) -> int:
+    """Codes per word of the plane ``unpack_pair`` pairs lanes of (the widest)."""
+    return WORD_BITS // fmt.plane_widths[0]
 
 
 def pair_bias(fmt: LowBitType, dtype: str) -> int:
@@ -192,19 +203,53 @@ def pair_decode_constants(op_attrs: Attrs) -> tuple[int, int, int]:
     fmt = _elem(op_attrs, "format")
     assert isinstance(fmt, LowBitType)
     bits, dtype = fmt.bits, str(_elem(op_attrs, "dtype"))
-    return bits * int(op_attrs["lane"]), (2**bits - 1) * 0x10001, (PAIR_MAGIC[dtype][0] | 2 ** (bits - 1)) * 0x10001
+    width = fmt.plane_widths[0]
+    return (width * int(op_attrs["lane"]), (2**width - 1) * 0x10001,
+            (PAIR_MAGIC[dtype][0] | 2 ** (bits - 1)) * 0x10001)
 
+
+def pair_planes(op_attrs: Attrs) -> list[tuple[tuple[int, ...], int, int]]:
+    """For an ``unpack_pair`` op's attributes, per narrower plane (after the widest): the shift
+    of each of the ``f`` copies of its words that row ``f s + c`` of the widest plane's tile reads
+    (word ``s``; positive right, negative left), then the lane's shift and the mask: copy ``c``
+    shifted, then shifted by the lane's amount and masked, holds lane ``lane``'s pair of that
+    plane's bits at the codes' bit offset, in both 16-bit halves."""
+    fmt = _elem(op_attrs, "format")
+    assert isinstance(fmt, LowBitType)
+    widths, lane = fmt.plane_widths, int(op_attrs["lane"])
+    half = WORD_BITS // widths[0] // 2  # L/2: a pair's partners are rows t and t + L/2
+    out, offset = [], widths[0]
+    for i, p in enumerate(widths[1:], 1):
+        copies = widths[0] // p
+        order = fmt.lane_order(i)
+        # Row L c + lane of this plane's word sits at lane order[...], its partner 16 bits above.
+        shifts = tuple(p * order[2 * half * c] - offset for c in range(copies))
+        for c, e in enumerate(shifts):
+            assert all(order[2 * half * c + j] == order[2 * half * c] + j for j in range(half))
+            top = p * (order[2 * half * c] + half - 1) + WORD_BITS // 2 + p - 1  # the highest bit read
+            assert e >= 0 or top - e < WORD_BITS, "a left shift would lose bits"
+        out.append((shifts, p * lane, (2**p - 1 << offset) * 0x10001))
+        offset += p
+    return out
 
 def _unpack_pair(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     fmt, dtype = _elem(attrs, "format"), _elem(attrs, "dtype")
     if not pair_format_ok(fmt, str(dtype)):
         raise TypeRuleError(f"format={attrs['format']!r} does not decode in pairs to {dtype}")
-    (words,) = types
-    lanes = 32 // fmt.bits  # type: ignore[union-attr]
+    assert isinstance(fmt, LowBitType)
+    widths = fmt.plane_widths
+    if len(types) != len(widths):
+        raise TypeRuleError(f"{fmt} decodes in pairs from {len(widths)} plane tile(s), got {len(types)} operands")
+    words = types[0]
+    lanes = pair_lanes(fmt)
     lane = _int_attr(attrs, "lane", 0)
     if words.elem != DType("u32") or words.rank != 2 or lane >= lanes // 2:
         raise TypeRuleError(f"takes a 2-d u32 tile of words and a lane below {lanes // 2}, got {words}, "
                             f"lane={lane}", 0)
+    for i, p in enumerate(widths[1:], 1):
+        want = TensorType(DType("u32"), (words.shape[0] * p // widths[0], words.shape[1]))
+        if words.shape[0] * p % widths[0] or types[i] != want:
+            raise TypeRuleError(f"has type {types[i]}; the {p}-bit plane of {words} is {want}", i)
     return [TensorType(dtype, (2 * words.shape[0], words.shape[1]))]  # type: ignore[arg-type]
 
 
@@ -226,7 +271,7 @@ _TILE_DEFS: list[tuple[str, int, int | None, tuple[str, ...], Rule]] = [
     ("loop", 0, None, ("body", "trips", "carried"), _loop),
     ("dot_acc", 3, 3, ("lhs_t", "rhs_t"), _dot_acc),
     ("unpack", 2, None, ("format", "shape", "dtype"), _unpack),
-    ("unpack_pair", 1, 1, ("format", "lane", "dtype"), _unpack_pair),
+    ("unpack_pair", 1, None, ("format", "lane", "dtype"), _unpack_pair),
     ("pick_lanes", 1, 1, ("lanes", "lane"), _pick_lanes),
 ]
 for _opcode, _lo, _hi, _attrs, _rule in _TILE_DEFS:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from fusec.errors import FusecError
 from fusec.ir import Function, KernelTiling, LowBitType, Module, Op, TensorType, Value
-from fusec.ir.tile_ops import pair_bias
+from fusec.ir.tile_ops import pair_bias, pair_lanes
 from fusec.ir.types import BOOL, F32, I32, DType
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.tile_builder import SCALAR, ArrayMapping, IndexExpr, TileBuilder, reduction_identity
@@ -278,8 +278,8 @@ class _KernelLowering:
         fmt = dq.operands[0].type.elem
         assert isinstance(fmt, LowBitType)
         dtype = str(dq.result.type.elem)
-        words, scale = self.packed_tiles(dq, b, kk, bk, bn, pids)
-        lanes = 32 // fmt.bits
+        *words, scale = self.packed_tiles(dq, b, kk, bk, bn, pids)  # per plane, then the scale row
+        lanes = pair_lanes(fmt)
         bm = a.type.shape[0]
         # The dots accumulate onto minus the bias times the step's activation sums (no add after).
         sums = b.value("reduce", [b.value("convert", [a], a.type.with_elem(F32), "xf", dtype="f32")],
@@ -288,7 +288,7 @@ class _KernelLowering:
         g = b.value("broadcast", [bias], acc.type, "g", dims=(0,), shape=acc.type.shape)
         for j in range(lanes // 2):
             x = b.value("pick_lanes", [a], a.type.with_shape((bm, 2 * bk // lanes)), "x", lanes=lanes, lane=j)
-            w = b.value("unpack_pair", [words], TensorType(dq.result.type.elem, (2 * bk // lanes, bn)), "w",
+            w = b.value("unpack_pair", words, TensorType(dq.result.type.elem, (2 * bk // lanes, bn)), "w",
                         format=str(fmt), lane=j, dtype=dtype)
             g = b.value("dot_acc", [g, x, w], acc.type, "g", lhs_t=False, rhs_t=False)
         scales = b.value("broadcast", [scale], acc.type, "scale", dims=(0, 1), shape=acc.type.shape)

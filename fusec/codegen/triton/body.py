@@ -310,7 +310,7 @@ def _unpack(w: BodyWriter, op: Op, a: list[str]) -> str:
 
 
 def _unpack_pair(w: BodyWriter, op: Op, a: list[str]) -> str:
-    lines = unpack_pair_lines(op, a[0], f"{w.name(op.result)}_")
+    lines = unpack_pair_lines(op, a[0], f"{w.name(op.result)}_", tuple(a[1:]))
     for line in lines[:-1]:
         w.line(line)
     return lines[-1]
