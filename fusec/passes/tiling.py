@@ -12,8 +12,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from fusec.ir import Function, KernelTiling, Module, Op, parse_elem_type
-from fusec.ir import tile_ops
+from fusec.ir import Function, KernelTiling, Module, Op, parse_elem_type, tile_ops
 from fusec.ir.tile_ops import pair_format_ok
 from fusec.ir.tiling import TILING_ATTRS, cdiv
 from fusec.passes.base import Pass, register_pass
