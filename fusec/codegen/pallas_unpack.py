@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from fusec.codegen.pallas_text import literal
 from fusec.ir import DType, LowBitType, Op, parse_elem_type
-from fusec.ir.tile_ops import pair_decode_constants, pair_planes
+from fusec.ir.tile_ops import (PAIR3_COPY_SHIFTS, PAIR3_LOW_MASK, PAIR3_TOP_MASK, pair_decode_constants,
+                                pair_merge_shifts)
 from fusec.ir.types import WORD_BITS
 from fusec.lowprec.formats import format_of
 
@@ -77,15 +78,25 @@ def unpack_source(op: Op, args: list[str]) -> list[str]:
 
 
 def lane_expr(fmt: LowBitType, plane: int, row: str) -> str:
-    """The lane of a word's row ``row`` (an int32 expression) in plane ``plane``: the row itself,
-    or for the "pairs" packing the row with two bits swapped (``LowBitType.lane_order``). Written
-    with operators both kernel languages share."""
+    """The lane of a word's row ``row`` (an int32 expression in 0 .. L-1) in plane ``plane``
+    (``LowBitType.lane_order``): each bit of the lane is one bit of the row, maybe inverted, so
+    masks, shifts and one XOR, written with operators both kernel languages share."""
     order = fmt.lane_order(plane)
     if order == tuple(range(len(order))):
         return row
-    a, b = next((t, order[t]) for t in range(len(order)) if order[t] != t)  # the two swapped bits
-    shift = (b // a).bit_length() - 1
-    return f"(({row}) & {len(order) - 1 - a - b}) | ((({row}) & {a}) << {shift}) | ((({row}) & {b}) >> {shift})"
+    width = (len(order) - 1).bit_length()
+    moves: dict[int, int] = {}  # shift (left) -> mask of the row's bits it moves
+    flip = 0
+    for out in range(width):
+        got = [(order[t] >> out) & 1 for t in range(len(order))]
+        src = next((b for b in range(width) if all(got[t] == ((t >> b) & 1) ^ got[0] for t in range(len(order)))), None)
+        if src is None:
+            raise NotImplementedError(f"the lane order of plane {plane} of {fmt} is not a map of the row's bits")
+        flip |= got[0] << out
+        moves[out - src] = moves.get(out - src, 0) | 1 << src
+    terms = [f"(({row}) & {m})" if d == 0 else f"((({row}) & {m}) << {d})" if d > 0 else f"((({row}) & {m}) >> {-d})"
+             for d, m in sorted(moves.items())]
+    return f"(({' | '.join(terms)}) ^ {flip})" if flip else f"({' | '.join(terms)})"
 
 
 def unpack_pair_source(op: Op, words: str, planes: tuple[str, ...] = ()) -> list[str]:
@@ -93,25 +104,26 @@ def unpack_pair_source(op: Op, words: str, planes: tuple[str, ...] = ()) -> list
     ``j`` and ``j + L/2`` of every word sit 16 bits apart, so one shift and one mask give both
     codes; XOR flips their sign bits (two's complement to code + half) and sets the 16-bit float
     exponent whose mantissa they become; the halves are the two float bit patterns, interleaved
-    along K (a register pair, as the matmul's operand wants it). A narrower plane's words
-    (``planes``, "pairs" packing) are repeated to one row per widest-plane word, each copy shifted
-    so that one more shift and mask per lane put its bits at the codes' offset, and ORed in."""
+    along K (a register pair, as the matmul's operand wants it). A 3-bit weight's 1-bit words
+    (``planes``) are repeated to one per 2-bit word and merged into it first (the same lines for
+    every lane of a parity: the kernel compiler computes them once)."""
     out = str(op.attr("dtype"))
     rows, cols = op.operands[0].type.shape
     shift, both, flip = pair_decode_constants(op.attr_dict)
     float_dtype = f"jnp.{DType(out).numpy_name}"
+    lines = []
+    if planes:
+        (top,), (word_shift, top_shift) = planes, pair_merge_shifts(op.attr_dict)
+        copies = [f"({top} << {c})" if c else top for c in PAIR3_COPY_SHIFTS]
+        # Copy c of word s is row 2 s + c (Pallas's Triton lowering stacks on the last axis only).
+        lines.append(f"tops = jnp.stack([{', '.join(copies)}], axis=-1).transpose(0, 2, 1).reshape({rows}, {cols})")
+        low = f"({words} >> {word_shift})" if word_shift else words
+        high = f"(tops >> {top_shift})" if top_shift else "tops"
+        lines.append(f"merged = ({low} & {PAIR3_LOW_MASK:#x}) | ({high} & {PAIR3_TOP_MASK:#x})")
+        words = "merged"
     shifted = f"({words} >> {shift})" if shift else words
-    lines, term = [], f"({shifted} & {both:#x})"
-    for i, (name, (copies, lane_shift, mask)) in enumerate(zip(planes, pair_planes(op.attr_dict))):
-        moved = [f"({name} >> {e})" if e > 0 else f"({name} << {-e})" if e else name for e in copies]
-        if len(moved) == 1:
-            lines.append(f"r{i} = {moved[0]}")
-        else:  # copy c of word s is row f s + c (Pallas's Triton lowering stacks on the last axis only)
-            lines.append(f"r{i} = jnp.stack([{', '.join(moved)}], axis=-1).transpose(0, 2, 1).reshape({rows}, {cols})")
-        lines.append(f"t{i} = (r{i} >> {lane_shift}) & {mask:#x}" if lane_shift else f"t{i} = r{i} & {mask:#x}")
-        term += f" | t{i}"
     return lines + [
-        f"p = ({term}) ^ {flip:#x}",
+        f"p = ({shifted} & {both:#x}) ^ {flip:#x}",
         f"lo = lax.bitcast_convert_type((p & 0xFFFF).astype(jnp.uint16), {float_dtype})",
         f"hi = lax.bitcast_convert_type((p >> 16).astype(jnp.uint16), {float_dtype})",
         f"return jnp.stack([lo, hi], axis=-1).transpose(0, 2, 1).reshape({2 * rows}, {cols})",

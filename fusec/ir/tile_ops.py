@@ -31,8 +31,8 @@ operation and leaves the scale for after the group's sum, with two more ops:
   (r, n) plus :func:`pair_bias` (``(w >> b lane) & mask`` holds both codes, one per 16-bit half,
   each ORed into a 16-bit float's mantissa: one shift and one LOP3 for two weights, no conversion).
   A 3-bit format packed "pairs" (fusec/lowprec/packing.py) gives its 2-bit plane's [R, N] words
-  (``L = 16``) and its 1-bit plane's [R/2, N]: the 1-bit word of rows 2s and 2s + 1 holds their
-  codes' top bits 16 bits apart too, and one more shift and LOP3 ORs them in (:func:`pair_planes`);
+  (``L = 16``) and its 1-bit plane's [R/2, N]: per 2-bit word and lane parity, a few shifts and
+  LOP3s merge the top bits in (:func:`pair_merge_shifts`), then one shift and one LOP3 per pair;
 - ``pick_lanes %x {lanes, lane}``: from a [M, B] tile, the [M, 2B/lanes] tile whose element
   (m, 2r + h) is x[m, lanes r + lane + h lanes/2]: the activations those codes multiply.
 """
@@ -203,34 +203,27 @@ def pair_decode_constants(op_attrs: Attrs) -> tuple[int, int, int]:
     fmt = _elem(op_attrs, "format")
     assert isinstance(fmt, LowBitType)
     bits, dtype = fmt.bits, str(_elem(op_attrs, "dtype"))
-    width = fmt.plane_widths[0]
-    return (width * int(op_attrs["lane"]), (2**width - 1) * 0x10001,
-            (PAIR_MAGIC[dtype][0] | 2 ** (bits - 1)) * 0x10001)
+    flip = (PAIR_MAGIC[dtype][0] | 2 ** (bits - 1)) * 0x10001
+    lane = int(op_attrs["lane"])
+    if fmt.plane_widths == (2, 1):  # the merged word (pair_merge_shifts) holds the codes at 4-bit strides
+        return 4 * (lane // 2), 0x70007, flip
+    return bits * lane, (2**bits - 1) * 0x10001, flip
 
 
-def pair_planes(op_attrs: Attrs) -> list[tuple[tuple[int, ...], int, int]]:
-    """For an ``unpack_pair`` op's attributes, per narrower plane (after the widest): the shift
-    of each of the ``f`` copies of its words that row ``f s + c`` of the widest plane's tile reads
-    (word ``s``; positive right, negative left), then the lane's shift and the mask: copy ``c``
-    shifted, then shifted by the lane's amount and masked, holds lane ``lane``'s pair of that
-    plane's bits at the codes' bit offset, in both 16-bit halves."""
-    fmt = _elem(op_attrs, "format")
-    assert isinstance(fmt, LowBitType)
-    widths, lane = fmt.plane_widths, int(op_attrs["lane"])
-    half = WORD_BITS // widths[0] // 2  # L/2: a pair's partners are rows t and t + L/2
-    out, offset = [], widths[0]
-    for i, p in enumerate(widths[1:], 1):
-        copies = widths[0] // p
-        order = fmt.lane_order(i)
-        # Row L c + lane of this plane's word sits at lane order[...], its partner 16 bits above.
-        shifts = tuple(p * order[2 * half * c] - offset for c in range(copies))
-        for c, e in enumerate(shifts):
-            assert all(order[2 * half * c + j] == order[2 * half * c] + j for j in range(half))
-            top = p * (order[2 * half * c] + half - 1) + WORD_BITS // 2 + p - 1  # the highest bit read
-            assert e >= 0 or top - e < WORD_BITS, "a left shift would lose bits"
-        out.append((shifts, p * lane, (2**p - 1 << offset) * 0x10001))
-        offset += p
-    return out
+# A 3-bit "pairs" weight (fusec/lowprec/packing.py): row 2 s + c of its 1-bit words repeated to one
+# per 2-bit word is word s shifted left by PAIR3_COPY_SHIFTS[c]; masked, it holds each code's top bit.
+PAIR3_COPY_SHIFTS = (0, 2)
+PAIR3_LOW_MASK, PAIR3_TOP_MASK = 0x33333333, 0x44444444
+
+
+def pair_merge_shifts(op_attrs: Attrs) -> tuple[int, int]:
+    """For an ``unpack_pair`` of a 3-bit "pairs" weight: the right shifts of its 2-bit words and of
+    its repeated 1-bit words that, masked by PAIR3_LOW_MASK and PAIR3_TOP_MASK and ORed, give the
+    word holding lane ``lane``'s pair (and every lane of its parity) as whole 3-bit codes at 4-bit
+    strides: (2, 1) for odd lanes, (0, 0) for even ones. Computed once per word and parity."""
+    odd = int(op_attrs["lane"]) % 2
+    return 2 * odd, odd
+
 
 def _unpack_pair(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     fmt, dtype = _elem(attrs, "format"), _elem(attrs, "dtype")

@@ -36,9 +36,9 @@ LOW_BIT_FAMILIES = ("int", "uint", "float", "nf", "lut")
 PER_CHANNEL = 0  # the group value that means one scale per output channel
 WORD_BITS = 32  # packed low-bit codes live in uint32 words
 # How a format's bit planes order their codes (fusec/lowprec/packing.py): "planes", code j of a word
-# at lane j; "pairs" (formats of several planes), each narrower plane reordered so that the codes
-# the widest plane holds 16 bits apart (a pair its kernels decode in one 32-bit operation) are 16
-# bits apart in it too (for 3 bits, each 1-bit word holds rows [0..7, 16..23, 8..15, 24..31]).
+# at lane j; "pairs" (3-bit formats: a 2-bit and a 1-bit plane), the 1-bit plane reordered so that
+# a kernel merges it into the 2-bit words once per word and then decodes two 3-bit codes (a pair
+# 16 bits apart) per shift and LOP3, as for one plane.
 PACKINGS = ("planes", "pairs")
 
 
@@ -121,10 +121,9 @@ class LowBitType:
             raise ValueError(f"group size must be positive (or PER_CHANNEL), got {self.group}")
         if self.packing not in PACKINGS:
             raise ValueError(f"packing must be one of {PACKINGS}, got {self.packing!r}")
-        if self.packing == "pairs" and len(self.plane_widths) == 1:
-            # One plane already holds its pairs 16 bits apart: one name per storage order.
-            raise ValueError(f"the pairs packing reorders the narrower planes of a format; {self.bits}-bit codes "
-                             "are one plane")
+        if self.packing == "pairs" and self.plane_widths != (2, 1):
+            raise ValueError(f"the pairs packing is defined for 3-bit codes (a 2-bit and a 1-bit plane), not "
+                             f"{self.bits}-bit ones")
 
     @property
     def base_name(self) -> str:
@@ -144,15 +143,16 @@ class LowBitType:
 
     def lane_order(self, plane: int) -> tuple[int, ...]:
         """For the plane at index ``plane`` (of ``plane_widths``): the lane (bit offset / width) of
-        each of its word's rows, row ``t`` at lane ``order[t]``. "pairs" swaps two bits of ``t``:
-        the one that tells a widest-plane pair's partners apart (L/2, L = 32 / widest width) and
-        the plane's own (L_p/2), so partners t, t + L/2 sit L_p/2 lanes (16 bits) apart."""
-        widths = self.plane_widths
-        lanes = WORD_BITS // widths[plane]
+        each row of its words, row ``t`` at lane ``order[t]``. "planes": ``t``. "pairs", 1-bit
+        plane: row t = 16 c + 8 h + 2 i + e (2-bit word c of the 32 rows, pair half h, lane 2 i + e
+        of that word) at lane 16 h + 4 i + 2 (1 - c) + e, so that (word c, ORed with the 1-bit
+        word shifted left by 2 c) masked by 0x44444444 puts the top bit of each even lane's code
+        just above its two low bits (and shifted right by 1, each odd lane's above the 2-bit word
+        shifted right by 2): the 3-bit codes of lanes 2 i + e and 2 i + e + 8 at bits 4 i and 4 i + 16."""
+        lanes = WORD_BITS // self.plane_widths[plane]
         if self.packing == "planes" or plane == 0:
             return tuple(range(lanes))
-        a, b = (WORD_BITS // widths[0]) // 2, lanes // 2
-        return tuple(t & ~(a | b) | (b if t & a else 0) | (a if t & b else 0) for t in range(lanes))
+        return tuple((0 if t & 16 else 2) | t & 1 | (t & 14) << 1 for t in range(lanes))
 
     def rows_per_scale(self, k: int) -> int:
         """Rows of a [K, ...] weight sharing one scale: the group, or K when per channel."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 from fusec.codegen.pallas_unpack import lane_expr
 from fusec.codegen.triton.text import TL_DTYPES
 from fusec.ir import DType, LowBitType, Op, parse_elem_type
-from fusec.ir.tile_ops import pair_decode_constants, pair_planes
+from fusec.ir.tile_ops import (PAIR3_COPY_SHIFTS, PAIR3_LOW_MASK, PAIR3_TOP_MASK, pair_decode_constants,
+                                pair_merge_shifts)
 from fusec.ir.types import WORD_BITS
 from fusec.lowprec.formats import format_of
 
@@ -74,28 +75,24 @@ def unpack_pair_lines(op: Op, words: str, prefix: str, planes: tuple[str, ...] =
     """Statements decoding an ``unpack_pair`` op (fusec/ir/tile_ops.py), as the Pallas writer does:
     lanes ``j`` and ``j + L/2`` of every word sit 16 bits apart, so one shift and one mask give both
     codes, and XOR flips their sign bits and sets the 16-bit float exponent whose mantissa they
-    become; the two halves interleave along K. A narrower plane's words (``planes``) are repeated
-    to one row per widest-plane word, each copy shifted, then shifted per lane, masked and ORed in.
-    The last item is the decoded tile's expression."""
+    become; the two halves interleave along K. A 3-bit weight's 1-bit words (``planes``) are
+    repeated to one per 2-bit word and merged into it first. The last item is the decoded tile's
+    expression."""
     out = str(op.attr("dtype"))
     rows, cols = op.operands[0].type.shape
     shift, both, flip = pair_decode_constants(op.attr_dict)
-    shifted = f"({words} >> {shift})" if shift else words
     half = lambda x: f"({x}).to(tl.uint16).to({TL_DTYPES[out]}, bitcast=True)"  # noqa: E731
-    lines, term = [], f"({shifted} & {both:#x})"
-    for i, (name, (copies, lane_shift, mask)) in enumerate(zip(planes, pair_planes(op.attr_dict))):
-        moved = [f"({name} >> {e})" if e > 0 else f"({name} << {-e})" if e else name for e in copies]
-        if len(moved) == 1:
-            rep = moved[0]
-        elif len(moved) == 2:  # copy c of word s is row 2 s + c
-            rep = f"tl.reshape(tl.permute(tl.join({moved[0]}, {moved[1]}), (0, 2, 1)), ({rows}, {cols}))"
-        else:
-            raise NotImplementedError("unpack_pair repeats a narrower plane's words at most twice")
-        lines.append(f"{prefix}r{i} = {rep}")
-        lines.append(f"{prefix}t{i} = ({prefix}r{i} >> {lane_shift}) & {mask:#x}" if lane_shift
-                     else f"{prefix}t{i} = {prefix}r{i} & {mask:#x}")
-        term += f" | {prefix}t{i}"
-    return lines + [f"{prefix}p = ({term}) ^ {flip:#x}",
+    lines = []
+    if planes:
+        (top,), (word_shift, top_shift) = planes, pair_merge_shifts(op.attr_dict)
+        c0, c1 = (f"({top} << {c})" if c else top for c in PAIR3_COPY_SHIFTS)
+        lines.append(f"{prefix}tops = tl.reshape(tl.permute(tl.join({c0}, {c1}), (0, 2, 1)), ({rows}, {cols}))")
+        low = f"({words} >> {word_shift})" if word_shift else words
+        high = f"({prefix}tops >> {top_shift})" if top_shift else f"{prefix}tops"
+        lines.append(f"{prefix}merged = ({low} & {PAIR3_LOW_MASK:#x}) | ({high} & {PAIR3_TOP_MASK:#x})")
+        words = f"{prefix}merged"
+    shifted = f"({words} >> {shift})" if shift else words
+    return lines + [f"{prefix}p = ({shifted} & {both:#x}) ^ {flip:#x}",
                     f"{prefix}lo = {half(f'{prefix}p & 0xFFFF')}",
                     f"{prefix}hi = {half(f'{prefix}p >> 16')}",
                     f"tl.reshape(tl.permute(tl.join({prefix}lo, {prefix}hi), (0, 2, 1)), ({2 * rows}, {cols}))"]
