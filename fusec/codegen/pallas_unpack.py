@@ -11,8 +11,13 @@ from __future__ import annotations
 
 from fusec.codegen.pallas_text import literal
 from fusec.ir import DType, LowBitType, Op, parse_elem_type
-from fusec.ir.tile_ops import (PAIR3_COPY_SHIFTS, PAIR3_LOW_MASK, PAIR3_TOP_MASK, pair_decode_constants,
-                                pair_merge_shifts)
+from fusec.ir.tile_ops import (
+    PAIR3_COPY_SHIFTS,
+    PAIR3_LOW_MASK,
+    PAIR3_TOP_MASK,
+    pair_decode_constants,
+    pair_merge_shifts,
+)
 from fusec.ir.types import WORD_BITS
 from fusec.lowprec.formats import format_of
 
