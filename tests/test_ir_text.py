@@ -30,8 +30,8 @@ def test_low_bit_type_names_round_trip(t) -> None:
     assert parse_elem_type(str(t)) == t
 
 
-@pytest.mark.parametrize("name", ["f32", "bf16", "i4", "u8", "bool", "f8e4m3fn", "i3g128", "i3g128p", "u4g64z", "e2m1g32",
-                                  "nf4gc", "lut3", "e5m2", 'opaque<"key<fry>">'])
+@pytest.mark.parametrize("name", ["f32", "bf16", "i4", "u8", "bool", "f8e4m3fn", "i3g128", "i3g128p", "u4g64z",
+                                  "e2m1g32", "nf4gc", "lut3", "e5m2", 'opaque<"key<fry>">'])
 def test_elem_type_names(name: str) -> None:
     assert str(parse_elem_type(name)) == name
 
