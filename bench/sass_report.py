@@ -1,8 +1,8 @@
 """The static sm_90 report of fusec's low-bit GEMV/GEMM kernels, on a CPU machine (no GPU needed).
 
-    python -m bench.sass_report [--json out.json] [--markdown] [--backend pallas|triton]
+    python -m bench.sass_report [--json out.json] [--markdown] [--backend pallas|triton] [--bits 2..8]
 
-For int4 weights with group-128 scales (``QuantSpec(4, 128)``, from a bfloat16 weight, so scales
+For int4 (``--bits``: intB) weights with group-128 scales (``QuantSpec(4, 128)``, from a bfloat16 weight, so scales
 and output are bfloat16 as in ``bench.gpu``), K x N = 4096 x 14336 and 4096 x 4096, M = 1 and 16:
 compiles ``x @ w`` under ``fusec.jit(backend=...)`` for sm_90, reads its SASS and models it
 (``Lowered.gpu_profile``, docs/gpu-model.md) on H100 and H200. Every number printed is computed
@@ -43,14 +43,14 @@ def weight_struct(k: int, n: int, bits: int = 4, group: int = 128) -> Any:
                    shape=(k, n))
 
 
-def rows(backend: str = "pallas") -> list[dict[str, Any]]:
+def rows(backend: str = "pallas", bits: int = 4) -> list[dict[str, Any]]:
     import fusec
     from fusec.report import gpu_config_of
 
     matmul = fusec.jit(lambda q, x: x @ q, backend=backend, interpret=False)
     out = []
     for k, n in SHAPES:
-        q = weight_struct(k, n)
+        q = weight_struct(k, n, bits)
         for m in MS:
             lowered = matmul.lower(q, jax.ShapeDtypeStruct((m, k), jnp.bfloat16))
             h100, h200 = (lowered.gpu_profile(90, gpu) for gpu in ("h100", "h200"))
@@ -95,9 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the rows as JSON")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument("--backend", default="pallas", choices=("pallas", "triton"), help="fusec's GPU code generator")
+    parser.add_argument("--bits", type=int, default=4, help="integer weight bits (quantize's default packing)")
     ns = parser.parse_args(argv)
-    measured = rows(ns.backend)
-    head = (f"# fusec static sm_90 report, int4 g128 GEMV/GEMM, backend {ns.backend}: {datetime.date.today()}, "
+    measured = rows(ns.backend, ns.bits)
+    head = (f"# fusec static sm_90 report, int{ns.bits} g128 GEMV/GEMM, backend {ns.backend}: {datetime.date.today()}, "
             f"commit {_commit()}, jax {jax.__version__}")
     print(head)
     if ns.markdown:
