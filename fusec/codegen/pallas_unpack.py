@@ -109,27 +109,36 @@ def unpack_pair_source(op: Op, words: str, planes: tuple[str, ...] = ()) -> list
     ``j`` and ``j + L/2`` of every word sit 16 bits apart, so one shift and one mask give both
     codes; XOR flips their sign bits (two's complement to code + half) and sets the 16-bit float
     exponent whose mantissa they become; the halves are the two float bit patterns, interleaved
-    along K (a register pair, as the matmul's operand wants it). A 3-bit weight's 1-bit words
-    (``planes``) are repeated to one per 2-bit word and merged into it first (the same lines for
-    every lane of a parity: the kernel compiler computes them once)."""
+    along K (a register pair, as the matmul's operand wants it). A 3-bit weight's 2-bit words are
+    split by parity (rows in ``parity`` order, tile_ops) and each half merged with its 1-bit words
+    (``planes``) first (the same lines for every lane of a parity: the kernel compiler computes
+    them once)."""
     out = str(op.attr("dtype"))
     rows, cols = op.operands[0].type.shape
     shift, both, flip = pair_decode_constants(op.attr_dict)
     float_dtype = f"jnp.{DType(out).numpy_name}"
-    lines = []
-    if planes:
-        (top,), (word_shift, top_shift) = planes, pair_merge_shifts(op.attr_dict)
-        copies = [f"({top} << {c})" if c else top for c in PAIR3_COPY_SHIFTS]
-        # Copy c of word s is row 2 s + c (Pallas's Triton lowering stacks on the last axis only).
-        lines.append(f"tops = jnp.stack([{', '.join(copies)}], axis=-1).transpose(0, 2, 1).reshape({rows}, {cols})")
-        low = f"({words} >> {word_shift})" if word_shift else words
-        high = f"(tops >> {top_shift})" if top_shift else "tops"
-        lines.append(f"merged = ({low} & {PAIR3_LOW_MASK:#x}) | ({high} & {PAIR3_TOP_MASK:#x})")
-        words = "merged"
-    shifted = f"({words} >> {shift})" if shift else words
-    return lines + [
-        f"p = ({shifted} & {both:#x}) ^ {flip:#x}",
-        f"lo = lax.bitcast_convert_type((p & 0xFFFF).astype(jnp.uint16), {float_dtype})",
-        f"hi = lax.bitcast_convert_type((p >> 16).astype(jnp.uint16), {float_dtype})",
-        f"return jnp.stack([lo, hi], axis=-1).transpose(0, 2, 1).reshape({2 * rows}, {cols})",
-    ]
+    if not planes:
+        shifted = f"({words} >> {shift})" if shift else words
+        return [
+            f"p = ({shifted} & {both:#x}) ^ {flip:#x}",
+            f"lo = lax.bitcast_convert_type((p & 0xFFFF).astype(jnp.uint16), {float_dtype})",
+            f"hi = lax.bitcast_convert_type((p >> 16).astype(jnp.uint16), {float_dtype})",
+            f"return jnp.stack([lo, hi], axis=-1).transpose(0, 2, 1).reshape({2 * rows}, {cols})",
+        ]
+    # 3 bits (parity order): 2-bit words 2s + c split by c, each merged with 1-bit word s.
+    (top,), (word_shift, top_shift) = planes, pair_merge_shifts(op.attr_dict)
+    lines = [f"w0, w1 = (h.reshape({rows // 2}, {cols}) for h in jnp.split({words}.reshape({rows // 2}, 2, {cols})"
+             f".transpose(0, 2, 1), 2, axis=-1))"]
+    halves = []
+    for c, copy in enumerate(PAIR3_COPY_SHIFTS):
+        low = f"(w{c} >> {word_shift})" if word_shift else f"w{c}"
+        high = f"({top} << {copy})" if copy else top
+        high = f"({high} >> {top_shift})" if top_shift else high
+        lines += [f"m{c} = ({low} & {PAIR3_LOW_MASK:#x}) | ({high} & {PAIR3_TOP_MASK:#x})",
+                  f"p{c} = ({f'(m{c} >> {shift})' if shift else f'm{c}'} & {both:#x}) ^ {flip:#x}",
+                  f"h{c} = jnp.stack([lax.bitcast_convert_type((p{c} & 0xFFFF).astype(jnp.uint16), {float_dtype}), "
+                  f"lax.bitcast_convert_type((p{c} >> 16).astype(jnp.uint16), {float_dtype})], axis=-1)"]
+        halves.append(f"h{c}")
+    # (s, n, h, c) -> rows c R + 2 s + h
+    return lines + [f"return jnp.stack([{', '.join(halves)}], axis=-1).transpose(3, 0, 2, 1)"
+                    f".reshape({2 * rows}, {cols})"]

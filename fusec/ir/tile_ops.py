@@ -35,6 +35,11 @@ operation and leaves the scale for after the group's sum, with two more ops:
   LOP3s merge the top bits in (:func:`pair_merge_shifts`), then one shift and one LOP3 per pair;
 - ``pick_lanes %x {lanes, lane}``: from a [M, B] tile, the [M, 2B/lanes] tile whose element
   (m, 2r + h) is x[m, lanes r + lane + h lanes/2]: the activations those codes multiply.
+
+A 3-bit ``unpack_pair`` (and the ``pick_lanes`` beside it) has ``parity = true``: rows ordered by the
+parity c of the word first, element (c R + 2s + h) for word r = 2s + c of the R (and column
+c B/lanes + 2s + h). Words 2s and 2s + 1 share a 1-bit word, so a kernel splits the 2-bit words by
+parity and each thread still holds the K pairs a tensor-core operand wants (no register shuffles).
 """
 
 from __future__ import annotations
@@ -239,6 +244,9 @@ def _unpack_pair(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     if words.elem != DType("u32") or words.rank != 2 or lane >= lanes // 2:
         raise TypeRuleError(f"takes a 2-d u32 tile of words and a lane below {lanes // 2}, got {words}, "
                             f"lane={lane}", 0)
+    if _parity(attrs) != (len(widths) > 1):
+        raise TypeRuleError(f"{fmt} decodes in pairs with parity={len(widths) > 1} (rows ordered by word parity "
+                            "where 1-bit words are shared by two 2-bit words)")
     for i, p in enumerate(widths[1:], 1):
         want = TensorType(DType("u32"), (words.shape[0] * p // widths[0], words.shape[1]))
         if words.shape[0] * p % widths[0] or types[i] != want:
@@ -246,9 +254,18 @@ def _unpack_pair(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     return [TensorType(dtype, (2 * words.shape[0], words.shape[1]))]  # type: ignore[arg-type]
 
 
+def _parity(attrs: Attrs) -> bool:
+    value = attrs.get("parity", False)
+    if not isinstance(value, bool):
+        raise TypeRuleError(f"attribute parity={value!r} must be a bool")
+    return value
+
+
 def _pick_lanes(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     (x,) = types
     lanes, lane = _int_attr(attrs, "lanes", 2), _int_attr(attrs, "lane", 0)
+    if _parity(attrs) and x.rank == 2 and x.shape[1] % (2 * lanes):
+        raise TypeRuleError(f"parity order takes a tile whose columns divide into twice {lanes} lanes, got {x}", 0)
     if x.rank != 2 or lanes % 2 or x.shape[1] % lanes or lane >= lanes // 2:
         raise TypeRuleError(f"takes a 2-d tile whose columns divide into {lanes} lanes (an even number) and a "
                             f"lane below {lanes // 2}, got {x}, lane={lane}", 0)

@@ -324,6 +324,9 @@ def _pick_lanes(w: BodyWriter, op: Op, a: list[str]) -> str:
     split = f"tl.reshape({x}, ({m}, {2 * cols // lanes}, {lanes // 2}))"
     keep = f"(tl.arange(0, {lanes // 2}) == {lane})[None, None, :]"
     picked = f"tl.reduce(tl.where({keep}, {split}, -0.0), 2, {_REDUCE['sum']})"
+    if op.attr("parity"):  # (m, 2r + h) with r = 2s + c to (m, c B/lanes + 2s + h)
+        picked = f"tl.reshape(tl.permute(tl.reshape({picked}, ({m}, {cols // lanes // 2}, 2, 2)), (0, 2, 1, 3)), " \
+                 f"({m}, {2 * cols // lanes}))"
     return f"({picked}).to({tl_dtype(op.result.type)})"
 
 

@@ -88,16 +88,23 @@ def unpack_pair_lines(op: Op, words: str, prefix: str, planes: tuple[str, ...] =
     shift, both, flip = pair_decode_constants(op.attr_dict)
     half = lambda x: f"({x}).to(tl.uint16).to({TL_DTYPES[out]}, bitcast=True)"  # noqa: E731
     lines = []
-    if planes:
-        (top,), (word_shift, top_shift) = planes, pair_merge_shifts(op.attr_dict)
-        c0, c1 = (f"({top} << {c})" if c else top for c in PAIR3_COPY_SHIFTS)
-        lines.append(f"{prefix}tops = tl.reshape(tl.permute(tl.join({c0}, {c1}), (0, 2, 1)), ({rows}, {cols}))")
-        low = f"({words} >> {word_shift})" if word_shift else words
-        high = f"({prefix}tops >> {top_shift})" if top_shift else f"{prefix}tops"
-        lines.append(f"{prefix}merged = ({low} & {PAIR3_LOW_MASK:#x}) | ({high} & {PAIR3_TOP_MASK:#x})")
-        words = f"{prefix}merged"
-    shifted = f"({words} >> {shift})" if shift else words
-    return lines + [f"{prefix}p = ({shifted} & {both:#x}) ^ {flip:#x}",
-                    f"{prefix}lo = {half(f'{prefix}p & 0xFFFF')}",
-                    f"{prefix}hi = {half(f'{prefix}p >> 16')}",
-                    f"tl.reshape(tl.permute(tl.join({prefix}lo, {prefix}hi), (0, 2, 1)), ({2 * rows}, {cols}))"]
+    if not planes:
+        shifted = f"({words} >> {shift})" if shift else words
+        return [f"{prefix}p = ({shifted} & {both:#x}) ^ {flip:#x}",
+                f"{prefix}lo = {half(f'{prefix}p & 0xFFFF')}",
+                f"{prefix}hi = {half(f'{prefix}p >> 16')}",
+                f"tl.reshape(tl.permute(tl.join({prefix}lo, {prefix}hi), (0, 2, 1)), ({2 * rows}, {cols}))"]
+    # 3 bits (parity order): 2-bit words 2s + c split by c, each merged with 1-bit word s.
+    (top,), (word_shift, top_shift) = planes, pair_merge_shifts(op.attr_dict)
+    lines.append(f"{prefix}w0, {prefix}w1 = tl.split(tl.permute(tl.reshape({words}, ({rows // 2}, 2, {cols})), "
+                 f"(0, 2, 1)))")
+    for c, copy in enumerate(PAIR3_COPY_SHIFTS):
+        low = f"({prefix}w{c} >> {word_shift})" if word_shift else f"{prefix}w{c}"
+        high = f"(({top} << {copy}) >> {top_shift})" if copy and top_shift else \
+            f"({top} << {copy})" if copy else f"({top} >> {top_shift})" if top_shift else top
+        merged = f"(({low} & {PAIR3_LOW_MASK:#x}) | ({high} & {PAIR3_TOP_MASK:#x}))"
+        lines += [f"{prefix}m{c} = {merged}",
+                  f"{prefix}p{c} = ({f'({prefix}m{c} >> {shift})' if shift else f'{prefix}m{c}'} & {both:#x})"
+                  f" ^ {flip:#x}",
+                  f"{prefix}h{c} = tl.join({half(f'{prefix}p{c} & 0xFFFF')}, {half(f'{prefix}p{c} >> 16')})"]
+    return lines + [f"tl.reshape(tl.permute(tl.join({prefix}h0, {prefix}h1), (3, 0, 2, 1)), ({2 * rows}, {cols}))"]
