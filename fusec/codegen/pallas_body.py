@@ -165,10 +165,15 @@ def _pick_lanes(w: BodyWriter, op: Op, a: list[str]) -> str:
     # [M, B] -> [M, B/lanes, 2, lanes/2]: (r, h, j) is column lanes r + j + h lanes/2; keep j = lane.
     (m, cols), lanes, lane = op.operands[0].type.shape, int(op.attr("lanes")), int(op.attr("lane"))
     split = f"jnp.split({a[0]}.reshape({m}, {cols // lanes}, 2, {lanes // 2}), {lanes // 2}, axis=-1)"
+    one = (m, 2 * cols // lanes)
     if op.attr("parity"):  # (m, 2r + h) with r = 2s + c to (m, c B/lanes + 2s + h)
-        return (f"{split}[{lane}].reshape({m}, {cols // lanes // 2}, 2, 2).transpose(0, 2, 1, 3)"
-                f".reshape({op.result.type.shape})")
-    return f"{split}[{lane}].reshape({op.result.type.shape})"
+        picks = [f"{split}[{lane + t}].reshape({m}, {cols // lanes // 2}, 2, 2).transpose(0, 2, 1, 3).reshape({one})"
+                 for t in range(int(op.attr("count", 1)))]
+    else:
+        picks = [f"{split}[{lane + t}].reshape({one})" for t in range(int(op.attr("count", 1)))]
+    if len(picks) == 1:
+        return picks[0]
+    return f"jnp.stack([{', '.join(picks)}], axis=-1).transpose(0, 2, 1).reshape({op.result.type.shape})"
 
 
 EMITTERS.update({"broadcast": _broadcast, "reduce": _reduce, "constant": _constant, "iota": _iota,

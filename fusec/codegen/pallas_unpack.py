@@ -126,19 +126,29 @@ def unpack_pair_source(op: Op, words: str, planes: tuple[str, ...] = ()) -> list
             f"return jnp.stack([lo, hi], axis=-1).transpose(0, 2, 1).reshape({2 * rows}, {cols})",
         ]
     # 3 bits (parity order): 2-bit words 2s + c split by c, each merged with 1-bit word s.
-    (top,), (word_shift, top_shift) = planes, pair_merge_shifts(op.attr_dict)
+    (top,) = planes
     lines = [f"w0, w1 = (h.reshape({rows // 2}, {cols}) for h in jnp.split({words}.reshape({rows // 2}, 2, {cols})"
              f".transpose(0, 2, 1), 2, axis=-1))"]
-    halves = []
-    for c, copy in enumerate(PAIR3_COPY_SHIFTS):
-        low = f"(w{c} >> {word_shift})" if word_shift else f"w{c}"
-        high = f"({top} << {copy})" if copy else top
-        high = f"({high} >> {top_shift})" if top_shift else high
-        lines += [f"m{c} = ({low} & {PAIR3_LOW_MASK:#x}) | ({high} & {PAIR3_TOP_MASK:#x})",
-                  f"p{c} = ({f'(m{c} >> {shift})' if shift else f'm{c}'} & {both:#x}) ^ {flip:#x}",
-                  f"h{c} = jnp.stack([lax.bitcast_convert_type((p{c} & 0xFFFF).astype(jnp.uint16), {float_dtype}), "
-                  f"lax.bitcast_convert_type((p{c} >> 16).astype(jnp.uint16), {float_dtype})], axis=-1)"]
-        halves.append(f"h{c}")
-    # (s, n, h, c) -> rows c R + 2 s + h
-    return lines + [f"return jnp.stack([{', '.join(halves)}], axis=-1).transpose(3, 0, 2, 1)"
-                    f".reshape({2 * rows}, {cols})"]
+    tiles = []
+    for t in range(int(op.attr("count", 1))):
+        attrs = op.attr_dict | {"lane": int(op.attr("lane")) + t}
+        (shift, both, flip), (word_shift, top_shift) = pair_decode_constants(attrs), pair_merge_shifts(attrs)
+        halves = []
+        for c, copy in enumerate(PAIR3_COPY_SHIFTS):
+            low = f"(w{c} >> {word_shift})" if word_shift else f"w{c}"
+            high = f"({top} << {copy})" if copy else top
+            high = f"({high} >> {top_shift})" if top_shift else high
+            lo, hi = (f"lax.bitcast_convert_type(({x}).astype(jnp.uint16), {float_dtype})"
+                      for x in (f"p{t}{c} & 0xFFFF", f"p{t}{c} >> 16"))
+            lines += [f"m{t}{c} = ({low} & {PAIR3_LOW_MASK:#x}) | ({high} & {PAIR3_TOP_MASK:#x})",
+                      f"p{t}{c} = ({f'(m{t}{c} >> {shift})' if shift else f'm{t}{c}'} & {both:#x}) ^ {flip:#x}",
+                      f"h{t}{c} = jnp.stack([{lo}, {hi}], axis=-1)"]
+            halves.append(f"h{t}{c}")
+        # (s, n, h, c) -> rows c R + 2 s + h
+        lines.append(f"v{t} = jnp.stack([{', '.join(halves)}], axis=-1).transpose(3, 0, 2, 1).reshape({2 * rows}, "
+                     f"{cols})")
+        tiles.append(f"v{t}")
+    if len(tiles) == 1:
+        return lines + [f"return {tiles[0]}"]
+    return lines + [f"return jnp.stack([{', '.join(tiles)}], axis=-1).transpose(2, 0, 1).reshape("
+                    f"{2 * rows * len(tiles)}, {cols})"]

@@ -36,10 +36,13 @@ operation and leaves the scale for after the group's sum, with two more ops:
 - ``pick_lanes %x {lanes, lane}``: from a [M, B] tile, the [M, 2B/lanes] tile whose element
   (m, 2r + h) is x[m, lanes r + lane + h lanes/2]: the activations those codes multiply.
 
-A 3-bit ``unpack_pair`` (and the ``pick_lanes`` beside it) has ``parity = true``: rows ordered by the
-parity c of the word first, element (c R + 2s + h) for word r = 2s + c of the R (and column
-c B/lanes + 2s + h). Words 2s and 2s + 1 share a 1-bit word, so a kernel splits the 2-bit words by
-parity and each thread still holds the K pairs a tensor-core operand wants (no register shuffles).
+Both take ``count`` (1 or 2, default 1): lanes ``lane .. lane + count - 1``, each one's tile in
+turn along K (one dot of twice the K: a kernel compiler chains its tensor-core steps instead of
+adding separate dots' results). A 3-bit ``unpack_pair`` (and the ``pick_lanes`` beside it) has
+``parity = true``: rows ordered by the parity c of the word first, element (c R + 2s + h) for word
+r = 2s + c of the R (and column c B/lanes + 2s + h). Words 2s and 2s + 1 share a 1-bit word, so a
+kernel splits the 2-bit words by parity and each thread still holds the K pairs a tensor-core
+operand wants (no register shuffles).
 """
 
 from __future__ import annotations
@@ -240,10 +243,10 @@ def _unpack_pair(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
         raise TypeRuleError(f"{fmt} decodes in pairs from {len(widths)} plane tile(s), got {len(types)} operands")
     words = types[0]
     lanes = pair_lanes(fmt)
-    lane = _int_attr(attrs, "lane", 0)
-    if words.elem != DType("u32") or words.rank != 2 or lane >= lanes // 2:
-        raise TypeRuleError(f"takes a 2-d u32 tile of words and a lane below {lanes // 2}, got {words}, "
-                            f"lane={lane}", 0)
+    lane, count = _int_attr(attrs, "lane", 0), _count(attrs)
+    if words.elem != DType("u32") or words.rank != 2 or lane + count > lanes // 2:
+        raise TypeRuleError(f"takes a 2-d u32 tile of words and lanes below {lanes // 2}, got {words}, "
+                            f"lane={lane}, count={count}", 0)
     if _parity(attrs) != (len(widths) > 1):
         raise TypeRuleError(f"{fmt} decodes in pairs with parity={len(widths) > 1} (rows ordered by word parity "
                             "where 1-bit words are shared by two 2-bit words)")
@@ -251,7 +254,14 @@ def _unpack_pair(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
         want = TensorType(DType("u32"), (words.shape[0] * p // widths[0], words.shape[1]))
         if words.shape[0] * p % widths[0] or types[i] != want:
             raise TypeRuleError(f"has type {types[i]}; the {p}-bit plane of {words} is {want}", i)
-    return [TensorType(dtype, (2 * words.shape[0], words.shape[1]))]  # type: ignore[arg-type]
+    return [TensorType(dtype, (2 * count * words.shape[0], words.shape[1]))]  # type: ignore[arg-type]
+
+
+def _count(attrs: Attrs) -> int:
+    value = attrs.get("count", 1)
+    if value not in (1, 2) or isinstance(value, bool):
+        raise TypeRuleError(f"attribute count={value!r} must be 1 or 2")
+    return int(value)
 
 
 def _parity(attrs: Attrs) -> bool:
@@ -266,10 +276,11 @@ def _pick_lanes(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     lanes, lane = _int_attr(attrs, "lanes", 2), _int_attr(attrs, "lane", 0)
     if _parity(attrs) and x.rank == 2 and x.shape[1] % (2 * lanes):
         raise TypeRuleError(f"parity order takes a tile whose columns divide into twice {lanes} lanes, got {x}", 0)
-    if x.rank != 2 or lanes % 2 or x.shape[1] % lanes or lane >= lanes // 2:
-        raise TypeRuleError(f"takes a 2-d tile whose columns divide into {lanes} lanes (an even number) and a "
-                            f"lane below {lanes // 2}, got {x}, lane={lane}", 0)
-    return [x.with_shape((x.shape[0], 2 * x.shape[1] // lanes))]
+    count = _count(attrs)
+    if x.rank != 2 or lanes % 2 or x.shape[1] % lanes or lane + count > lanes // 2:
+        raise TypeRuleError(f"takes a 2-d tile whose columns divide into {lanes} lanes (an even number) and "
+                            f"lanes below {lanes // 2}, got {x}, lane={lane}, count={count}", 0)
+    return [x.with_shape((x.shape[0], 2 * count * x.shape[1] // lanes))]
 
 
 _TILE_DEFS: list[tuple[str, int, int | None, tuple[str, ...], Rule]] = [

@@ -286,11 +286,13 @@ class _KernelLowering:
                        TensorType(F32, (bm,)), "xsum", axes=(1,), kind="sum")
         bias = b.value("mul", [sums, b.const(float(-pair_bias(fmt, dtype)), sums.type)], sums.type, "bias")
         g = b.value("broadcast", [bias], acc.type, "g", dims=(0,), shape=acc.type.shape)
-        order = {"parity": True} if len(words) > 1 else {}  # 3 bits: rows by word parity (tile_ops)
-        for j in range(lanes // 2):
-            x = b.value("pick_lanes", [a], a.type.with_shape((bm, 2 * bk // lanes)), "x", lanes=lanes, lane=j,
-                        **order)
-            w = b.value("unpack_pair", words, TensorType(dq.result.type.elem, (2 * bk // lanes, bn)), "w",
+        # 3 bits: rows by word parity, two lanes per dot (32-deep K: chained tensor-core steps).
+        count = 2 if len(words) > 1 else 1
+        order = {"parity": True, "count": count} if len(words) > 1 else {}
+        for j in range(0, lanes // 2, count):
+            x = b.value("pick_lanes", [a], a.type.with_shape((bm, 2 * count * bk // lanes)), "x", lanes=lanes,
+                        lane=j, **order)
+            w = b.value("unpack_pair", words, TensorType(dq.result.type.elem, (2 * count * bk // lanes, bn)), "w",
                         format=str(fmt), lane=j, dtype=dtype, **order)
             g = b.value("dot_acc", [g, x, w], acc.type, "g", lhs_t=False, rhs_t=False)
         scales = b.value("broadcast", [scale], acc.type, "scale", dims=(0, 1), shape=acc.type.shape)

@@ -322,12 +322,17 @@ def _pick_lanes(w: BodyWriter, op: Op, a: list[str]) -> str:
     (m, cols), lanes, lane = op.operands[0].type.shape, int(op.attr("lanes")), int(op.attr("lane"))
     x = f"{a[0]}.to(tl.float32)" if is_narrow(op.operands[0].type) else a[0]
     split = f"tl.reshape({x}, ({m}, {2 * cols // lanes}, {lanes // 2}))"
-    keep = f"(tl.arange(0, {lanes // 2}) == {lane})[None, None, :]"
-    picked = f"tl.reduce(tl.where({keep}, {split}, -0.0), 2, {_REDUCE['sum']})"
-    if op.attr("parity"):  # (m, 2r + h) with r = 2s + c to (m, c B/lanes + 2s + h)
-        picked = f"tl.reshape(tl.permute(tl.reshape({picked}, ({m}, {cols // lanes // 2}, 2, 2)), (0, 2, 1, 3)), " \
-                 f"({m}, {2 * cols // lanes}))"
-    return f"({picked}).to({tl_dtype(op.result.type)})"
+    picks = []
+    for t in range(int(op.attr("count", 1))):
+        keep = f"(tl.arange(0, {lanes // 2}) == {lane + t})[None, None, :]"
+        picked = f"tl.reduce(tl.where({keep}, {split}, -0.0), 2, {_REDUCE['sum']})"
+        if op.attr("parity"):  # (m, 2r + h) with r = 2s + c to (m, c B/lanes + 2s + h)
+            picked = f"tl.reshape(tl.permute(tl.reshape({picked}, ({m}, {cols // lanes // 2}, 2, 2)), " \
+                     f"(0, 2, 1, 3)), ({m}, {2 * cols // lanes}))"
+        picks.append(picked)
+    if len(picks) == 2:  # lane, then lane + 1, along K
+        picks = [f"tl.reshape(tl.permute(tl.join({picks[0]}, {picks[1]}), (0, 2, 1)), {op.result.type.shape})"]
+    return f"({picks[0]}).to({tl_dtype(op.result.type)})"
 
 
 EMITTERS.update({"select": _select, "convert": _convert, "broadcast": _broadcast, "reduce": _reduce,

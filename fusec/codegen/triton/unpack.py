@@ -95,16 +95,24 @@ def unpack_pair_lines(op: Op, words: str, prefix: str, planes: tuple[str, ...] =
                 f"{prefix}hi = {half(f'{prefix}p >> 16')}",
                 f"tl.reshape(tl.permute(tl.join({prefix}lo, {prefix}hi), (0, 2, 1)), ({2 * rows}, {cols}))"]
     # 3 bits (parity order): 2-bit words 2s + c split by c, each merged with 1-bit word s.
-    (top,), (word_shift, top_shift) = planes, pair_merge_shifts(op.attr_dict)
+    (top,) = planes
     lines.append(f"{prefix}w0, {prefix}w1 = tl.split(tl.permute(tl.reshape({words}, ({rows // 2}, 2, {cols})), "
                  f"(0, 2, 1)))")
-    for c, copy in enumerate(PAIR3_COPY_SHIFTS):
-        low = f"({prefix}w{c} >> {word_shift})" if word_shift else f"{prefix}w{c}"
-        high = f"(({top} << {copy}) >> {top_shift})" if copy and top_shift else \
-            f"({top} << {copy})" if copy else f"({top} >> {top_shift})" if top_shift else top
-        merged = f"(({low} & {PAIR3_LOW_MASK:#x}) | ({high} & {PAIR3_TOP_MASK:#x}))"
-        lines += [f"{prefix}m{c} = {merged}",
-                  f"{prefix}p{c} = ({f'({prefix}m{c} >> {shift})' if shift else f'{prefix}m{c}'} & {both:#x})"
-                  f" ^ {flip:#x}",
-                  f"{prefix}h{c} = tl.join({half(f'{prefix}p{c} & 0xFFFF')}, {half(f'{prefix}p{c} >> 16')})"]
-    return lines + [f"tl.reshape(tl.permute(tl.join({prefix}h0, {prefix}h1), (3, 0, 2, 1)), ({2 * rows}, {cols}))"]
+    tiles = []
+    for t in range(int(op.attr("count", 1))):
+        attrs = op.attr_dict | {"lane": int(op.attr("lane")) + t}
+        (shift, both, flip), (word_shift, top_shift) = pair_decode_constants(attrs), pair_merge_shifts(attrs)
+        q = f"{prefix}{t}"
+        for c, copy in enumerate(PAIR3_COPY_SHIFTS):
+            low = f"({prefix}w{c} >> {word_shift})" if word_shift else f"{prefix}w{c}"
+            high = f"({top} << {copy})" if copy else top
+            high = f"({high} >> {top_shift})" if top_shift else high
+            lines += [f"{q}m{c} = (({low} & {PAIR3_LOW_MASK:#x}) | ({high} & {PAIR3_TOP_MASK:#x}))",
+                      f"{q}p{c} = ({f'({q}m{c} >> {shift})' if shift else f'{q}m{c}'} & {both:#x}) ^ {flip:#x}",
+                      f"{q}h{c} = tl.join({half(f'{q}p{c} & 0xFFFF')}, {half(f'{q}p{c} >> 16')})"]
+        # (s, n, h, c) -> rows c R + 2 s + h
+        lines.append(f"{q}v = tl.reshape(tl.permute(tl.join({q}h0, {q}h1), (3, 0, 2, 1)), ({2 * rows}, {cols}))")
+        tiles.append(f"{q}v")
+    if len(tiles) == 1:
+        return lines + [tiles[0]]
+    return lines + [f"tl.reshape(tl.permute(tl.join({tiles[0]}, {tiles[1]}), (2, 0, 1)), ({4 * rows}, {cols}))"]
