@@ -54,6 +54,26 @@ def test_which_formats_decode_in_pairs() -> None:
     assert _strategy(_weight(4, 128, 512, 200, dtype=jnp.float32), x.astype(jnp.float32)) != "gemv-pairs"
 
 
+def test_int3_unpack_pair_type_rule() -> None:
+    """A 3-bit unpack_pair takes the 2-bit words and the 1-bit plane's half as many, in parity order,
+    one or two lanes at a time; anything else is a type error naming what is wrong."""
+    from fusec.ir import TensorType, dtype
+    from fusec.ir.opdefs import OPDEFS, TypeRuleError
+
+    rule = OPDEFS["unpack_pair"].rule
+    u32 = lambda r: TensorType(dtype("u32"), (r, 64))  # noqa: E731
+    ok = {"format": "i3g128p", "dtype": "bf16", "lane": 6, "parity": True, "count": 2}
+    assert rule([u32(8), u32(4)], ok) == [TensorType(dtype("bf16"), (32, 64))]
+    for attrs, types, message in ((ok | {"parity": False}, [u32(8), u32(4)], "parity=True"),
+                                  (ok | {"lane": 7}, [u32(8), u32(4)], "lanes below 8"),
+                                  (ok | {"count": 3}, [u32(8), u32(4)], "count=3 must be 1 or 2"),
+                                  (ok, [u32(8), u32(8)], r"the 1-bit plane of u32\[8,64\] is u32\[4,64\]"),
+                                  (ok, [u32(8)], "from 2 plane tile"),
+                                  (ok | {"format": "i3g128"}, [u32(8), u32(4)], "does not decode in pairs")):
+        with pytest.raises(TypeRuleError, match=message):
+            rule(types, attrs)
+
+
 @pytest.mark.parametrize("bits,group", [(4, 128), (4, 64), (2, 128), (3, 128)])
 @pytest.mark.parametrize("m", [1, 3, 5, 16])
 def test_paired_gemv_matches_a_float64_reference(bits: int, group: int, m: int) -> None:
