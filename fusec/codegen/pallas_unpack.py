@@ -115,16 +115,20 @@ def unpack_pair_source(op: Op, words: str, planes: tuple[str, ...] = ()) -> list
     them once)."""
     out = str(op.attr("dtype"))
     rows, cols = op.operands[0].type.shape
-    shift, both, flip = pair_decode_constants(op.attr_dict)
     float_dtype = f"jnp.{DType(out).numpy_name}"
+    count = int(op.attr("count", 1))
     if not planes:
-        shifted = f"({words} >> {shift})" if shift else words
-        return [
-            f"p = ({shifted} & {both:#x}) ^ {flip:#x}",
-            f"lo = lax.bitcast_convert_type((p & 0xFFFF).astype(jnp.uint16), {float_dtype})",
-            f"hi = lax.bitcast_convert_type((p >> 16).astype(jnp.uint16), {float_dtype})",
-            f"return jnp.stack([lo, hi], axis=-1).transpose(0, 2, 1).reshape({2 * rows}, {cols})",
-        ]
+        lines = []
+        for t in range(count):
+            shift, both, flip = pair_decode_constants(op.attr_dict | {"lane": int(op.attr("lane")) + t})
+            shifted = f"({words} >> {shift})" if shift else words
+            lines += [
+                f"p{t} = ({shifted} & {both:#x}) ^ {flip:#x}",
+                f"lo{t} = lax.bitcast_convert_type((p{t} & 0xFFFF).astype(jnp.uint16), {float_dtype})",
+                f"hi{t} = lax.bitcast_convert_type((p{t} >> 16).astype(jnp.uint16), {float_dtype})",
+                f"v{t} = jnp.stack([lo{t}, hi{t}], axis=-1).transpose(0, 2, 1).reshape({2 * rows}, {cols})",
+            ]
+        return lines + [_lanes_along_k([f"v{t}" for t in range(count)], rows, cols)]
     # 3 bits (parity order): 2-bit words 2s + c split by c, each merged with 1-bit word s.
     (top,) = planes
     lines = [f"w0, w1 = (h.reshape({rows // 2}, {cols}) for h in jnp.split({words}.reshape({rows // 2}, 2, {cols})"
@@ -148,7 +152,12 @@ def unpack_pair_source(op: Op, words: str, planes: tuple[str, ...] = ()) -> list
         lines.append(f"v{t} = jnp.stack([{', '.join(halves)}], axis=-1).transpose(3, 0, 2, 1).reshape({2 * rows}, "
                      f"{cols})")
         tiles.append(f"v{t}")
+    return lines + [_lanes_along_k(tiles, rows, cols)]
+
+
+def _lanes_along_k(tiles: list[str], rows: int, cols: int) -> str:
+    """The return of the lanes' [2 rows, cols] tiles, one after another along K."""
     if len(tiles) == 1:
-        return lines + [f"return {tiles[0]}"]
-    return lines + [f"return jnp.stack([{', '.join(tiles)}], axis=-1).transpose(2, 0, 1).reshape("
-                    f"{2 * rows * len(tiles)}, {cols})"]
+        return f"return {tiles[0]}"
+    stacked = f"jnp.stack([{', '.join(tiles)}], axis=-1).transpose(2, 0, 1)"
+    return f"return {stacked}.reshape({2 * rows * len(tiles)}, {cols})"

@@ -286,9 +286,10 @@ class _KernelLowering:
                        TensorType(F32, (bm,)), "xsum", axes=(1,), kind="sum")
         bias = b.value("mul", [sums, b.const(float(-pair_bias(fmt, dtype)), sums.type)], sums.type, "bias")
         g = b.value("broadcast", [bias], acc.type, "g", dims=(0,), shape=acc.type.shape)
-        # 3 bits: rows by word parity, two lanes per dot (32-deep K: chained tensor-core steps).
-        count = 2 if len(words) > 1 else 1
-        order = {"parity": True, "count": count} if len(words) > 1 else {}
+        # Two lanes per dot where one lane's would be only 16 deep (a 32-deep dot's tensor-core steps
+        # chain; separate dots' results are added); 3 bits: rows by word parity (tile_ops).
+        count = 2 if 2 * bk // lanes == 16 and lanes >= 4 else 1
+        order = ({"parity": True} if len(words) > 1 else {}) | ({"count": count} if count > 1 else {})
         for j in range(0, lanes // 2, count):
             x = b.value("pick_lanes", [a], a.type.with_shape((bm, 2 * count * bk // lanes)), "x", lanes=lanes,
                         lane=j, **order)

@@ -85,15 +85,20 @@ def unpack_pair_lines(op: Op, words: str, prefix: str, planes: tuple[str, ...] =
     expression."""
     out = str(op.attr("dtype"))
     rows, cols = op.operands[0].type.shape
-    shift, both, flip = pair_decode_constants(op.attr_dict)
     half = lambda x: f"({x}).to(tl.uint16).to({TL_DTYPES[out]}, bitcast=True)"  # noqa: E731
     lines = []
+    count = int(op.attr("count", 1))
     if not planes:
-        shifted = f"({words} >> {shift})" if shift else words
-        return [f"{prefix}p = ({shifted} & {both:#x}) ^ {flip:#x}",
-                f"{prefix}lo = {half(f'{prefix}p & 0xFFFF')}",
-                f"{prefix}hi = {half(f'{prefix}p >> 16')}",
-                f"tl.reshape(tl.permute(tl.join({prefix}lo, {prefix}hi), (0, 2, 1)), ({2 * rows}, {cols}))"]
+        tiles = []
+        for t in range(count):
+            shift, both, flip = pair_decode_constants(op.attr_dict | {"lane": int(op.attr("lane")) + t})
+            shifted = f"({words} >> {shift})" if shift else words
+            q = f"{prefix}{t}"
+            lines += [f"{q}p = ({shifted} & {both:#x}) ^ {flip:#x}",
+                      f"{q}v = tl.reshape(tl.permute(tl.join({half(f'{q}p & 0xFFFF')}, {half(f'{q}p >> 16')}), "
+                      f"(0, 2, 1)), ({2 * rows}, {cols}))"]
+            tiles.append(f"{q}v")
+        return lines + [_lanes_along_k(tiles, rows, cols)]
     # 3 bits (parity order): 2-bit words 2s + c split by c, each merged with 1-bit word s.
     (top,) = planes
     lines.append(f"{prefix}w0, {prefix}w1 = tl.split(tl.permute(tl.reshape({words}, ({rows // 2}, 2, {cols})), "
@@ -113,6 +118,11 @@ def unpack_pair_lines(op: Op, words: str, prefix: str, planes: tuple[str, ...] =
         # (s, n, h, c) -> rows c R + 2 s + h
         lines.append(f"{q}v = tl.reshape(tl.permute(tl.join({q}h0, {q}h1), (3, 0, 2, 1)), ({2 * rows}, {cols}))")
         tiles.append(f"{q}v")
+    return lines + [_lanes_along_k(tiles, rows, cols)]
+
+
+def _lanes_along_k(tiles: list[str], rows: int, cols: int) -> str:
+    """The lanes' [2 rows, cols] tiles (one or two), one after another along K."""
     if len(tiles) == 1:
-        return lines + [tiles[0]]
-    return lines + [f"tl.reshape(tl.permute(tl.join({tiles[0]}, {tiles[1]}), (2, 0, 1)), ({4 * rows}, {cols}))"]
+        return tiles[0]
+    return f"tl.reshape(tl.permute(tl.join({tiles[0]}, {tiles[1]}), (2, 0, 1)), ({4 * rows}, {cols}))"
