@@ -192,6 +192,41 @@ def attention_rows(sizes: Sizes, interpret: bool, peak: float | None, backend: s
                 rows.append(_row("attention", name, shape, t, f"dot_product_attention {impl}", base, nbytes, peak))
             except Exception as e:  # cuDNN refusing a shape is a row saying so, not a crash
                 rows.append({"group": "attention", "row": name, "baseline": f"{impl} failed: {type(e).__name__}"})
+        if not causal:
+            rows += cache_rows(q, k, v, interpret, peak, backend, sizes.reps)
+    return rows
+
+
+def cache_rows(q: Any, k: Any, v: Any, interpret: bool, peak: float | None, backend: str, reps: int
+               ) -> list[dict[str, Any]]:
+    """Decode over an int4 and an int2 ``fusec.lowprec.KVCache`` holding ``k``, ``v`` ([B, T, H, D]),
+    vs ``jax.nn.dot_product_attention`` on the bf16 cache (cuDNN on a GPU); bytes: the cache's codes,
+    scales and zero-points."""
+    import fusec
+    from fusec.lowprec import KVCache
+
+    b, tk, h, d = k.shape
+    qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, T, D]
+
+    def attend(q: Any, cache: KVCache) -> Any:  # f32 scores and softmax, as models write decode
+        s = jnp.einsum("bhqd,bhkd->bhqk", q, cache.keys(), preferred_element_type=jnp.float32) * float(d) ** -0.5
+        s = jnp.where(cache.mask(), s, -jnp.inf)
+        return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1).astype(q.dtype), cache.values())
+
+    impl = "xla" if interpret else "cudnn"
+    base_fn = jax.jit(functools.partial(jax.nn.dot_product_attention, implementation=impl))
+    try:
+        base = median_seconds(base_fn, q, k, v, reps=reps)
+    except Exception:  # cuDNN refusing the shape: the XLA implementation instead
+        impl, base = "xla", median_seconds(jax.jit(jax.nn.dot_product_attention), q, k, v, reps=reps)
+    rows = []
+    for bits in (4, 2):
+        capacity = -(-tk // 64) * 64
+        cache = jax.jit(lambda c, k, v: c.append(k, v))(KVCache.create(b, h, capacity, d, bits), kh, vh)
+        fused = fusec.jit(attend, backend=backend, interpret=interpret)
+        t = median_seconds(fused, qh, cache, reps=reps)
+        rows.append(_row("attention", f"decode int{bits} KV cache", f"{b}x{h} heads, 1x{tk}, d={d}", t,
+                         f"dot_product_attention {impl} (bf16 cache)", base, cache.nbytes + 2 * q.nbytes, peak))
     return rows
 
 

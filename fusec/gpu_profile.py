@@ -20,7 +20,7 @@ from fusec.roofline import LAUNCH_OVERHEAD_S, modeled_time
 from fusec.roofline import gpu as roofline_gpu
 from fusec.runtime.gpu_compile import compile_kernel_artifacts
 from fusec.runtime.gpu_model import Modeled, model, model_gpu
-from fusec.runtime.gpu_work import kernel_work
+from fusec.runtime.gpu_work import kernel_work, workspace_bytes
 from fusec.runtime.triton_compile import compile_triton_kernel
 
 
@@ -115,7 +115,7 @@ def build_gpu_profile(lowered: Any, arch: int = 90, gpu: str = "h100") -> GpuPro
         programs = tile_programs(tiled, gpu.module if gpu is not None and gpu.module is not None else module)
         trips = max([int(o.attr("trips")) for f in programs[:1] for o in f.ops if o.opcode == "loop"], default=1)
         read, written, flops = int(op.attr("bytes_read")), int(op.attr("bytes_written")), int(op.attr("flops"))
-        work, whole, hot = kernel_work(ck, trips, read + written, spec)
+        work, whole, hot = kernel_work(ck, trips, read + written, spec, workspace_bytes(tiled, programs[0]))
         low_bit = [v for v in op.operands if isinstance(v.type.elem, LowBitType)]
         per = "weight" if low_bit else "output"
         elements = sum(v.type.size for v in (low_bit or op.results))

@@ -17,7 +17,8 @@ DEFAULT_PIPELINE: tuple[str, ...] = ("inline", "canonicalize", "fold-constants",
 # split-epilogue moves skinny low-bit matmuls' epilogues out (so their K loop can split across
 # programs); the second fuse makes those epilogues kernels of their own.
 # recognize-attention makes each softmax(Q K^T) V one flash-attention kernel before fuse sees it.
-KERNEL_PASSES: tuple[str, ...] = ("sink-reshapes", "cse", "dce", "recognize-attention", "dce", "fuse", "dce",
+KERNEL_PASSES: tuple[str, ...] = ("sink-reshapes", "cse", "dce", "recognize-attention", "split-decode",
+                                  "dce", "fuse", "dce",
                                   "split-epilogue", "fuse", "dce")
 
 

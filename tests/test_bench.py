@@ -20,6 +20,7 @@ def test_gpu_suite_dry_run_prints_every_row_group(capsys) -> None:
     assert out.startswith("# fusec GPU suite on ") and "dry run" in out
     for group in ("low-bit matmul", "model block", "norm", "attention", "compile"):
         assert group in out
+    assert "decode int4 KV cache" in out and "decode int2 KV cache" in out
     for fmt in gpu.FORMATS:
         assert f"\nlow-bit matmul  {fmt} " in out
     assert "failed" not in out  # every baseline, JAX's Pallas ops included, ran

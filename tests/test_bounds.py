@@ -33,7 +33,11 @@ def _ident(name: str) -> str:
 def _input_refs(spec) -> int:
     """How many refs the kernel takes before its outputs (a low-bit weight is several)."""
     header = re.search(r"_body\((.*)\):", spec.source).group(1)
-    return len([n for n in header.split(",") if not n.strip().startswith("_masked")]) - len(spec.out_types)
+    # Keyword flags the wrapper sets (_on_gpu, _fusec_asm) are no refs.
+    refs = len([n for n in header.split(",") if "=" not in n])
+    # The call's outputs: the kernel's results, then any workspace (a split-K fixup's sums and counters).
+    out_shape = re.search(r"out_shape=\[(.*)\],", spec.source)
+    return refs - (out_shape.group(1).count("ShapeDtypeStruct") if out_shape else len(spec.out_types))
 
 
 def _outputs_needing_masks(program) -> dict[str, set[int]]:

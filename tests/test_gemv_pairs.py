@@ -39,16 +39,18 @@ def test_which_formats_decode_in_pairs() -> None:
     assert isinstance(fmt, LowBitType) and pair_format_ok(fmt, "bf16") and pair_bias(fmt, "bf16") == 136
     assert pair_format_ok(parse_elem_type("i2g64"), "bf16") and pair_format_ok(parse_elem_type("i8g128"), "f16")
     assert pair_format_ok(parse_elem_type("i3g128p"), "bf16")  # 3 bits packed in pairs order
-    # 8-bit codes overflow bfloat16's 7 mantissa bits; 3 bits in plain plane order; zero-points, tables.
+    # 8-bit codes overflow bfloat16's 7 mantissa bits; 3 bits in plain plane order; zero-points, 3-bit
+    # and wide tables.
     for text, dtype in (("i8g128", "bf16"), ("i3g128", "bf16"), ("i4g128", "f32"), ("u4g128z", "bf16"),
-                        ("u3g128zp", "bf16"), ("nf3g128p", "bf16")):
+                        ("u3g128zp", "bf16"), ("nf3g128p", "bf16"), ("nf3g128", "bf16"), ("lut8g128", "bf16")):
         assert not pair_format_ok(parse_elem_type(text), dtype), text
     x = jnp.ones((3, 512), jnp.bfloat16)
     assert _strategy(_weight(4, 128, 512, 200), x) == "gemv-pairs"
     assert _strategy(_weight(2, 128, 512, 200), x) == "gemv-pairs"
     assert _strategy(_weight(3, 128, 512, 200), x) == "gemv-pairs"  # quantize packs 3 bits in pairs order
     assert _strategy(_weight(3, 128, 512, 200, packing="planes"), x) == "gemv"  # the old order: general decoder
-    assert _strategy(_weight(4, 128, 512, 200, "nf"), x) == "gemv"
+    assert _strategy(_weight(4, 128, 512, 200, "nf"), x) == "gemv-pairs"  # by table permutes (test_lut_decode)
+    assert _strategy(_weight(3, 128, 512, 200, "nf"), x) == "gemv"
     assert _strategy(_weight(4, 32, 512, 200), x) == "gemv"  # 32-row steps: 8-row dots, too small
     # float32 activations: the dot would need float32 weights.
     assert _strategy(_weight(4, 128, 512, 200, dtype=jnp.float32), x.astype(jnp.float32)) != "gemv-pairs"
@@ -72,6 +74,16 @@ def test_int3_unpack_pair_type_rule() -> None:
                                   (ok | {"format": "i3g128"}, [u32(8), u32(4)], "does not decode in pairs")):
         with pytest.raises(TypeRuleError, match=message):
             rule(types, attrs)
+    # A table pairs adjacent codes one lane at a time (no count = 2, no parity order).
+    table = {"format": "nf4g64", "dtype": "bf16", "lane": 2}
+    assert rule([u32(8)], table) == [TensorType(dtype("bf16"), (16, 64))]
+    with pytest.raises(TypeRuleError, match="count=2: a table format"):
+        rule([u32(8)], table | {"count": 2})
+    picks = {"lanes": 8, "lane": 0, "adjacent": True}
+    assert OPDEFS["pick_lanes"].rule([TensorType(dtype("bf16"), (1, 64))], picks)[0].shape == (1, 16)
+    for bad in ({"count": 2}, {"parity": True}):
+        with pytest.raises(TypeRuleError, match="adjacent pairing"):
+            OPDEFS["pick_lanes"].rule([TensorType(dtype("bf16"), (1, 64))], picks | bad)
 
 
 @pytest.mark.parametrize("bits,group", [(4, 128), (4, 64), (2, 128), (3, 128)])

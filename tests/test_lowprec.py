@@ -215,8 +215,7 @@ def test_ir_names_the_low_bit_format_and_round_trips() -> None:
     x = jnp.ones((2, 128))
     # 3 bits are packed in pairs order by default ("p"); the old order stays available and named.
     for spec, name in ((lowprec.QuantSpec(3, 32), "i3g32p"), (lowprec.QuantSpec(3, 32, packing="planes"), "i3g32"),
-                       (lowprec.QuantSpec(4, None, "nf"), "nf4gc"), (lowprec.QuantSpec(7, 64, "uint", packing="pairs"),
-                                                                      "u7g64zp"),
+                       (lowprec.QuantSpec(4, None, "nf"), "nf4gc"), (lowprec.QuantSpec(3, 64, "uint"), "u3g64zp"),
                        (lowprec.QuantSpec(7, 64, "uint"), "u7g64z"), (lowprec.QuantSpec(6, 32, "fp"), "e2m3g32")):
         lowered = fusec.jit(lambda p, x: x @ p["w"], backend="pallas", interpret=True).lower(
             lowprec.quantize(params, spec), x)

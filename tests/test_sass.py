@@ -3,6 +3,7 @@ arithmetic, and real kernels compiled for sm_90 on this (GPU-less) machine."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import fusec
 from fusec import lowprec
 from fusec.runtime.gpu_model import H100, H200, KernelWork, mma_clocks, model, occupancy
-from fusec.runtime.sass import hot_loop, loops, mix, mma_flops, parse_resource_usage, parse_sass
+from fusec.runtime.sass import hot_loop, loops, mix, mma_flops, parse_resource_usage, parse_sass, tail_round_trips
 
 # A toy kernel: a prologue load, an outer loop (0x40..0x140) holding an inner one (0xd0..0x100), an
 # epilogue, then the padding every kernel ends with (a branch to itself and NOPs).
@@ -140,6 +141,10 @@ def test_model_toy_config_by_hand() -> None:
     # One CTA of one warp: one scheduler issues; a tiny kernel is one memory latency.
     tiny = model(KernelWork(1, 1, 32, 0, 100, 0, 0.0, 4096, 4096, 8192), H100)
     assert tiny.issue_s == pytest.approx(100 / f) and tiny.bound_by == "latency"
+    # A split-K fixup's 3 serial L2 round trips (150 ns each) come after everything else.
+    fixup = model(dataclasses.replace(work, tail_round_trips=3), H100)
+    assert fixup.tail_s == pytest.approx(3 * 150e-9) and got.tail_s == 0.0
+    assert fixup.time_s == pytest.approx(got.time_s + 3 * 150e-9) and fixup.bound_by == "bandwidth"
 
 
 # -- real kernels, compiled for sm_90 on this machine -------------------------------------------------------
@@ -181,10 +186,13 @@ def test_small_int4_gemv_hot_loop() -> None:
     w = jnp.asarray(np.random.default_rng(0).standard_normal((k_dim, n)) * 0.02, jnp.bfloat16)
     q = lowprec.quantize({"w": w}, lowprec.QuantSpec(4, 128))["w"]
     profile, op, lowered = _profile(lambda q, x: x @ q, q, jax.ShapeDtypeStruct((1, k_dim), jnp.bfloat16))
-    # The GEMV, then the cast of its f32 sum to bfloat16 (split-epilogue's second kernel).
-    k, cast = profile.kernels
-    assert k.per == "weight" and cast.per == "output"
+    # One kernel: the GEMV casts its f32 sum to bfloat16 itself (a split one in the last program).
+    (k,) = profile.kernels
+    assert k.per == "weight"
     tile = lowered.program.module.function(str(op.attr("tile")))
+    fixup = any(o.opcode == "arrive" for o in tile.ops)
+    assert fixup == (op.attr("split", 1) > 1)
+    assert k.modeled.tail_s == pytest.approx(3 * 150e-9 if fixup else 0.0)
     (loop,) = [o for o in tile.ops if o.opcode == "loop"]
     assert k.programs == math.prod(op.attr("grid")) * op.attr("split", 1) and k.spills == 0
     assert k.loop_trips == int(loop.attr("trips")) > 1 and k.hot_loop_instructions > 0
@@ -216,3 +224,52 @@ def test_cli_inspect_sass(tmp_path: Path, capsys) -> None:
     (kernel,) = json.loads(capsys.readouterr().out)["kernels"]
     assert kernel["programs"] == 1 and kernel["spills"] == 0
     assert main(["inspect", f"{path}:add", "--args", "a=f32[8] b=f32[8]", "--sass", "--gpu", "a100"]) == 2
+
+
+# The tails of two split-K fixups as ptxas writes them (addresses renumbered): relaxed adds, then
+# one thread's acq_rel count and the reload; and acq_rel adds, each fenced, then the same.
+_TAILS = """//--------------------- .text.tail       --------------------------
+        /*0000*/                   REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR12][R2.64], R8 ;
+        /*0010*/                   REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR12][R2.64+0x8000], R40 ;
+        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0030*/               @P1 MEMBAR.ALL.GPU ;
+        /*0040*/               @P1 ATOMG.E.ADD.STRONG.GPU PT, R3, desc[UR12][R4.64], R3 ;
+        /*0050*/               @P1 CCTL.IVALL ;
+        /*0060*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0070*/               @P2 LDG.E.128 R8, desc[UR12][R2.64] ;
+        /*0080*/               @P2 STG.E.64 desc[UR12][R6.64], R8 ;
+        /*0090*/                   EXIT ;
+//--------------------- .text.fenced       --------------------------
+        /*0000*/                   MEMBAR.ALL.GPU ;
+        /*0010*/                   ATOMG.E.ADD.F32x4.FTZ.RN.STRONG.GPU PT, RZ, desc[UR8][R6.64], R44 ;
+        /*0020*/                   MEMBAR.ALL.GPU ;
+        /*0030*/                   ATOMG.E.ADD.F32x4.FTZ.RN.STRONG.GPU PT, RZ, desc[UR8][R4.64+0x8000], R12 ;
+        /*0040*/                   MEMBAR.ALL.GPU ;
+        /*0050*/               @P1 ATOMG.E.ADD.STRONG.GPU PT, R3, desc[UR12][R4.64], R3 ;
+        /*0060*/               @P2 LDG.E.128 R8, desc[UR12][R2.64] ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_tail_round_trips_by_hand() -> None:
+    relaxed, fenced = parse_sass(_TAILS)
+    # The release waits for the adds, the count comes back, the reload: 3.
+    assert tail_round_trips(relaxed.executable()) == 3
+    # The first fence has nothing to wait for; the second and third wait for an add each: 2 + 2.
+    assert tail_round_trips(fenced.executable()) == 4
+    # A plain store at the end waits for nothing (no kernel's final drain is charged).
+    assert tail_round_trips(relaxed.executable()[-2:]) == 0
+
+
+def test_split_gemv_fixup_tail_is_three_round_trips() -> None:
+    """A split bfloat16 GEMV finishes its cast itself: relaxed adds (Pallas's acq_rel atomics would
+    fence each one), then the release, the arrival count and the reload: 3 L2 round trips."""
+    _tools_or_skip()
+    k_dim, n = 1024, 256
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((k_dim, n)) * 0.02, jnp.bfloat16)
+    q = lowprec.quantize({"w": w}, lowprec.QuantSpec(4, 128))["w"]
+    profile, op, _ = _profile(lambda q, x: x @ q, q, jax.ShapeDtypeStruct((1, k_dim), jnp.bfloat16))
+    (k,) = profile.kernels
+    assert op.attr("split", 1) > 1 and k.spills == 0
+    assert k.modeled.tail_s == pytest.approx(3 * 150e-9)
+    assert k.modeled.bandwidth_share < k.modeled.bandwidth_s / k.modeled.time_s  # the workspace is not useful

@@ -113,3 +113,30 @@ def test_every_tile_op_has_a_golden_file() -> None:
     text = "".join(p.read_text() for p in GOLDEN.glob("to-tile*.fir"))
     missing = [op for op in TILE_OPS if f" {op} " not in text]
     assert not missing, missing
+
+
+# A fixup's end: count this program's arrival at its tile, store only where it is the last of 2.
+_ARRIVE = """func @fix(%in0: f32[8,32], %out0: f32[8,32], %cnt: i32[{counters}]) -> () {{
+  %g0 = program_id {{axis = 0, size = 2}} : i32[]
+  %c = constant {{dtype = "i32", shape = [], value = 0}} : i32[]
+  %one = constant {{dtype = "i32", shape = [], value = 1}} : i32[]
+  %x = load %in0, %c, %c {{block = [8, 32]}} : f32[8,32]
+  barrier {{scope = "cta"}}
+  %n = arrive %cnt, %g0 : i32[]
+  %last = eq %n, %one : bool[]
+  store %out0, %x, %c, %c, %last {{block = [8, 32], when = true}}
+  return
+}}
+"""
+
+
+def test_arrival_counts_and_predicated_stores_verify_and_print() -> None:
+    module = parse_module(_ARRIVE.format(counters=2))
+    verify_module(module)
+    assert parse_module(print_module(module)) == module
+
+
+def test_rejects_an_arrival_past_its_counters() -> None:
+    with pytest.raises(VerifyError, match=r"arrive at %cnt\[%g0\]: the index \(\(0, 1\)\) is not proven within its "
+                                          r"1 counters"):
+        verify_module(parse_module(_ARRIVE.format(counters=1)))

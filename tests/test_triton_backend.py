@@ -209,7 +209,8 @@ def _check_source_masks(kernel: TritonKernel) -> None:
     """Each ``tl.load``/``tl.store``/``tl.atomic_add`` whose offsets along a dimension (``start +
     tl.arange(0, block)``) can pass the array's size carries a mask on that dimension."""
     arrays = [*kernel.inputs, *kernel.outputs]
-    header = re.search(r"def \w+\((.*)\):", kernel.source).group(1)
+    # The kernel's own header (helpers such as _fusec_dot_operand may come first).
+    header = re.search(rf"def {kernel.name}\((.*)\):", kernel.source).group(1)
     params = [p.strip() for p in header.split(",")]
     lines = kernel.source.splitlines()
     for i, line in enumerate(lines):

@@ -41,9 +41,22 @@ class KernelSpec:
     batched: tuple[KernelSpec, tuple[int | None, ...], int] | None = field(default=None, repr=False)
     # The backend's own description of the kernel, where it has one (the Triton backend's TritonKernel).
     backend_kernel: Any = field(default=None, repr=False)
+    # An attention kernel's fused backward (codegen.attention_grad.AttentionGrad, or the reason it
+    # has none), built on first use by differentiation.
+    grad_builder: Callable[[], Any] | None = field(default=None, repr=False)
+    _grad: list[Any] = field(default_factory=list, repr=False)
 
     def __repr__(self) -> str:
         return f"KernelSpec({self.name})"
+
+    def attention_grad(self) -> Any:
+        """The fused backward (an ``AttentionGrad``), a string saying why there is none, or None
+        for a kernel that is no attention."""
+        if self.grad_builder is None:
+            return None
+        if not self._grad:
+            self._grad.append(self.grad_builder())
+        return self._grad[0]
 
     def for_gpu(self) -> KernelSpec | None:
         """The kernel as GPU tiles (itself when it was built for a GPU); None when a view it reads

@@ -16,9 +16,10 @@ from fusec.codegen.pallas_body import BodyWriter
 from fusec.codegen.pallas_refs import RefPlan, access_source, identifier, plan_refs
 from fusec.codegen.pallas_special import SPECIAL_FUNCTIONS, SPECIAL_SOURCE
 from fusec.codegen.pallas_text import jnp_dtype
+from fusec.codegen.pallas_unpack import ASM_FLAG
 from fusec.codegen.xla import Evaluator
-from fusec.ir import Function, KernelTiling, Module, Op, Value, print_function
-from fusec.ir.tile_ops import ACCESS_OPS
+from fusec.ir import Function, KernelTiling, Module, Op, Value, parse_elem_type, print_function
+from fusec.ir.tile_ops import ACCESS_OPS, access_indices, access_predicate, loop_bounds, pair_is_table, scratch_params
 from fusec.passes.to_tile import lower_kernel
 from fusec.passes.tune_space import canonical_kernel_text
 
@@ -41,16 +42,25 @@ def _write(w: BodyWriter, programs: Module, func: Function, plans: dict[str, Ref
     for op in func.ops:
         if op.opcode in ACCESS_OPS:
             plan = plans[refs[op.operands[0].name]]
-            n_values = 1 if op.opcode == "load" else 2
-            indices = [w.index_name(v) for v in op.operands[n_values:]]
+            indices = [w.index_name(v) for v in access_indices(op)]
+            when = access_predicate(op)
+            pred = w.name(when) if when is not None else None
             if op.opcode == "load":
                 # A low-bit weight's scales are declared f32: read as f32, whatever dtype stores them.
                 cast = ".astype(jnp.float32)" if str(op.result.type.elem) == "f32" and \
                     op.result.name not in uncast else ""
-                w.line(f"{w.name(op.result)} = {access_source(plan, op, indices)}{cast}  "
+                w.line(f"{w.name(op.result)} = {access_source(plan, op, indices, when=pred)}{cast}  "
                        f"# {op.result.name}: {op.result.type}")
             else:
-                w.line(access_source(plan, op, indices, w.name(op.operands[1])))
+                w.line(access_source(plan, op, indices, w.name(op.operands[1]), when=pred))
+        elif op.opcode == "barrier":
+            # Interpret mode runs one program at a time and has no barrier to lower.
+            w.line("if _on_gpu:")
+            w.line("    plgpu.debug_barrier()")
+        elif op.opcode == "arrive":
+            ref = plans[refs[op.operands[0].name]].ref
+            w.line(f"{w.name(op.result)} = plgpu.atomic_add({ref}, ({w.index_name(op.operands[1])},), jnp.int32(1))"
+                   f"  # {op.result.name}: the count before this program's arrival")
         elif op.opcode == "loop":
             _write_loop(w, programs, op, plans, refs)
         else:
@@ -62,15 +72,17 @@ def _write_loop(w: BodyWriter, programs: Module, op: Op, plans: dict[str, RefPla
     carried = int(op.attr("carried"))
     fn = "_" + identifier(body.name)
     outer_names = w.names
+    # Names are per function: the body's scalar constants are its own, and the captured ones.
+    outer_consts, inner_consts = w.consts, dict[str, int]()
     inner: dict[str, str] = {}
     inner_refs: dict[str, str] = {}
     for p, v in zip(body.params[1 + carried:], op.operands[carried:]):
         inner[p.name] = w.name(v)  # captured values are the enclosing function's variables
         if v.name in refs:
             inner_refs[p.name] = refs[v.name]
-        if v.name in w.consts:
-            w.consts[p.name] = w.consts[v.name]
-    w.names = inner
+        if v.name in outer_consts:
+            inner_consts[p.name] = outer_consts[v.name]
+    w.names, w.consts = inner, inner_consts
     index = w.name(body.params[0])
     carry = [w.name(p) for p in body.params[1:1 + carried]]
     w.line(f"def {fn}({index}, carry):")
@@ -79,15 +91,17 @@ def _write_loop(w: BodyWriter, programs: Module, op: Op, plans: dict[str, RefPla
     _write(w, programs, body, plans, inner_refs)
     w.line(f"return ({''.join(w.name(r) + ', ' for r in body.returns)})")
     w.indent = w.indent[:-4]
-    w.names = outer_names
+    w.names, w.consts = outer_names, outer_consts
     inits = "".join(w.name(v) + ", " for v in op.operands[:carried])
     results = "".join(w.name(r) + ", " for r in op.results)
-    w.line(f"({results}) = lax.fori_loop(0, {op.attr('trips')}, {fn}, ({inits}))")
+    bounds = loop_bounds(op)
+    start, stop = (w.index_name(v) for v in bounds) if bounds else ("0", str(op.attr("trips")))
+    w.line(f"({results}) = lax.fori_loop({start}, {stop}, {fn}, ({inits}))")
 
 
 def _atomic_outputs(module: Module, outputs: tuple[Value, ...]) -> list[int]:
-    """Positions of the outputs some ``atomic_add`` of the tile program writes."""
-    names = {o.operands[0].name for f in module.functions for o in f.ops if o.opcode == "atomic_add"}
+    """Positions of the outputs some ``atomic_add`` (or ``arrive``) of the tile program writes."""
+    names = {o.operands[0].name for f in module.functions for o in f.ops if o.opcode in ("atomic_add", "arrive")}
     return [j for j, p in enumerate(outputs) if p.name in names]
 
 
@@ -99,21 +113,28 @@ def generate_source(op: Op, programs: list[Function], ident: str) -> str:
     ops = [o for f in programs for o in f.ops]
     plans = plan_refs(module, program)
     n_out = len(op.results)
-    inputs, outputs = program.params[:len(program.params) - n_out], program.params[len(program.params) - n_out:]
+    # The kernel's own workspace (split-K fixup) are outputs too, zeroed first and dropped after.
+    n_scratch = len(scratch_params(op, program))
+    n_in = len(program.params) - n_out - n_scratch
+    inputs, outputs = program.params[:n_in], program.params[n_in:]
     w = BodyWriter()
     w.used.update(plan.ref for plan in plans.values())
     _write(w, module, program, plans, {p.name: p.name for p in program.params})
     args = [plans[p.name].ref for p in program.params]
-    out_shapes = [f"jax.ShapeDtypeStruct({tuple(r.type.shape)}, {jnp_dtype(r)})" for r in op.results]
+    out_shapes = [f"jax.ShapeDtypeStruct({tuple(r.type.shape)}, {jnp_dtype(r)})" for r in outputs]
     grid = KernelTiling.from_attrs(op.attr_dict).launch_grid
     # Outputs the kernel adds into (split-K) start as zeros: an aliased input.
     atomic = _atomic_outputs(module, outputs)
     if atomic:  # the zeros' refs (aliased to the outputs) come between the inputs and the outputs
         args[len(inputs):len(inputs)] = [f"_zeros{j}" for j in atomic]
-    lines = [f"def {ident}_body({', '.join(args)}{', _masked_atomics=True' if atomic else ''}):"]
+    # Keywords the wrapper sets from ``interpret``: masked atomics and predicated accesses, PTX (table decodes).
+    asm = any(o.opcode == "unpack_pair" and pair_is_table(parse_elem_type(str(o.attr("format")))) for o in ops)
+    flags = (["_on_gpu"] if atomic else []) + ([ASM_FLAG] if asm else [])
+    lines = [f"def {ident}_body({', '.join(args + [f'{f}=True' for f in flags])}):"]
     lines += ["    " + line for line in w.lines]
-    zeros = ", ".join(f"jnp.zeros({tuple(outputs[j].type.shape)}, jnp.float32)" for j in atomic)
-    body = f"functools.partial({ident}_body, _masked_atomics=not interpret)" if atomic else f"{ident}_body"
+    zeros = ", ".join(f"jnp.zeros({tuple(outputs[j].type.shape)}, {jnp_dtype(outputs[j])})" for j in atomic)
+    body = f"functools.partial({ident}_body, {', '.join(f'{f}=not interpret' for f in flags)})" if flags \
+        else f"{ident}_body"
     in_specs = [plans[p.name].spec for p in inputs] + [plans[outputs[j].name].spec for j in atomic]
     lines += [
         "",
@@ -133,7 +154,7 @@ def generate_source(op: Op, programs: list[Function], ident: str) -> str:
         f"        compiler_params=plgpu.CompilerParams(num_warps={op.attr('num_warps')}, "
         f"num_stages={op.attr('num_stages')}),",
         f"        name={ident!r},  # PTX names allow no dots",
-        "    )(*args)",
+        f"    )(*args){f'[:{n_out}]' if n_scratch else ''}",
     ]
     special = SPECIAL_SOURCE if any(o.opcode in SPECIAL_FUNCTIONS for o in ops) else ""
     return _PRELUDE + special + "\n\n" + "\n".join(lines) + "\n"
@@ -145,7 +166,7 @@ def tile_programs(op: Op, module: Module) -> list[Function]:
         program = module.function(str(op.attr("tile")))
         bodies = [module.function(str(o.attr("body"))) for o in program.ops if o.opcode == "loop"]
         return [program, *bodies]
-    return lower_kernel(op, module.function(str(op.attr("callee"))))
+    return lower_kernel(op, module.function(str(op.attr("callee"))), module)
 
 
 def build_kernel(op: Op, module: Module, interpret: bool, programs: list[Function] | None = None) -> KernelSpec:
@@ -165,7 +186,21 @@ def build_kernel(op: Op, module: Module, interpret: bool, programs: list[Functio
     gpu_builder = gpu_builder_for(build_kernel, op, module)
     return KernelSpec(name, "pallas", source, text, tuple(v.type for v in op.operands),
                       tuple(r.type for r in op.results), namespace[ident], kernel_reference(op, module), interpret,
-                      masked_refs(source, ident), gpu_builder if interpret else None, op=op, module=module)
+                      masked_refs(source, ident), gpu_builder if interpret else None, op=op, module=module,
+                      grad_builder=grad_builder_for(build_kernel, op, module, interpret))
+
+
+def grad_builder_for(build: Callable[..., KernelSpec], op: Op, module: Module, interpret: bool
+                     ) -> Callable[[], Any] | None:
+    """An attention kernel's ``grad_builder`` (its fused backward, built by ``build``); None for others."""
+    if op.attr("kind") != "attention" or len(op.results) != 1:
+        return None
+
+    def grad_builder() -> Any:
+        from fusec.codegen.attention_grad import attention_grad
+        return attention_grad(op, module, interpret, build)
+
+    return grad_builder
 
 
 def masked_refs(source: str, ident: str) -> tuple[int, ...]:
@@ -173,8 +208,11 @@ def masked_refs(source: str, ident: str) -> tuple[int, ...]:
     header = re.search(rf"def {ident}_body\((.*)\):", source)
     assert header is not None
     # The Triton kernel's arguments: the refs, an aliased zeros input (split-K) included.
-    names = [n.strip() for n in header.group(1).split(",") if not n.strip().startswith("_masked")]
-    return tuple(i for i, n in enumerate(names) if re.search(rf"plgpu\.(load|store|atomic_add)\({n}\b", source))
+    names = [n.strip() for n in header.group(1).split(",") if not n.strip().startswith(("_on_gpu", ASM_FLAG))]
+    # An access with no mask (a split-K fixup's arrival count: one element, in bounds by construction)
+    # does not make its ref a masked one.
+    return tuple(i for i, n in enumerate(names)
+                 if re.search(rf"plgpu\.(load|store|atomic_add)\({n}\b[^\n]*\bmask=", source))
 
 
 def kernel_fingerprint(op: Op, module: Module, programs: list[Function]) -> str:

@@ -164,7 +164,10 @@ def _unpack_pair(w: BodyWriter, op: Op, a: list[str]) -> str:
 def _pick_lanes(w: BodyWriter, op: Op, a: list[str]) -> str:
     # [M, B] -> [M, B/lanes, 2, lanes/2]: (r, h, j) is column lanes r + j + h lanes/2; keep j = lane.
     (m, cols), lanes, lane = op.operands[0].type.shape, int(op.attr("lanes")), int(op.attr("lane"))
-    split = f"jnp.split({a[0]}.reshape({m}, {cols // lanes}, 2, {lanes // 2}), {lanes // 2}, axis=-1)"
+    if op.attr("adjacent"):  # (r, j, h) is column lanes r + 2 j + h
+        split = f"jnp.split({a[0]}.reshape({m}, {cols // lanes}, {lanes // 2}, 2), {lanes // 2}, axis=2)"
+    else:
+        split = f"jnp.split({a[0]}.reshape({m}, {cols // lanes}, 2, {lanes // 2}), {lanes // 2}, axis=-1)"
     one = (m, 2 * cols // lanes)
     if op.attr("parity"):  # (m, 2r + h) with r = 2s + c to (m, c B/lanes + 2s + h)
         picks = [f"{split}[{lane + t}].reshape({m}, {cols // lanes // 2}, 2, 2).transpose(0, 2, 1, 3).reshape({one})"

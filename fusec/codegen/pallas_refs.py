@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from fusec.codegen.pallas_text import literal
 from fusec.errors import FusecError
 from fusec.ir import Function, Module, Op, ScalarIntervals, TensorType
-from fusec.ir.tile_ops import ACCESS_OPS
+from fusec.ir.tile_ops import ACCESS_OPS, access_indices, loop_inputs
+from fusec.ir.tile_verify import loop_index_interval
 
 _INDEX_OPS = {"add": "+", "sub": "-", "mul": "*", "div": "//", "rem": "%"}
 
@@ -68,10 +69,10 @@ class _Walk:
                 self.record(op, exprs, scalars, alias)
             elif op.opcode == "loop":
                 body = self.module.function(str(op.attr("body")))
-                inner = ScalarIntervals({body.params[0].name: (0, max(0, int(op.attr("trips")) - 1))})
+                inner = ScalarIntervals({body.params[0].name: loop_index_interval(op, scalars)})
                 inner_exprs: dict[str, str] = {}
                 inner_alias: dict[str, str] = {}
-                for p, v in zip(body.params[1:], op.operands):
+                for p, v in zip(body.params[1:], loop_inputs(op)):
                     if scalars.of(v) is not None:
                         inner.intervals[p.name] = scalars.of(v)  # type: ignore[assignment]
                     if v.name in exprs:
@@ -83,7 +84,7 @@ class _Walk:
 
     def record(self, op: Op, exprs: dict[str, str], scalars: ScalarIntervals, alias: dict[str, str]) -> None:
         ref = alias[op.operands[0].name]
-        indices = op.operands[1 if op.opcode == "load" else 2:]
+        indices = access_indices(op)
         self.accesses.setdefault(ref, []).append(_Access(op, [exprs.get(v.name) for v in indices]))
         for d, (v, b) in enumerate(zip(indices, op.attr("block"))):
             interval = scalars.of(v)
@@ -121,8 +122,10 @@ def plan_refs(module: Module, program: Function) -> dict[str, RefPlan]:
     return plans
 
 
-def access_source(plan: RefPlan, op: Op, index_names: list[str], value: str | None = None) -> str:
-    """The source of a load (an expression) or store/atomic add (a statement) of ``op``'s block."""
+def access_source(plan: RefPlan, op: Op, index_names: list[str], value: str | None = None,
+                  when: str | None = None) -> str:
+    """The source of a load (an expression) or store/atomic add (a statement) of ``op``'s block
+    (``when``: the variable holding its predicate)."""
     block = op.attr("block")
     target = plan.ref
     if plan.sliced:
@@ -135,6 +138,8 @@ def access_source(plan: RefPlan, op: Op, index_names: list[str], value: str | No
     for d in op.attr("masked", ()):
         start = "" if index_names[d] == "0" else f" + {index_names[d]} * {block[d]}"
         terms.append(f"(lax.broadcasted_iota(jnp.int32, {shape}, {kept.index(d)}){start} < {plan.array.shape[d]})")
+    if when is not None:
+        terms.append(f"jnp.broadcast_to({when}, {shape})")
     mask = " & ".join(terms)
     if op.opcode == "load":
         if not mask:
@@ -147,7 +152,7 @@ def access_source(plan: RefPlan, op: Op, index_names: list[str], value: str | No
             return f"plgpu.atomic_add({target}, (...,), {value})"
         # Interpret mode has no masked atomics (it pads partial blocks): add zeros there instead.
         return (f"plgpu.atomic_add({target}, (...,), jnp.where({mask}, {value}, 0), "
-                f"mask=({mask}) if _masked_atomics else None)")
+                f"mask=({mask}) if _on_gpu else None)")
     if not mask:
         return f"{target}[...] = {value}"
     return f"plgpu.store({target}, {value}, mask={mask})"

@@ -9,6 +9,7 @@ tables, a chain of selects over the table's values) and scaled by the tile's gro
 
 from __future__ import annotations
 
+from fusec.codegen.lut_asm import CONSTRAINTS, lut4_pair_asm, table_bits16
 from fusec.codegen.pallas_text import literal
 from fusec.ir import DType, LowBitType, Op, parse_elem_type
 from fusec.ir.tile_ops import (
@@ -16,6 +17,7 @@ from fusec.ir.tile_ops import (
     PAIR3_LOW_MASK,
     PAIR3_TOP_MASK,
     pair_decode_constants,
+    pair_is_table,
     pair_merge_shifts,
 )
 from fusec.ir.types import WORD_BITS
@@ -119,11 +121,15 @@ def unpack_pair_source(op: Op, words: str, planes: tuple[str, ...] = ()) -> list
     count = int(op.attr("count", 1))
     if not planes:
         lines = []
+        table = pair_is_table(parse_elem_type(str(op.attr("format"))))  # count = 1 (tile_ops)
         for t in range(count):
-            shift, both, flip = pair_decode_constants(op.attr_dict | {"lane": int(op.attr("lane")) + t})
-            shifted = f"({words} >> {shift})" if shift else words
+            if table:
+                lines += _table_pair_source(op, words, f"p{t}")
+            else:
+                shift, both, flip = pair_decode_constants(op.attr_dict | {"lane": int(op.attr("lane")) + t})
+                shifted = f"({words} >> {shift})" if shift else words
+                lines.append(f"p{t} = ({shifted} & {both:#x}) ^ {flip:#x}")
             lines += [
-                f"p{t} = ({shifted} & {both:#x}) ^ {flip:#x}",
                 f"lo{t} = lax.bitcast_convert_type((p{t} & 0xFFFF).astype(jnp.uint16), {float_dtype})",
                 f"hi{t} = lax.bitcast_convert_type((p{t} >> 16).astype(jnp.uint16), {float_dtype})",
                 f"v{t} = jnp.stack([lo{t}, hi{t}], axis=-1).transpose(0, 2, 1).reshape({2 * rows}, {cols})",
@@ -161,3 +167,34 @@ def _lanes_along_k(tiles: list[str], rows: int, cols: int) -> str:
         return f"return {tiles[0]}"
     stacked = f"jnp.stack([{', '.join(tiles)}], axis=-1).transpose(2, 0, 1)"
     return f"return {stacked}.reshape({2 * rows * len(tiles)}, {cols})"
+
+
+# The kernel body's keyword saying whether it may run PTX: False in interpret mode (pallas.py).
+ASM_FLAG = "_fusec_asm"
+
+
+def _table_pair_source(op: Op, words: str, p: str) -> list[str]:
+    """Statements writing ``p``, the pair word (code 2 lane low, 2 lane + 1 high, as 16-bit float
+    patterns) of each word of a 4-bit table format: byte permutes (fusec/codegen/lut_asm.py)
+    through ``plgpu.elementwise_inline_asm`` on a GPU; selects in interpret mode, which runs no
+    PTX, or on a JAX without that function."""
+    fmt = parse_elem_type(str(op.attr("format")))
+    assert isinstance(fmt, LowBitType)
+    bits = table_bits16(format_of(fmt, op.attr("lut")).table, str(op.attr("dtype")))
+    lane = int(op.attr("lane"))
+    halves = []
+    for h in range(2):
+        c = f"(({words} >> {8 * lane + 4 * h}) & 15)"
+        expr = f"jnp.full({words}.shape, {bits[0]}, jnp.uint32)"
+        for k, v in enumerate(bits):
+            if k:
+                expr = f"jnp.where({c} == {k}, jnp.uint32({v}), {expr})"
+        halves.append(expr)
+    return [f'if {ASM_FLAG} and hasattr(plgpu, "elementwise_inline_asm"):',
+            # (int32 out: Triton IR's integers are signless, a ui32 result does not verify)
+            f"    [{p}] = plgpu.elementwise_inline_asm({lut4_pair_asm(bits, lane)!r}, args=[{words}], "
+            f"constraints={CONSTRAINTS!r}, pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct({words}.shape, "
+            "jnp.int32)])",
+            f"    {p} = lax.bitcast_convert_type({p}, jnp.uint32)",
+            "else:",
+            f"    {p} = {halves[0]} | ({halves[1]} << 16)"]

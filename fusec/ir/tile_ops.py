@@ -14,11 +14,21 @@ keep their graph-level meaning on tiles; the ops here add what only a kernel has
   ``other`` past the array's end; ``squeeze`` drops block dimensions of 1. A low-bit weight is its
   arrays (``LowBitType.part_types``: u32 planes, then scales and zero-points declared f32, which
   is how kernels read them whatever dtype stores them);
-- ``store %ref, %value, %i0, ...`` and ``atomic_add %ref, %value, %i0, ...``: the same addressing,
-  writing (or adding into) the block, masked dimensions writing nothing past the end;
+- ``store %ref, %value, %i0, ...`` and ``atomic_add %ref, %value, %i0, ... {relaxed}``: the same
+  addressing, writing (or adding into) the block, masked dimensions writing nothing past the end
+  (``relaxed``: the adds need no memory ordering of their own; a later release orders them);
+- an access with attribute ``when`` takes one more operand, last: an ``i1[]`` scalar; the access
+  happens only where it is true (a load reads ``other`` where it is not);
+- ``barrier {scope = "cta"}``: every thread of the program waits here for the others (a CTA
+  barrier; the attribute also keeps its text unambiguous: an op of no operands and no results);
+- ``arrive %counters, %i``: adds 1 to the i32 element ``%i`` of a 1-d array, atomically (acquire
+  and release, GPU scope), and returns the element's old value (a split-K fixup's arrival count);
 - ``loop %carried..., %captured... {body, trips, carried}``: ``body(i, carried..., captured...)``
   for ``i`` in ``0 .. trips-1``, returning the next carried values (an ``scf.for`` with
-  ``iter_args``); results are the final carried values;
+  ``iter_args``); results are the final carried values. With ``bounded = true`` its last two
+  operands are ``i32[]`` scalars ``%start, %stop`` (computed from program ids) and ``i`` runs over
+  ``start .. stop-1`` only, within ``0 .. trips-1`` (the verifier proves it): a causal attention's
+  key loop skips the blocks its mask hides;
 - ``dot_acc %acc, %a, %b {lhs_t, rhs_t, precision}``: ``acc + a @ b`` accumulated in acc's dtype;
 - ``unpack %planes..., %scale, [%zero] {format, shape, dtype}``: a tile of a packed low-bit weight
   decoded in registers from its words and the tile's group scale (and zero-point).
@@ -43,16 +53,56 @@ adding separate dots' results). A 3-bit ``unpack_pair`` (and the ``pick_lanes`` 
 r = 2s + c of the R (and column c B/lanes + 2s + h). Words 2s and 2s + 1 share a 1-bit word, so a
 kernel splits the 2-bit words by parity and each thread still holds the K pairs a tensor-core
 operand wants (no register shuffles).
+
+A 4-bit NormalFloat or lookup-table format (``nf4``, ``lut4`` with its ``lut``) decodes in pairs
+too, by byte permutes of the table (fusec/codegen/lut_asm.py), with an *adjacent* pairing: element
+(2r + h, n) of ``unpack_pair``'s tile is code ``2 lane + h`` of word (r, n), the table value
+rounded to the 16-bit float (no bias), and ``pick_lanes {adjacent}`` picks x[m, lanes r + 2 lane + h].
+A table's ``unpack_pair`` decodes one lane (``count = 1``), in no parity order.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from fusec.ir.function import Function, Op, Value
 from fusec.ir.opdefs import OPDEFS, Attrs, OpDef, Rule, TypeRuleError, _axes_attr, _elem, _shape_attr
-from fusec.ir.types import F32, I32, WORD_BITS, DType, LowBitType, TensorType
+from fusec.ir.types import BOOL, F32, I32, WORD_BITS, DType, LowBitType, TensorType
 
 SCALAR_INDEX = TensorType(I32, ())
 ACCESS_OPS = ("load", "store", "atomic_add")
-TILE_OPS = ("program_id", "element_index", *ACCESS_OPS, "loop", "dot_acc", "unpack", "unpack_pair", "pick_lanes")
+TILE_OPS = ("program_id", "element_index", *ACCESS_OPS, "barrier", "arrive", "loop", "dot_acc", "unpack",
+            "unpack_pair", "pick_lanes")
+SCALAR_BOOL = TensorType(BOOL, ())
+
+
+def access_indices(op: Op) -> tuple[Value, ...]:
+    """An access op's block indices (after its ref and stored value, before its ``when``)."""
+    first = 1 if op.opcode == "load" else 2
+    return op.operands[first:len(op.operands) - int(bool(op.attr("when")))]
+
+
+def access_predicate(op: Op) -> Value | None:
+    """An access op's ``when`` operand: the scalar that says whether it happens at all."""
+    return op.operands[-1] if op.attr("when") else None
+
+
+def scratch_params(op: Op, program: Function) -> tuple[Value, ...]:
+    """The tile program's arrays after the kernel op's inputs and outputs: workspace the kernel
+    keeps to itself (a split-K fixup's f32 sums and arrival counters), zeroed by the caller and
+    dropped after the call."""
+    inputs = sum(len(v.type.elem.part_types(v.type.shape)) if isinstance(v.type.elem, LowBitType) else 1
+                 for v in op.operands)
+    return tuple(program.params[inputs + len(op.results):])
+
+
+def _unpredicated(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    if not attrs.get("when"):
+        return types
+    if not types or types[-1] != SCALAR_BOOL:
+        raise TypeRuleError(f"an access with attribute when ends with an i1[] predicate, got "
+                            f"{types[-1] if types else 'none'}", len(types) - 1)
+    return types[:-1]
 # The 16-bit float whose mantissa a paired code is ORed into: 2^7 (bf16, 7 mantissa bits), 2^10 (f16).
 PAIR_MAGIC = {"bf16": (0x4300, 128), "f16": (0x6400, 1024)}
 
@@ -111,13 +161,15 @@ def block_type(types: list[TensorType], attrs: Attrs, n_before_index: int) -> Te
 
 
 def _load(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    types = _unpredicated(types, attrs)
     tile = block_type(types, attrs, 1)
-    if attrs.get("masked") and "other" not in attrs:
+    if (attrs.get("masked") or attrs.get("when")) and "other" not in attrs:
         raise TypeRuleError("a masked load needs attribute other, the value read past the array's end")
     return [tile]
 
 
 def _store(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    types = _unpredicated(types, attrs)
     tile = block_type(types, attrs, 2)
     if types[1] != tile:
         raise TypeRuleError(f"has type {types[1]}, but the block written is {tile}", 1)
@@ -131,14 +183,43 @@ def _atomic_add(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     return _store(types, attrs)
 
 
+def _barrier(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    if attrs["scope"] != "cta":
+        raise TypeRuleError(f"scope={attrs['scope']!r}: a tile program's barrier is the program's (\"cta\")")
+    return []
+
+
+def _arrive(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
+    counters, index = types
+    if counters.elem != I32 or counters.rank != 1:
+        raise TypeRuleError(f"has type {counters}; arrival counters are a 1-d i32 array", 0)
+    if index != SCALAR_INDEX:
+        raise TypeRuleError(f"has type {index}, expected an element index i32[]", 1)
+    return [SCALAR_INDEX]
+
+
 def _loop(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     if not isinstance(attrs["body"], str):
         raise TypeRuleError(f"attribute body={attrs['body']!r} must name a function")
     _int_attr(attrs, "trips", 0)
     carried = _int_attr(attrs, "carried", 0)
-    if carried > len(types):
-        raise TypeRuleError(f"carries {carried} values but has {len(types)} operands")
+    bounds = 2 if attrs.get("bounded") else 0
+    if carried > len(types) - bounds:
+        raise TypeRuleError(f"carries {carried} values but has {len(types) - bounds} operands besides its bounds")
+    for i in range(len(types) - bounds, len(types)):
+        if types[i] != SCALAR_INDEX:
+            raise TypeRuleError(f"has type {types[i]}; a bounded loop's start and stop are i32[] scalars", i)
     return types[:carried]
+
+
+def loop_inputs(op: Any) -> tuple[Any, ...]:
+    """A loop op's carried and captured operands (what its body takes after the index)."""
+    return op.operands[:-2] if op.attr("bounded") else op.operands
+
+
+def loop_bounds(op: Any) -> tuple[Any, Any] | None:
+    """A bounded loop's ``(start, stop)`` operands, or None for ``0 .. trips``."""
+    return (op.operands[-2], op.operands[-1]) if op.attr("bounded") else None
 
 
 def _dot_acc(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
@@ -184,12 +265,14 @@ def _unpack(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
 def pair_format_ok(fmt: object, dtype: str) -> bool:
     """Whether ``unpack_pair`` decodes ``fmt`` to ``dtype``: a grouped symmetric integer format of
     one power-of-two plane, or of a 2-bit and a 1-bit plane packed "pairs", whose biased codes fit
-    the float's mantissa."""
-    if not isinstance(fmt, LowBitType) or fmt.family != "int" or fmt.group is None or fmt.zero_point:
+    the float's mantissa; or a grouped 4-bit table."""
+    if not isinstance(fmt, LowBitType) or fmt.group is None or fmt.zero_point or dtype not in PAIR_MAGIC:
         return False
+    if pair_is_table(fmt):
+        return True
     widths = fmt.plane_widths
-    if dtype not in PAIR_MAGIC or not (len(widths) == 1 and widths[0] in (2, 4, 8) or
-                                       widths == (2, 1) and fmt.packing == "pairs"):
+    if fmt.family != "int" or not (len(widths) == 1 and widths[0] in (2, 4, 8) or
+                                   widths == (2, 1) and fmt.packing == "pairs"):
         return False
     return 2 ** fmt.bits <= PAIR_MAGIC[dtype][1]
 
@@ -197,6 +280,11 @@ def pair_format_ok(fmt: object, dtype: str) -> bool:
 def pair_lanes(fmt: LowBitType) -> int:
     """Codes per word of the plane ``unpack_pair`` pairs lanes of (the widest)."""
     return WORD_BITS // fmt.plane_widths[0]
+
+
+def pair_is_table(fmt: object) -> bool:
+    """Whether ``fmt`` pairs by table permutes (adjacent codes, no bias): 4-bit nf or lut."""
+    return isinstance(fmt, LowBitType) and fmt.family in ("nf", "lut") and fmt.bits == 4
 
 
 def pair_bias(fmt: LowBitType, dtype: str) -> int:
@@ -254,6 +342,11 @@ def _unpack_pair(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
         want = TensorType(DType("u32"), (words.shape[0] * p // widths[0], words.shape[1]))
         if words.shape[0] * p % widths[0] or types[i] != want:
             raise TypeRuleError(f"has type {types[i]}; the {p}-bit plane of {words} is {want}", i)
+    if pair_is_table(fmt):
+        if count != 1:
+            raise TypeRuleError(f"count={count}: a table format decodes one lane per unpack_pair (count = 1)")
+        if fmt.family == "lut" and len(attrs.get("lut", ())) != 2**fmt.bits:
+            raise TypeRuleError(f"a {fmt.bits}-bit lookup table needs {2**fmt.bits} values in attribute lut")
     return [TensorType(dtype, (2 * count * words.shape[0], words.shape[1]))]  # type: ignore[arg-type]
 
 
@@ -274,9 +367,14 @@ def _parity(attrs: Attrs) -> bool:
 def _pick_lanes(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     (x,) = types
     lanes, lane = _int_attr(attrs, "lanes", 2), _int_attr(attrs, "lane", 0)
+    if not isinstance(attrs.get("adjacent", False), bool):
+        raise TypeRuleError(f"attribute adjacent={attrs['adjacent']!r} must be a bool")
     if _parity(attrs) and x.rank == 2 and x.shape[1] % (2 * lanes):
         raise TypeRuleError(f"parity order takes a tile whose columns divide into twice {lanes} lanes, got {x}", 0)
     count = _count(attrs)
+    if attrs.get("adjacent") and (count != 1 or _parity(attrs)):
+        raise TypeRuleError(f"adjacent pairing (table formats) takes one lane (count = 1) and no parity order, got "
+                            f"count={count}, parity={_parity(attrs)}")
     if x.rank != 2 or lanes % 2 or x.shape[1] % lanes or lane + count > lanes // 2:
         raise TypeRuleError(f"takes a 2-d tile whose columns divide into {lanes} lanes (an even number) and "
                             f"lanes below {lanes // 2}, got {x}, lane={lane}, count={count}", 0)
@@ -289,6 +387,8 @@ _TILE_DEFS: list[tuple[str, int, int | None, tuple[str, ...], Rule]] = [
     ("load", 1, None, ("block",), _load),
     ("store", 2, None, ("block",), _store),
     ("atomic_add", 2, None, ("block",), _atomic_add),
+    ("barrier", 0, 0, ("scope",), _barrier),
+    ("arrive", 2, 2, (), _arrive),
     ("loop", 0, None, ("body", "trips", "carried"), _loop),
     ("dot_acc", 3, 3, ("lhs_t", "rhs_t"), _dot_acc),
     ("unpack", 2, None, ("format", "shape", "dtype"), _unpack),

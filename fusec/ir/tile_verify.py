@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from fusec.errors import VerifyError
 from fusec.ir.function import Function, Module, Op, Value
-from fusec.ir.tile_ops import ACCESS_OPS, TILE_OPS
+from fusec.ir.tile_ops import ACCESS_OPS, TILE_OPS, access_indices, loop_bounds, loop_inputs
 
 Interval = tuple[int, int]
 
@@ -66,6 +66,21 @@ def _scalar_interval(op: Op, get: dict[str, Interval]) -> Interval | None:
     return None
 
 
+def loop_index_interval(op: Op, scalars: ScalarIntervals) -> Interval:
+    """The interval of a loop's index: ``[0, trips - 1]``, or for a bounded loop ``[start, stop - 1]``
+    at the extremes of its bounds' intervals (ValueError unless they are provably in ``[0, trips]``)."""
+    trips = int(op.attr("trips"))
+    bounds = loop_bounds(op)
+    if bounds is None:
+        return (0, max(0, trips - 1))
+    start, stop = (scalars.of(v) for v in bounds)
+    if start is None or stop is None:
+        raise ValueError(f"its bounds {bounds[0]}, {bounds[1]} cannot be bounded")
+    if start[0] < 0 or stop[1] > trips:
+        raise ValueError(f"its start (in {list(start)}) or stop (in {list(stop)}) leaves 0..{trips}")
+    return (start[0], max(start[0], stop[1] - 1))
+
+
 @dataclass
 class ScalarIntervals:
     """Intervals of a tile program's scalar values, fed op by op (the to-tile pass asks it too)."""
@@ -109,6 +124,8 @@ class _Checker:
                                     f"({self.grid[axis]} and {size})")
             elif op.opcode in ACCESS_OPS:
                 self.check_access(op, scalars, refs)
+            elif op.opcode == "arrive":
+                self.check_arrive(op, scalars, refs)
             elif op.opcode == "loop":
                 self.check_loop(op, scalars, refs, depth)
             scalars.add(op)
@@ -119,31 +136,44 @@ class _Checker:
         except KeyError:
             raise self.fail(f"loop body @{op.attr('body')} is not in the module") from None
         carried = int(op.attr("carried"))
-        want = [v.type for v in op.operands]
+        want = [v.type for v in loop_inputs(op)]
         if [p.type for p in body.params[1:]] != want or not body.params or \
                 body.params[0].type.shape != () or str(body.params[0].type.elem) != "i32":
             raise self.fail(f"loop body @{body.name} must take (i32[] index, "
                             f"{', '.join(map(str, want))}), it takes ({', '.join(str(p.type) for p in body.params)})")
         if [r.type for r in body.returns] != want[:carried]:
             raise self.fail(f"loop body @{body.name} must return the {carried} carried value(s)")
-        inner = ScalarIntervals({body.params[0].name: (0, max(0, int(op.attr("trips")) - 1))})
+        try:
+            index = loop_index_interval(op, scalars)
+        except ValueError as e:
+            raise self.fail(f"loop over @{body.name}: {e}") from None
+        inner = ScalarIntervals({body.params[0].name: index})
         inner_refs: dict[str, Value] = {}
-        for p, v in zip(body.params[1:], op.operands):
+        for p, v in zip(body.params[1:], loop_inputs(op)):
             if scalars.of(v) is not None:
                 inner.intervals[p.name] = scalars.of(v)  # type: ignore[assignment]
             if v.name in refs:
                 inner_refs[p.name] = refs[v.name]
         self.check(body, inner, inner_refs, depth + 1)
 
+    def check_arrive(self, op: Op, scalars: ScalarIntervals, refs: dict[str, Value]) -> None:
+        ref = refs.get(op.operands[0].name)
+        if ref is None:
+            raise self.fail(f"arrive counts in {op.operands[0]}, which is not one of the kernel's arrays")
+        interval = scalars.of(op.operands[1])
+        size = op.operands[0].type.shape[0]
+        if interval is None or interval[0] < 0 or interval[1] >= size:
+            raise self.fail(f"arrive at %{ref.name}[{op.operands[1]}]: the index ({interval}) is not proven "
+                            f"within its {size} counters")
+
     def check_access(self, op: Op, scalars: ScalarIntervals, refs: dict[str, Value]) -> None:
         ref = refs.get(op.operands[0].name)
         if ref is None:
             raise self.fail(f"{op.opcode} addresses {op.operands[0]}, which is not one of the kernel's arrays")
-        n_values = 1 if op.opcode == "load" else 2
         array = op.operands[0].type
         block, masked = tuple(op.attr("block")), set(op.attr("masked", ()))
         what = f"{op.opcode} of %{ref.name}"
-        for d, index in enumerate(op.operands[n_values:]):
+        for d, index in enumerate(access_indices(op)):
             interval = scalars.of(index)
             if interval is None:
                 raise self.fail(f"{what}: the block index {index} of dimension {d} cannot be bounded")

@@ -8,7 +8,7 @@ from fusec.ir.opdefs import OPDEFS, TypeRuleError, infer_result_types
 from fusec.ir.printer import format_op
 from fusec.ir.tile_verify import is_tile_program, loop_bodies, verify_tile_program
 from fusec.ir.tiling import KernelTiling
-from fusec.ir.types import LowBitType
+from fusec.ir.types import F32, I32, LowBitType
 
 
 def _fail(func: Function, op: Op | None, message: str) -> VerifyError:
@@ -55,7 +55,8 @@ def _verify_tiling(func: Function, op: Op) -> None:
 
 
 def _verify_tile_link(module: Module, func: Function, op: Op) -> None:
-    """A kernel's tile program takes its arrays (a low-bit weight as its parts), then its results."""
+    """A kernel's tile program takes its arrays (a low-bit weight as its parts), then its results,
+    then its workspace."""
     try:
         program = module.function(str(op.attr("tile")))
     except KeyError:
@@ -63,7 +64,10 @@ def _verify_tile_link(module: Module, func: Function, op: Op) -> None:
     want = [t for v in op.operands for t in (v.type.elem.part_types(v.type.shape)
                                              if isinstance(v.type.elem, LowBitType) else [v.type])]
     want += [r.type for r in op.results]
-    if [p.type for p in program.params] != want:
+    # Then the kernel's own workspace, if any (a split-K fixup's f32 sums and i32 arrival counters).
+    scratch = [p.type for p in program.params[len(want):]]
+    if [p.type for p in program.params[:len(want)]] != want or \
+            any(t.elem not in (F32, I32) or t.rank not in (1, 2) for t in scratch):
         raise _fail(func, op, f"tile program @{program.name} takes ({', '.join(str(p.type) for p in program.params)}), "
                               f"not the kernel's arrays ({', '.join(map(str, want))})")
     grid = tuple(op.attr("grid", ())) + ((int(op.attr("split")),) if int(op.attr("split", 1)) > 1 else ())

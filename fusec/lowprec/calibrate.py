@@ -12,18 +12,19 @@ float. The budget averages over exactly those matrices.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import numpy as np
 
 from fusec.lowprec.codebook import learn_table
 from fusec.lowprec.formats import Format
-from fusec.lowprec.gptq import gptq, output_error, rtn
+from fusec.lowprec.forward import Forward
+from fusec.lowprec.gptq import Factor, factor, gptq, output_energy, output_error, rtn
 from fusec.lowprec.hessian import Hessian, HessianCollector
+from fusec.lowprec.progress import Progress
 from fusec.lowprec.qarray import QuantSpec, from_codes, packed_shape
 from fusec.lowprec.quantize import SCALE_DTYPES, QuantizedCodes, dequantize_codes
 from fusec.lowprec.refit import refit_scales
@@ -87,6 +88,8 @@ def storage_bits(k: int, n: int, bits: int, group: int, family: str, scale_dtype
 
 def _check_args(bits: int | None, budget: float | None, group: Any, fmt: str, method: str,
                 scale_dtype: str, widths: tuple[int, ...]) -> None:
+    if isinstance(bits, bool) or isinstance(budget, bool):
+        raise ValueError(f"bits and budget are numbers of bits, got bits={bits!r}, budget={budget!r}")
     if (bits is None) == (budget is None):
         raise ValueError("calibrate needs exactly one of bits= (one width for every matrix) or budget= "
                          f"(average bits per weight); got bits={bits!r}, budget={budget!r}")
@@ -119,10 +122,12 @@ def _matrix(leaf: Any, contract: tuple[int, ...]) -> np.ndarray:
 
 
 def _quantize(w: np.ndarray, h: np.ndarray, fmt: Format, group: int, scale_dtype: str, method: str,
-              search: bool, act_order: bool, damp: float, block: int, refit: bool) -> QuantizedCodes:
+              search: bool, act_order: bool, damp: float, block: int, refit: bool,
+              factored: Factor | None = None) -> QuantizedCodes:
     if method == "rtn":
         return rtn(w, h, fmt, group, scale_dtype, search=search)
-    q = gptq(w, h, fmt, group, scale_dtype, damp=damp, block=block, act_order=act_order, search=search)
+    q = gptq(w, h, fmt, group, scale_dtype, damp=damp, block=block, act_order=act_order, search=search,
+             factored=factored)
     return refit_scales(w, h, q, scale_dtype) if refit else q
 
 
@@ -149,6 +154,10 @@ def _allocate(costs: list[list[int]], errors: list[list[float]], limit: float) -
         choice[m] = j
 
 
+def _factor(h: np.ndarray, method: str, damp: float, act_order: bool) -> Factor | None:
+    return factor(h, damp, act_order) if method == "gptq" else None
+
+
 def _method_name(method: str, search: bool, act_order: bool, sequential: bool, refit: bool) -> str:
     gptq = method == "gptq"
     return (method + ("+search" if search else "") + ("+act" if act_order and gptq else "")
@@ -156,13 +165,14 @@ def _method_name(method: str, search: bool, act_order: bool, sequential: bool, r
 
 
 def _one(w: np.ndarray, h: np.ndarray, bits: int, group: int | None, fmt: str, scale_dtype: str, method: str,
-         search: bool, act_order: bool, damp: float, block: int, refit: bool
-         ) -> tuple[QuantizedCodes, float, int]:
-    """One matrix at one width: its codes, relative output error and stored bits."""
+         search: bool, act_order: bool, damp: float, block: int, refit: bool, factored: Factor | None = None,
+         energy: float | None = None) -> tuple[QuantizedCodes, float, int]:
+    """One matrix at one width: its codes, relative output error and stored bits (``factored``
+    and ``energy``: H's GPTQ factor and tr(W^T H W), shared by every width of the matrix)."""
     g = w.shape[0] if group is None else group
     spec = learn_table(w, np.diag(h), bits, g) if fmt == "lut" else QuantSpec(bits, group, fmt).format()
-    q = _quantize(w, h, spec, g, scale_dtype, method, search, act_order, damp, block, refit)
-    return q, output_error(w, dequantize_codes(q), h), storage_bits(*w.shape, bits, g, fmt, scale_dtype)
+    q = _quantize(w, h, spec, g, scale_dtype, method, search, act_order, damp, block, refit, factored)
+    return q, output_error(w, dequantize_codes(q), h, energy), storage_bits(*w.shape, bits, g, fmt, scale_dtype)
 
 
 def _with_values(leaves: list[Any], index: int, contract: tuple[int, ...], q: QuantizedCodes) -> list[Any]:
@@ -174,35 +184,28 @@ def _with_values(leaves: list[Any], index: int, contract: tuple[int, ...], q: Qu
     return out
 
 
-def _model_gains(apply_fn: Callable[..., Any], params: Any, batches: list[Any],
-                 where: list[tuple[int, tuple[int, ...]]], probes: list[tuple[QuantizedCodes, float, int]]
-                 ) -> list[float]:
-    """Per matrix, the squared error of the model's outputs on ``batches`` with only that matrix
+def _model_gains(forward: Forward, params: Any, where: list[tuple[int, tuple[int, ...]]],
+                 probes: list[tuple[QuantizedCodes, float, int]], prog: Progress, names: list[str]) -> list[float]:
+    """Per matrix, the squared error of the model's outputs on the batches with only that matrix
     quantized (its ``probes`` codes), per unit of its own relative output error: how much its error
     matters downstream, so widths go where the model's output gains most."""
     leaves, treedef = jax.tree.flatten(params)
-    run = jax.jit(lambda p, *a: jax.tree.leaves(apply_fn(p, *a)))
-    batches = [b if isinstance(b, tuple) else (b,) for b in batches]
-    reference = [run(params, *b) for b in batches]
     gains = []
-    for (index, contract), (q, rel, _) in zip(where, probes):
+    for _, (index, contract), (q, rel, _) in prog.phase("model effect", list(zip(names, where, probes)),
+                                                       label=lambda item: item[0]):
         probe = jax.tree.unflatten(treedef, _with_values(leaves, index, contract, q))
-        err = sum(float(np.sum((np.asarray(o, np.float64) - np.asarray(r, np.float64)) ** 2))
-                  for b, ref in zip(batches, reference) for o, r in zip(run(probe, *b), ref))
+        err = sum(float(np.sum((o - r) ** 2)) for i in range(len(forward.batches))
+                  for o, r in zip(forward.outputs(probe, i), forward.reference(i)))
         gains.append(err / max(rel, 1e-30))
     return gains
 
 
-def _say(on: bool, line: str, last: bool) -> None:
-    """A progress line on stderr, rewritten in place."""
-    if on:
-        print(f"\rcalibrate: {line}", end="\n" if last else "", file=sys.stderr, flush=True)
+def _size(item: tuple[str, Hessian, np.ndarray]) -> float:
+    return float(item[2].size)  # a matrix's share of the work: its weights
 
 
-def _progress(items: list[Any], on: bool, what: str) -> Any:
-    for i, item in enumerate(items):
-        _say(on, f"{what} {i + 1}/{len(items)} {item[0]}", i + 1 == len(items))
-        yield item
+def _name(item: tuple[str, Hessian, np.ndarray]) -> str:
+    return item[0]
 
 
 def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any], *, bits: int | None = None,
@@ -210,7 +213,8 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
               scale_dtype: str = "bf16",
               method: str = "gptq", search: bool = True, act_order: bool = True, damp: float = 0.1,
               block: int = 128, refit: bool = False, widths: tuple[int, ...] = WIDTHS,
-              where: Callable[[str, Any], bool] | None = None, sequential: bool = False, progress: bool = False,
+              where: Callable[[str, Any], bool] | None = None, sequential: bool = False,
+              progress: bool | TextIO = False,
               with_report: bool = False) -> Any:
     """``params`` with every matmul weight quantized against ``apply_fn(params, *batch)`` on
     ``batches`` (tuples of the arguments after ``params``; a non-tuple is the one argument).
@@ -229,13 +233,23 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
     0.9843, 0.1 0.9867, 0.1 with act-order 0.9873); ``refit`` (GPTQ only): each group's scale
     refitted by least squares given its codes (:mod:`refit`; on MiniLM +0.0001 at nf4, +0.0008 at
     nf3); ``sequential``: each matrix's inputs are collected with the matrices before it already quantized (as GPTQ does
-    layer by layer). ``where(path, leaf)`` narrows the matrices. With ``with_report`` returns
-    ``(qparams, CalibrationReport)``. Every argument, batch and matrix is checked before any
-    weight is quantized; errors raise ``ValueError``.
+    layer by layer). ``where(path, leaf)`` narrows the matrices. ``progress``: a progress bar on
+    stderr (or on the stream given): phase, matrix i/N, elapsed time, ETA (:mod:`progress`).
+    With ``with_report`` returns ``(qparams, CalibrationReport)``. Every argument, batch and
+    matrix is checked before any weight is quantized; errors raise ``ValueError``.
     """
     _check_args(bits, budget, group, fmt, method, scale_dtype, tuple(widths))
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+        raise ValueError(f"batches must be an iterable of calibration batches (tuples of the arguments after "
+                         f"params), got {type(batches).__name__}")
+    prog = Progress(progress)
     batch_list = list(batches)
     collector = HessianCollector(apply_fn, params, batch_list, where)
+    bad = [p for p, h in collector.hessians.items() if not np.all(np.isfinite(h.h))]
+    if bad:
+        raise ValueError(f"the calibration batches give {bad} non-finite inputs (inf or NaN in X^T X); "
+                         "check the batches and the model's float range")
+    prog.note(f"statistics: X^T X of {len(collector.hessians)} matrices from {len(batch_list)} batches")
     skipped = dict(collector.skipped)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     by_path = {jax.tree_util.keystr(p) or "<root>": i for i, (p, _) in enumerate(leaves)}
@@ -266,14 +280,17 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
     first: dict[str, tuple[QuantizedCodes, float, int]] = {}
     if budget is not None:  # every width on the float model's inputs: each matrix's sensitivity
         options = {p: [(b, g) for b in sorted(set(widths)) for g in fits[p]] for p, _, _ in chosen}
-        results = [[_one(w, hess.h, b, g, fmt, *args) for b, g in options[path]]
-                   for path, hess, w in _progress(chosen, progress, "sensitivity")]
+        forward = Forward(apply_fn, params, batch_list)  # compiles in the background meanwhile
+        results = []
+        for path, hess, w in prog.phase("sensitivity", chosen, size=_size, label=_name):
+            f, e = _factor(hess.h, method, damp, act_order), output_energy(w, hess.h)  # once for all widths
+            results.append([_one(w, hess.h, b, g, fmt, *args, factored=f, energy=e) for b, g in options[path]])
         total_weights = sum(w.size for _, _, w in chosen)
         # Each matrix's effect on the model is probed at the option nearest the budget.
         probes = [r[min(range(len(r)), key=lambda i: abs(r[i][2] / w.size - budget))]
                   for r, (_, _, w) in zip(results, chosen)]
-        gains = _model_gains(apply_fn, params, batch_list, [(by_path[p], hess.contract) for p, hess, _ in chosen],
-                             probes)
+        gains = _model_gains(forward, params, [(by_path[p], hess.contract) for p, hess, _ in chosen], probes, prog,
+                             [p for p, _, _ in chosen])
         picked = _allocate([[c for _, _, c in r] for r in results],
                            [[gain * e for _, e, _ in r] for gain, r in zip(gains, results)], budget * total_weights)
         if picked is None:
@@ -282,23 +299,20 @@ def calibrate(apply_fn: Callable[..., Any], params: Any, batches: Iterable[Any],
                              f"({least:.3f} at {min(widths)} bits with group {group} {scale_dtype} scales)")
         picks = {path: options[path][i] for (path, _, _), i in zip(chosen, picked)}
         first = {path: r[i] for (path, _, _), r, i in zip(chosen, results, picked)}
-    stages = sorted({collector.stages.get(path, 0) for path, _, _ in chosen})
     out = [leaf for _, leaf in leaves]
     current = list(out)  # the model as later stages see it: earlier stages' weights dequantized
     final: dict[str, tuple[QuantizedCodes, float, int, np.ndarray]] = {}
-    done = 0
-    for stage in stages:
-        hs = collector.hessians
-        if sequential and stage != stages[0]:
+    hs, stage_now = collector.hessians, None
+    ordered = sorted(chosen, key=lambda c: collector.stages.get(c[0], 0))  # stable: chosen order within a stage
+    for path, hess, w in prog.phase("quantize", ordered, size=_size, label=_name):
+        stage = collector.stages.get(path, 0)
+        if sequential and stage_now is not None and stage != stage_now:
             hs = collector.collect(jax.tree_util.tree_unflatten(treedef, current))
-        for path, hess, w in [c for c in chosen if collector.stages.get(c[0], 0) == stage]:
-            done += 1
-            _say(progress, f"quantize {done}/{len(chosen)} {path}", done == len(chosen))
-            h = hs[path].h
-            q, err, cost = first[path] if path in first and h is hess.h else _one(w, h, *picks[path], fmt,
-                                                                                   *args)
-            final[path] = (q, err, cost, h)
-            current = _with_values(current, by_path[path], hess.contract, q)
+        stage_now = stage
+        h = hs[path].h
+        q, err, cost = first[path] if path in first and h is hess.h else _one(w, h, *picks[path], fmt, *args)
+        final[path] = (q, err, cost, h)
+        current = _with_values(current, by_path[path], hess.contract, q)
     report_rows = []
     for path, hess, w in chosen:
         q, err, cost, h = final[path]

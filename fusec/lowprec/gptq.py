@@ -13,40 +13,51 @@ the scale dtype before any code is chosen, so the codes returned decode exactly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from fusec.lowprec.formats import Format
+from fusec.lowprec.nearest import nearest_scaled
 from fusec.lowprec.quantize import SCALE_DTYPES, QuantizedCodes, _round_up, quantize_codes, symmetric_range
 
 CLIP_GRID = tuple(np.round(np.linspace(1.0, 0.5, 21), 4))
 
 
-def _encode(x: np.ndarray, fmt: Format) -> np.ndarray:
-    """The nearest code of x (already divided by its scale), exactly as ``Format.encode``."""
+def quantize_rows(w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, fmt: Format, codes: bool = True
+                  ) -> tuple[np.ndarray | None, np.ndarray]:
+    """Codes (None unless ``codes``) and their float64 values for rows ``w`` [..., N] sharing
+    per-column ``scale`` [N]: exactly ``fmt.encode(w / scale)`` and ``fmt.table[codes] * scale``."""
+    if zero is not None:
+        c = np.clip(np.rint(w / scale) + zero, 0, 2**fmt.bits - 1)
+        return c.astype(np.uint8), (c - zero) * scale
     if fmt.family == "int":  # fast path: rint is half-to-even, as encode's ties are
         lo, hi = -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
-        return np.mod(np.clip(np.rint(x), lo, hi), 2**fmt.bits).astype(np.uint8)
-    return fmt.encode(x)
+        c = np.mod(np.clip(np.rint(w / scale), lo, hi), 2**fmt.bits).astype(np.uint8)
+        return c, fmt.table[c] * scale
+    return nearest_scaled(w, scale, fmt, codes)
 
 
-def quantize_rows(w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, fmt: Format
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Codes and their float64 values for rows ``w`` [..., N] sharing per-column ``scale`` [N]."""
-    if zero is not None:
-        codes = np.clip(np.rint(w / scale) + zero, 0, 2**fmt.bits - 1)
-        return codes.astype(np.uint8), (codes - zero) * scale
-    codes = _encode(w / scale, fmt)
-    return codes, fmt.table[codes] * scale
+class _Ranges:
+    """What every clipping ratio's scale is computed from, computed once per group: the columns'
+    largest magnitude, or for uint their ranges around 0."""
 
+    def __init__(self, g: np.ndarray, fmt: Format) -> None:
+        self.fmt = fmt
+        if fmt.family == "uint":
+            self.lo, self.hi = np.minimum(g.min(axis=0), 0.0), np.maximum(g.max(axis=0), 0.0)
+        else:
+            self.absmax, self.range = np.abs(g).max(axis=0), symmetric_range(fmt)
 
-def _scales_for(g: np.ndarray, fmt: Format, ratio: float, dtype: type) -> tuple[np.ndarray, np.ndarray | None]:
-    if fmt.family == "uint":
-        lo, hi = np.minimum(g.min(axis=0), 0.0) * ratio, np.maximum(g.max(axis=0), 0.0) * ratio
-        s = _round_up(np.where(hi > lo, (hi - lo) / (2**fmt.bits - 1), 1.0), dtype).astype(np.float64)
-        return s, np.clip(np.rint(-lo / s), 0, 2**fmt.bits - 1)
-    absmax = np.abs(g).max(axis=0) * ratio
-    s = _round_up(np.where(absmax > 0, absmax / symmetric_range(fmt), 1.0), dtype).astype(np.float64)
-    return s, None
+    def scales(self, ratio: float, dtype: type) -> tuple[np.ndarray, np.ndarray | None]:
+        fmt = self.fmt
+        if fmt.family == "uint":
+            lo, hi = self.lo * ratio, self.hi * ratio
+            s = _round_up(np.where(hi > lo, (hi - lo) / (2**fmt.bits - 1), 1.0), dtype).astype(np.float64)
+            return s, np.clip(np.rint(-lo / s), 0, 2**fmt.bits - 1)
+        absmax = self.absmax * ratio
+        s = _round_up(np.where(absmax > 0, absmax / self.range, 1.0), dtype).astype(np.float64)
+        return s, None
 
 
 def search_scales(g: np.ndarray, weights: np.ndarray, fmt: Format, scale_dtype: str,
@@ -54,12 +65,14 @@ def search_scales(g: np.ndarray, weights: np.ndarray, fmt: Format, scale_dtype: 
     """Per column of a group ``g`` [G, N]: the scale (and zero-point for uint), among clipping
     ratios ``grid``, with the least sum_k weights_k (g_kn - q_kn)^2."""
     dtype = SCALE_DTYPES[scale_dtype]
-    best_s, best_z = _scales_for(g, fmt, grid[0], dtype)
+    ranges = _Ranges(g, fmt)
+    best_s, best_z = ranges.scales(grid[0], dtype)
     best_err = np.full(g.shape[1], np.inf)
     for ratio in grid:
-        s, z = _scales_for(g, fmt, ratio, dtype)
-        _, q = quantize_rows(g, s, z, fmt)
-        err = weights @ (g - q) ** 2
+        s, z = ranges.scales(ratio, dtype)
+        _, q = quantize_rows(g, s, z, fmt, codes=False)
+        d = np.subtract(g, q, out=q)
+        err = weights @ np.square(d, out=d)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_s = np.where(better, s, best_s)
@@ -95,16 +108,35 @@ def rtn(w: np.ndarray, h: np.ndarray, fmt: Format, group: int, scale_dtype: str 
     return _finish(codes, scales, zeros, fmt, group, scale_dtype)
 
 
-def gptq(w: np.ndarray, h: np.ndarray, fmt: Format, group: int, scale_dtype: str = "bf16", *,
-         damp: float = 0.1, block: int = 128, act_order: bool = False, search: bool = True) -> QuantizedCodes:
-    """GPTQ of ``w`` [K, N] given H = X^T X [K, K]; ``group`` divides K."""
-    w = np.asarray(w, np.float64)
-    k, n = w.shape
+@dataclass(frozen=True)
+class Factor:
+    """What GPTQ needs of H, whatever the width or group: the damped diagonal, the row order, and
+    the upper Cholesky factor U of the (permuted) damped H^-1 = U^T U. Computed once per matrix."""
+
+    weights: np.ndarray
+    perm: np.ndarray
+    u: np.ndarray
+
+
+def factor(h: np.ndarray, damp: float = 0.1, act_order: bool = False) -> Factor:
     h = np.asarray(h, np.float64)
+    k = h.shape[0]
     diag = np.diag(h)
     h = h + np.eye(k) * damp * max(float(np.mean(diag)), 1e-12)
-    weights = np.diag(h)
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
+    u = np.linalg.cholesky(np.linalg.inv(h[np.ix_(perm, perm)])).T  # upper: H^-1 = U^T U
+    return Factor(np.diag(h), perm, u)
+
+
+def gptq(w: np.ndarray, h: np.ndarray, fmt: Format, group: int, scale_dtype: str = "bf16", *,
+         damp: float = 0.1, block: int = 128, act_order: bool = False, search: bool = True,
+         factored: Factor | None = None) -> QuantizedCodes:
+    """GPTQ of ``w`` [K, N] given H = X^T X [K, K]; ``group`` divides K. ``factored``: ``factor(h,
+    damp, act_order)`` computed beforehand (the same for every width and group)."""
+    w = np.asarray(w, np.float64)
+    k, n = w.shape
+    f = factor(h, damp, act_order) if factored is None else factored
+    weights, perm, u = f.weights, f.perm, f.u
     grid = CLIP_GRID if search else (1.0,)
     scales = np.empty((k // group, n))
     zeros = np.empty((k // group, n)) if fmt.family == "uint" else None
@@ -115,8 +147,7 @@ def gptq(w: np.ndarray, h: np.ndarray, fmt: Format, group: int, scale_dtype: str
             scales[j] = s
             if zeros is not None and z is not None:
                 zeros[j] = z
-    wp, hp = w[perm].copy(), h[np.ix_(perm, perm)]
-    u = np.linalg.cholesky(np.linalg.inv(hp)).T  # upper: H^-1 = U^T U
+    wp = w[perm].copy()
     # Blocks hold whole groups, so a group's scale is searched on rows that are all up to date.
     b = group if group >= block else group * max(1, block // group)
     codes = np.empty((k, n), np.uint8)
@@ -143,10 +174,16 @@ def gptq(w: np.ndarray, h: np.ndarray, fmt: Format, group: int, scale_dtype: str
     return _finish(natural, scales, zeros, fmt, group, scale_dtype)
 
 
-def output_error(w: np.ndarray, values: np.ndarray, h: np.ndarray) -> float:
+def output_energy(w: np.ndarray, h: np.ndarray) -> float:
+    """tr(W^T H W): the layer's squared output on the calibration inputs."""
+    w = np.asarray(w, np.float64)
+    return float(np.sum(w * (h @ w)))
+
+
+def output_error(w: np.ndarray, values: np.ndarray, h: np.ndarray, energy: float | None = None) -> float:
     """tr(D^T H D) / tr(W^T H W), D = W - values: the layer's relative squared output error on the
-    calibration inputs."""
+    calibration inputs (``energy``: :func:`output_energy`, when known)."""
     d = np.asarray(w, np.float64) - values
     num = float(np.sum(d * (h @ d)))
-    den = float(np.sum(w * (h @ w)))
+    den = output_energy(w, h) if energy is None else energy
     return num / den if den > 0 else num

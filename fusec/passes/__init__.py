@@ -5,6 +5,7 @@ from fusec.passes import (  # noqa: F401  (registers the passes)
     canonicalize,
     cse,
     dce,
+    decode_split,
     fold_constants,
     fusion,
     inline,

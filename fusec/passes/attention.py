@@ -14,10 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fusec.ir import Function, Module, Op
+from fusec.passes.attention_band import attention_band, visited_blocks
 from fusec.passes.attention_match import AttentionMatch, find_attentions
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.cost import nbytes
 from fusec.passes.rewrite import fresh_name
+from fusec.passes.tiling import attention_tiling
 
 
 def attention_kernel(m: AttentionMatch, name: str) -> tuple[Op, Function]:
@@ -27,7 +29,12 @@ def attention_kernel(m: AttentionMatch, name: str) -> tuple[Op, Function]:
         if operand.value.name not in {p.name for p in params}:
             params.append(operand.value)
     callee = Function(name, tuple(params), tuple(m.ops), (m.out.value,))
-    flops = 2 * m.batch * m.tq * m.tk * (m.head_dim + m.value_dim)
+    # Causal block skipping: only the key blocks in the band are computed (counted at GPU blocks).
+    gpu = attention_tiling((m.batch, m.tq, m.value_dim), m.tk, "gpu")
+    bq, bk = gpu.block[1], int(gpu.bk or 1)
+    visited = visited_blocks(attention_band(callee, m), m.tq, m.tk, bq, bk)
+    total = -(-m.tq // bq) * -(-m.tk // bk)
+    flops = 2 * m.batch * m.tq * m.tk * (m.head_dim + m.value_dim) * visited // total
     kernel = Op.make("kernel", params, [m.out.value], callee=name, kind="attention",
                      space=(m.batch, m.tq, m.value_dim), bytes_read=sum(nbytes(p.type) for p in params),
                      bytes_written=nbytes(m.out.value.type), flops=flops, **m.attrs)

@@ -13,7 +13,8 @@ from fusec.passes.rewrite import drop_unreferenced_functions
 
 
 def has_effects(op: Op) -> bool:
-    return (op.opcode == "opaque" and bool(op.attr("effects", False))) or op.opcode in ("store", "atomic_add")
+    return (op.opcode == "opaque" and bool(op.attr("effects", False))) or \
+        op.opcode in ("store", "atomic_add", "barrier", "arrive")
 
 
 def dce_function(func: Function) -> Function:

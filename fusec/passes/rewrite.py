@@ -31,7 +31,8 @@ def substitute_returns(returns: tuple[Value, ...], subst: Mapping[str, Value]) -
 def called_functions(func: Function) -> set[str]:
     """Functions ``func`` refers to: callees, opaque ops' bodies, tile programs and loop bodies."""
     names = {str(op.attr("callee")) for op in func.ops if op.opcode in ("call", "kernel")}
-    names |= {str(op.attr("tile")) for op in func.ops if op.opcode == "kernel" and op.attr("tile") is not None}
+    names |= {str(op.attr(key)) for op in func.ops if op.opcode == "kernel" for key in ("tile", "pattern")
+              if op.attr(key) is not None}
     names |= {str(op.attr("body")) for op in func.ops if op.opcode == "loop"}
     return names | {str(b) for op in func.ops if op.opcode == "opaque" for b in op.attr("bodies", ())}
 

@@ -1,6 +1,7 @@
 """``split-epilogue``: a skinny low-bit matmul kernel (M <= 16 rows) keeps only its K reduction,
-in f32; its epilogue (bias, activation, cast) moves after it, where a second ``fuse`` makes it a
-small kernel of its own.
+in f32; its epilogue (bias, activation) moves after it, where a second ``fuse`` makes it a
+small kernel of its own. An epilogue that is only a cast stays in the kernel, after an explicit
+f32 accumulation (:func:`cast_epilogue`): a split K loop finishes it in the same kernel.
 
 That is what lets ``tile`` split the K loop across programs (split-K): partial sums can only be
 added into the output (atomically, into a zero-initialised f32 array) when nothing non-linear
@@ -21,6 +22,30 @@ from fusec.passes.rewrite import fresh_name
 MAX_ROWS = 16  # the GEMV strategy's rows (tiling's "gemv")
 
 
+def cast_epilogue(callee: Function) -> Op | None:
+    """The ``convert`` of a kernel that is a low-bit matmul's f32 K reduction and then only a cast
+    of it (split-epilogue keeps that cast in the kernel: a split K loop finishes it in the same
+    kernel, in the program that adds the last partial sum), or None."""
+    ops = callee.ops
+    if len(ops) != 3 or [o.opcode for o in ops] != ["dequantize", "dot", "convert"]:
+        return None
+    dq, dot, cast = ops
+    if dot.result.type.elem != F32 or cast.operands[0].name != dot.result.name or \
+            callee.returns != (cast.result,) or dot.operands[1].name != dq.result.name:
+        return None
+    return cast
+
+
+def _with_cast(callee: Function, dq: Op, dot: Op) -> Function:
+    """``callee`` (a dequantize and a dot, returning the dot's non-f32 result) with the dot
+    accumulating to f32 and a ``convert`` after it."""
+    acc = Value(f"{dot.result.name}.acc", TensorType(F32, dot.result.type.shape))
+    new_dot = Op(dot.opcode, dot.operands, (acc,), Op.make("dot", **(dot.attr_dict | {"out_dtype": "f32"})).attrs,
+                 dot.loc)
+    cast = Op.make("convert", [acc], [dot.result], dtype=str(dot.result.type.elem))
+    return Function(callee.name, callee.params, (dq, new_dot, cast), callee.returns)
+
+
 def _reduction_part(callee: Function) -> tuple[Op, Op] | None:
     """The kernel's dequantize and dot when it is a skinny low-bit matmul with an epilogue to move."""
     dqs = [o for o in callee.ops if o.opcode == "dequantize"]
@@ -39,6 +64,8 @@ def _reduction_part(callee: Function) -> tuple[Op, Op] | None:
         return None
     if callee.returns == (dot.result,) and dot.result.type.elem == F32:
         return None  # already only the reduction
+    if cast_epilogue(callee) is not None:
+        return None  # the reduction and its cast: one kernel
     if len(callee.returns) != 1:
         return None
     return dq, dot
@@ -104,7 +131,13 @@ class SplitEpilogue(Pass):
                 if callee is None or found is None:
                     ops.append(op)
                     continue
-                new_ops, replaced[callee.name] = _split(op, callee, *found, taken)
+                dq, dot = found
+                if callee.ops == (dq, dot) and callee.returns == (dot.result,):
+                    # Only a cast follows the dot: it stays in the kernel (see cast_epilogue).
+                    replaced[callee.name] = _with_cast(callee, dq, dot)
+                    ops.append(op)
+                    continue
+                new_ops, replaced[callee.name] = _split(op, callee, dq, dot, taken)
                 ops += new_ops
             out.append(Function(f.name, f.params, tuple(ops), f.returns))
         return module.replace_functions([replaced.get(f.name, f) for f in out])

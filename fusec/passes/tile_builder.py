@@ -133,9 +133,11 @@ class TileBuilder:
         return acc
 
     def access(self, opcode: str, ref: Value, indices: list[Value], blocks: tuple[int | None, ...],
-               array: TensorType, value: Value | None = None, hint: str = "t", **attrs: Any) -> Value | None:
+               array: TensorType, value: Value | None = None, hint: str = "t", when: Value | None = None,
+               **attrs: Any) -> Value | None:
         """A load (returning the tile) or store of the block at ``indices``, masked on every
-        dimension whose blocks can reach past ``array``'s end."""
+        dimension whose blocks can reach past ``array``'s end (and, given ``when``, an i1[]
+        scalar, done only where it is true)."""
         masked = []
         for d, (index, block) in enumerate(zip(indices, blocks)):
             interval = self.scalars.of(index)
@@ -145,12 +147,15 @@ class TileBuilder:
         block_attr = [1 if b is None else b for b in blocks]
         if masked:
             attrs["masked"] = masked
+        if when is not None:
+            attrs["when"] = True
+        if masked or when is not None:
             if opcode == "load":
                 attrs.setdefault("other", False if array.elem == BOOL else 0.0 if array.elem.is_float else 0)
         if squeeze:
             attrs["squeeze"] = squeeze
         tile = TensorType(array.elem, tuple(b for b in blocks if b is not None))
-        operands = [ref] + ([value] if value is not None else []) + indices
+        operands = [ref] + ([value] if value is not None else []) + indices + ([when] if when is not None else [])
         return self.emit(opcode, operands, tile if opcode == "load" else None, hint, block=block_attr, **attrs)
 
     def function(self, returns: list[Value]) -> Function:

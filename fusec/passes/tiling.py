@@ -12,10 +12,12 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from fusec.ir import Function, KernelTiling, Module, Op, parse_elem_type, tile_ops
+from fusec.ir import Function, KernelTiling, LowBitType, Module, Op, parse_elem_type, tile_ops
 from fusec.ir.tile_ops import pair_format_ok
 from fusec.ir.tiling import TILING_ATTRS, cdiv
+from fusec.lowprec.formats import format_of
 from fusec.passes.base import Pass, register_pass
+from fusec.passes.split_epilogue import cast_epilogue
 from fusec.passes.target import PALLAS_TRITON
 from fusec.passes.tune_cache import kernel_key, lookup
 from fusec.passes.tune_space import (
@@ -142,6 +144,26 @@ def attention_tiling(space: tuple[int, ...], tk: int, target: str) -> KernelTili
     return KernelTiling("attention", tuple(space), block, tuple(cdiv(s, b) for s, b in zip(space, block)), (0,), bk)
 
 
+def backward_tiling(space: tuple[int, ...], steps: int, target: str) -> KernelTiling:
+    """A backward part over ``(batch, T, D)``, looping over ``steps`` (0: no loop) rows of the
+    other sequence: parallel blocks of 64 rows on a GPU; for the interpreter few, large parallel
+    blocks and loop steps of 32."""
+    batch, t, d = space
+    if target == "interpret":
+        bp, bs = min(128, pow2_at_least(t)), min(32, pow2_at_least(max(steps, 1)))
+    else:
+        bp, bs = (min(64, max(16, pow2_at_least(n))) for n in (t, max(steps, 1)))
+    block = (1, bp, pow2_at_least(d))
+    if target != "interpret" and steps and block[2] >= 64:
+        # Heads of 64 and more: loop steps of 32 rows and eight warps keep the two accumulators and
+        # the four score-sized tiles in registers (64-row steps, or four warps, spill on sm_90).
+        bs, warps = min(bs, 32), 8
+    else:
+        warps = 4
+    return KernelTiling("attention_bwd", tuple(space), block, tuple(cdiv(s, b) for s, b in zip(space, block)), (0,),
+                        bs if steps else None, num_warps=warps)
+
+
 def kernel_facts(op: Op, functions: dict[str, Function]) -> TilingFacts:
     """What tiling reads of a kernel op and its callee."""
     kind, space = str(op.attr("kind")), tuple(op.attr("space"))
@@ -151,8 +173,10 @@ def kernel_facts(op: Op, functions: dict[str, Function]) -> TilingFacts:
     table_bits = max((f.bits for f in formats if getattr(f, "family", "") in ("nf", "lut")), default=0)
     reduce_axes = tuple(op.attr("reduce_axes")) if op.attr("reduce_axes") is not None else None
     dots = [o for o in callee.ops if o.opcode == "dot"]
-    splittable = len(formats) == 1 and len(dots) == 1 and callee.returns == (dots[0].result,) and \
-        str(dots[0].result.type.elem) == "f32" and not op.attr("in_views") and not op.attr("out_views")
+    # Only the f32 K reduction, or it and a cast (split-epilogue's forms): the K loop may split.
+    reduction = len(dots) == 1 and ((callee.returns == (dots[0].result,) and str(dots[0].result.type.elem) == "f32")
+                                    or cast_epilogue(callee) is not None)
+    splittable = len(formats) == 1 and reduction and not op.attr("in_views") and not op.attr("out_views")
     group = None
     if formats and k:
         weight = next(o for o in callee.ops if o.opcode == "dequantize").operands[0]
@@ -163,9 +187,23 @@ def kernel_facts(op: Op, functions: dict[str, Function]) -> TilingFacts:
         dq = next(o for o in callee.ops if o.opcode == "dequantize")
         dtype = str(dq.result.type.elem)
         plain = not dots[0].attr("lhs_t") and not dots[0].attr("rhs_t") and dots[0].operands[1].name == dq.result.name
-        if plain and str(dots[0].operands[0].type.elem) == dtype and pair_format_ok(formats[0], dtype):
+        if plain and str(dots[0].operands[0].type.elem) == dtype and pair_format_ok(formats[0], dtype) and \
+                _table_fits(formats[0], dq.attr("lut"), dtype):
             pair_lanes = tile_ops.pair_lanes(formats[0])  # type: ignore[arg-type]
     return TilingFacts(kind, space, k, bool(formats), table_bits, reduce_axes, splittable, group, fma_ok, pair_lanes)
+
+
+# The largest finite 16-bit floats: a paired table decode holds the table's values in one.
+_MAX_16 = {"bf16": 3.3895313892515355e38, "f16": 65504.0}
+
+
+def _table_fits(fmt: object, lut: object, dtype: str) -> bool:
+    """Whether a table format's values stay finite in ``dtype`` (a lookup table may hold values
+    beyond float16's range that only the scale brings back): other formats always do."""
+    if not isinstance(fmt, LowBitType) or fmt.family not in ("nf", "lut"):
+        return True
+    table = format_of(fmt, None if lut is None else tuple(lut)).table  # type: ignore[arg-type]
+    return bool(abs(table).max() <= _MAX_16.get(dtype, 0.0))
 
 
 def default_tiling(f: TilingFacts, target: str) -> KernelTiling:
@@ -180,10 +218,21 @@ def tile_kernel_op(op: Op, functions: dict[str, Function], target: str, config: 
     ``config`` (a matmul on the ``gpu`` target), that config's tiling (checked: ValueError naming the
     bad field), its ``source`` ("cache:gpu-timed", "shipped:model", "option", ...) kept in the ``tuned``
     attribute."""
-    if op.attr("kind") == "attention":  # its own tiling (not tuned yet)
+    if op.attr("kind") == "decode-combine":
+        from fusec.passes.decode_split import combine_tiling
+        attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile", "tuned")}
+        tiling = combine_tiling(tuple(op.attr("space")))
+        return Op(op.opcode, op.operands, op.results, Op.make("kernel", **(attrs | tiling.as_attrs())).attrs, op.loc)
+    if op.attr("kind") in ("attention", "attention_bwd"):  # their own tilings (not tuned yet)
         callee = functions[str(op.attr("callee"))]
         tk = next(o for o in callee.ops if o.opcode == "dot").result.type.shape[-1]
-        tiling = attention_tiling(tuple(op.attr("space")), tk, target)
+        if op.attr("kind") == "attention_bwd":
+            tiling = backward_tiling(tuple(op.attr("space")), int(op.attr("steps")), target)
+        elif op.attr("decode_split") is not None:
+            from fusec.passes.decode_split import decode_tiling
+            tiling = decode_tiling(tuple(op.attr("space")), int(op.attr("decode_chunk")), target)
+        else:
+            tiling = attention_tiling(tuple(op.attr("space")), tk, target)
         attrs = {key: v for key, v in op.attr_dict.items() if key not in (*TILING_ATTRS, "tile", "tuned")}
         return Op(op.opcode, op.operands, op.results, Op.make("kernel", **(attrs | tiling.as_attrs())).attrs, op.loc)
     f = kernel_facts(op, functions)

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from fusec.errors import FusecError
 from fusec.ir import Function, KernelTiling, LowBitType, Module, Op, TensorType, Value
-from fusec.ir.tile_ops import pair_bias, pair_lanes
+from fusec.ir.tile_ops import pair_bias, pair_is_table, pair_lanes
 from fusec.ir.types import BOOL, F32, I32, DType
 from fusec.passes.base import Pass, register_pass
+from fusec.passes.split_epilogue import cast_epilogue
 from fusec.passes.tile_builder import SCALAR, ArrayMapping, IndexExpr, TileBuilder, reduction_identity
 from fusec.passes.views import View, value_block_dims, value_space_dims
 
@@ -85,18 +86,51 @@ class _KernelLowering:
             if p.name not in roles and p.name in self.mappings:
                 self.tiles[p.name] = self.load(p, b)
         dots = [o for o in callee.ops if o.opcode == "dot"]
+        # Split-K with a cast after the reduction: the program that adds the last partial sum
+        # finishes the output (a serial fixup); without the cast, partial sums go into the output.
+        fixup = self.tiling.split > 1 and cast_epilogue(callee) is not None and len(outs) == 1
+        last = None
         for o in callee.ops:
             if o.opcode == "dot" and o is dots[0]:
                 self.k_loop(dots)
+                if fixup:
+                    last = self.fixup(dots[0], outs[0][2])
             elif o.opcode not in ("dot", "dequantize"):  # dots run in the first one's K loop
                 self.translate(o)
-        # Split-K: each program holds a partial sum over its share of K, added into the output.
-        write = "atomic_add" if self.tiling.split > 1 else "store"
+        write = "atomic_add" if self.tiling.split > 1 and not fixup else "store"
         for ref, v, mapping in outs:
             tile = self.tiles[v.name]
             indices = [b.index(e) for e in mapping.index]
-            b.access(write, ref, indices, mapping.blocks, ref.type, tile)
+            b.access(write, ref, indices, mapping.blocks, ref.type, tile, when=last)
         return [b.function([]), *self.extra]
+
+    def fixup(self, dot: Op, mapping: ArrayMapping) -> Value:
+        """The end of a split-K program whose output needs its whole sum (a cast follows): add
+        the partial sum into an f32 workspace, wait for the program's threads (a barrier), count
+        this program's arrival at its output tile (an atomic that returns the old count), and
+        reload the finished sum where the count says this program is the last. Returns that
+        "last" predicate; the workspace and counters are the program's last two arrays (zeroed
+        by the caller, see fusec/codegen)."""
+        b, t = self.b, self.tiling
+        shape = dot.result.type.shape
+        ws = b.param("ws", TensorType(F32, shape))
+        tiles = 1
+        for g in t.grid:
+            tiles *= g
+        counters = b.param("arrivals", TensorType(I32, (tiles,)))
+        indices = [b.index(e) for e in mapping.index]
+        b.access("atomic_add", ws, indices, mapping.blocks, ws.type, self.tiles[dot.result.name], relaxed=True)
+        b.emit("barrier", [], None, "sync", scope="cta")
+        tile = b.program_id(0)
+        for axis, g in enumerate(t.grid[1:], 1):  # the output tile's index, row-major over the grid
+            tile = b.value("add", [b.value("mul", [tile, b.const(g)], SCALAR, "i"), b.program_id(axis)], SCALAR,
+                           "tile")
+        arrived = b.value("arrive", [counters, tile], SCALAR, "arrived")
+        last = b.value("eq", [arrived, b.const(t.split - 1)], TensorType(BOOL, ()), "last")
+        total = b.access("load", ws, indices, mapping.blocks, ws.type, hint="total", when=last)
+        assert total is not None
+        self.tiles[dot.result.name] = total
+        return last
 
     def load(self, p: Value, b: TileBuilder, slices: dict[int, tuple[Value, int]] | None = None,
              pids: dict[int, Value] | None = None) -> Value:
@@ -281,20 +315,25 @@ class _KernelLowering:
         *words, scale = self.packed_tiles(dq, b, kk, bk, bn, pids)  # per plane, then the scale row
         lanes = pair_lanes(fmt)
         bm = a.type.shape[0]
-        # The dots accumulate onto minus the bias times the step's activation sums (no add after).
-        sums = b.value("reduce", [b.value("convert", [a], a.type.with_elem(F32), "xf", dtype="f32")],
-                       TensorType(F32, (bm,)), "xsum", axes=(1,), kind="sum")
-        bias = b.value("mul", [sums, b.const(float(-pair_bias(fmt, dtype)), sums.type)], sums.type, "bias")
-        g = b.value("broadcast", [bias], acc.type, "g", dims=(0,), shape=acc.type.shape)
+        table = pair_is_table(fmt)  # table values themselves (no bias), adjacent codes paired
+        if table:
+            g = b.const(0.0, acc.type)
+        else:  # the dots accumulate onto minus the bias times the step's activation sums (no add after)
+            sums = b.value("reduce", [b.value("convert", [a], a.type.with_elem(F32), "xf", dtype="f32")],
+                           TensorType(F32, (bm,)), "xsum", axes=(1,), kind="sum")
+            bias = b.value("mul", [sums, b.const(float(-pair_bias(fmt, dtype)), sums.type)], sums.type, "bias")
+            g = b.value("broadcast", [bias], acc.type, "g", dims=(0,), shape=acc.type.shape)
         # Two lanes per dot where one lane's would be only 16 deep (a 32-deep dot's tensor-core steps
-        # chain; separate dots' results are added); 3 bits: rows by word parity (tile_ops).
-        count = 2 if 2 * bk // lanes == 16 and lanes >= 4 else 1
+        # chain; separate dots' results are added); 3 bits: rows by word parity; tables: adjacent
+        # codes, one lane per dot (tile_ops).
+        count = 2 if 2 * bk // lanes == 16 and lanes >= 4 and not table else 1
         order = ({"parity": True} if len(words) > 1 else {}) | ({"count": count} if count > 1 else {})
+        extra = {"lut": dq.attr("lut")} if dq.attr("lut") is not None else {}
         for j in range(0, lanes // 2, count):
             x = b.value("pick_lanes", [a], a.type.with_shape((bm, 2 * count * bk // lanes)), "x", lanes=lanes,
-                        lane=j, **order)
+                        lane=j, **order, **({"adjacent": True} if table else {}))
             w = b.value("unpack_pair", words, TensorType(dq.result.type.elem, (2 * count * bk // lanes, bn)), "w",
-                        format=str(fmt), lane=j, dtype=dtype, **order)
+                        format=str(fmt), lane=j, dtype=dtype, **order, **extra)
             g = b.value("dot_acc", [g, x, w], acc.type, "g", lhs_t=False, rhs_t=False)
         scales = b.value("broadcast", [scale], acc.type, "scale", dims=(0, 1), shape=acc.type.shape)
         step = b.value("mul", [g, scales], acc.type, "step")
@@ -332,11 +371,23 @@ class _KernelLowering:
                        dq.result.name, **attrs)
 
 
-def lower_kernel(op: Op, callee: Function) -> list[Function]:
-    """The tile program of a tiled kernel op (first) and the bodies of its loops."""
+def lower_kernel(op: Op, callee: Function, module: Module | None = None) -> list[Function]:
+    """The tile program of a tiled kernel op (first) and the bodies of its loops (``module``
+    holds the attention a split-decode kernel was made from)."""
+    if op.attr("kind") == "decode-combine":
+        from fusec.passes.to_tile_decode import lower_combine
+        return lower_combine(op, callee)
+    if op.attr("decode_split") is not None:
+        from fusec.passes.to_tile_decode import lower_decode
+        if module is None:
+            raise FusecError(f"kernel {callee.name}: a split-decode kernel is lowered from its module")
+        return lower_decode(op, module.function(str(op.attr("pattern"))))
     if op.attr("kind") == "attention":
         from fusec.passes.to_tile_attention import lower_attention  # it imports this module's builder
         return lower_attention(op, callee)
+    if op.attr("kind") == "attention_bwd":
+        from fusec.passes.to_tile_attention_bwd import lower_attention_backward
+        return lower_attention_backward(op, callee)
     return _KernelLowering(op, callee).lower()
 
 
@@ -355,7 +406,7 @@ class ToTile(Pass):
             for op in f.ops:
                 if op.opcode == "kernel" and "block" in op.attr_dict:
                     try:
-                        programs = lower_kernel(op, module.function(str(op.attr("callee"))))
+                        programs = lower_kernel(op, module.function(str(op.attr("callee"))), module)
                     except FusecError:
                         programs = []  # left to codegen, which reports why it cannot build it
                     if programs:

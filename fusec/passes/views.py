@@ -272,8 +272,9 @@ class FoldViews(Pass):
             dead: set[int] = set()
             replaced: dict[int, Op] = {}
             for op in func.ops:
-                # An attention kernel addresses its arrays by labels of its own (to_tile_attention).
-                if op.opcode == "kernel" and id(op) not in dead and op.attr("kind") != "attention":
+                # Attention kernels (and the decode combine) address their arrays themselves.
+                own = op.attr("kind") in ("attention", "decode-combine")
+                if op.opcode == "kernel" and id(op) not in dead and not own:
                     new, newly_dead = _fold_kernel(func, op, module.function(str(op.attr("callee"))), producers)
                     replaced[id(op)] = new
                     dead |= newly_dead

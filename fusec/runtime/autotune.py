@@ -128,10 +128,11 @@ def store_result(result: TuneResult, device: str = "", path: Any = None) -> Tune
 def model_timer(kernel: TunableKernel, lower: Callable[[TileConfig], Any], gpu: str = "h100") -> Timer:
     """The static model's time of ``kernel`` with a config. ``lower(config)`` gives the program
     (a ``fusec.Lowered``) with that config on this kernel; its kernel is compiled for sm_90 on
-    this machine (no GPU needed), its SASS read and modeled on ``gpu``."""
+    this machine (no GPU needed), its SASS read and modeled on ``gpu``. A config that spills
+    registers raises (the tuner counts it as failed)."""
     from fusec.runtime.gpu_compile import compile_kernel_artifacts
     from fusec.runtime.gpu_model import model, model_gpu
-    from fusec.runtime.gpu_work import kernel_work
+    from fusec.runtime.gpu_work import kernel_work, workspace_bytes
 
     spec = model_gpu(gpu)
 
@@ -145,8 +146,10 @@ def model_timer(kernel: TunableKernel, lower: Callable[[TileConfig], Any], gpu: 
         compiled = {ck.name: ck for ck in compile_kernel_artifacts(lowered.lower_for("cuda"), 90, sass=True)}
         tile = module.function(str(op.attr("tile")))
         trips = max([int(o.attr("trips")) for o in tile.ops if o.opcode == "loop"], default=1)
+        if compiled[name].resources.spills:  # a config whose registers spill is not one to ship
+            raise ValueError(f"{config.label} spills {compiled[name].resources.spills} bytes of registers")
         work, _, _ = kernel_work(compiled[name], trips, int(op.attr("bytes_read")) + int(op.attr("bytes_written")),
-                                 spec)
+                                 spec, workspace_bytes(op, tile))
         return model(work, spec).time_s
 
     return modeled_time

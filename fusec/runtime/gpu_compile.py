@@ -104,6 +104,12 @@ def scoped_cache_dir(path: str) -> Iterator[None]:
             os.environ["TRITON_CACHE_DIR"] = saved
 
 
+def _portable_ttir(ttir: str) -> str:
+    """JAX's MLIR prints a CTA barrier in generic form with a location as its properties, which
+    Triton's parser rejects; the custom form says the same."""
+    return re.sub(r'"gpu\.barrier"\(\) <.*> : \(\) -> \(\)$', "gpu.barrier", ttir, flags=re.M)
+
+
 def compile_kernel_artifacts(lowered_for_cuda: Any, arch: int = 90, sass: bool = True) -> list[CompiledKernel]:
     """Compiles every Triton kernel in a program lowered for ``cuda`` to a cubin for ``sm_{arch}``;
     with ``sass``, also disassembles it (``nvdisasm -c``) and reads ``cuobjdump -res-usage``."""
@@ -117,7 +123,7 @@ def compile_kernel_artifacts(lowered_for_cuda: Any, arch: int = 90, sass: bool =
             name = match.group(1) if match else f"kernel{i}"
             path = os.path.join(tmp, f"k{i}.ttir")
             with open(path, "w") as f:
-                f.write(ttir)
+                f.write(_portable_ttir(ttir))
             # FMA contraction on, as XLA's GPU backend does (and said explicitly: triton warns otherwise).
             options = {"num_warps": launch["num_warps"], "num_stages": launch["num_stages"], "enable_fp_fusion": True}
             compiled = triton.compile(path, target=GPUTarget("cuda", arch, 32), options=options)

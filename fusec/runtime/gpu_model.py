@@ -25,6 +25,7 @@ class GpuModelSpec:
     schedulers_per_sm: int = 4  # warp instructions issued per clock per SM
     clock_hz: float = 1.755e9
     memory_latency_s: float = 700e-9  # an HBM load's round trip under load (an assumption)
+    l2_latency_s: float = 150e-9  # an L2 hit's (or an atomic's) round trip, ~260 clocks (an assumption)
     regs_per_sm: int = 65536
     reg_alloc_unit: int = 256  # registers are given to warps in units of 256
     max_regs_per_thread: int = 255
@@ -102,6 +103,10 @@ class KernelWork:
     load_bytes_per_cta: float  # global bytes one CTA loads over its life
     inflight_bytes_per_cta: float  # global bytes one CTA has requested and not yet received
     compulsory_bytes: int  # bytes the kernel must move to and from HBM (fusec's cost model)
+    workspace_bytes: int = 0  # bytes of the kernel's own workspace it moves too (a fixup's f32 sums): time,
+    # not useful traffic (the share of peak leaves them out)
+    tail_round_trips: int = 0  # L2 round trips each CTA waits out, one after another, after its last
+    # load: a split-K fixup's release, arrival counter and reload of the finished sum (3)
 
 
 @dataclass(frozen=True)
@@ -117,21 +122,24 @@ class Modeled:
     bandwidth_s: float
     latency_s: float  # Little's law: bytes the busiest SM loads x latency / bytes it has in flight
     fill_s: float
+    tail_s: float  # tail_round_trips x L2 latency, after everything else
     time_s: float
     bound_by: str  # the largest term: "issue", "conversions", "mma", "bandwidth" or "latency" (also when
     # every term is below one memory latency)
-    bandwidth_share: float  # bandwidth_s / time_s: the share of HBM peak the kernel reaches
+    bandwidth_share: float  # compulsory bytes / HBM bandwidth / time_s: the share of HBM peak the kernel reaches
 
 
 def model(work: KernelWork, spec: GpuModelSpec) -> Modeled:
-    """time = fill + max(issue, conversions, mma, bandwidth, latency - fill), with
+    """time = fill + max(issue, conversions, mma, bandwidth, latency - fill) + tail, with
 
     - issue: the busiest SM's warp instructions / (min(schedulers, resident warps) x clock)
     - conversions: its conversion results / (16 per clock x clock)
     - mma: its tensor-core clocks / clock
-    - bandwidth: compulsory bytes / HBM bandwidth
+    - bandwidth: (compulsory + workspace bytes) / HBM bandwidth
     - latency: its load bytes x memory latency / its bytes in flight (Little's law)
-    - fill: one memory latency, before the first bytes arrive.
+    - fill: one memory latency, before the first bytes arrive;
+    - tail: the kernel's serial L2 round trips after its stream (a split-K fixup's), which no
+      other CTA's work hides: they come after the last bytes arrive.
     """
     occ = occupancy(work.registers, work.warps_per_cta, work.shared_bytes, spec)
     programs = max(work.programs, 1)
@@ -143,7 +151,7 @@ def model(work: KernelWork, spec: GpuModelSpec) -> Modeled:
     issue = warps * work.warp_instructions / (issuers * spec.clock_hz)
     conversions = warps * 32 * work.slow_conversions / (spec.conversions_per_clock_per_sm * spec.clock_hz)
     mma = warps * work.mma_clocks / spec.clock_hz
-    bandwidth = work.compulsory_bytes / spec.hbm_bytes_per_s
+    bandwidth = (work.compulsory_bytes + work.workspace_bytes) / spec.hbm_bytes_per_s
     inflight = resident * work.inflight_bytes_per_cta
     loaded = busiest * work.load_bytes_per_cta
     latency = loaded * spec.memory_latency_s / inflight if inflight > 0 else 0.0
@@ -151,8 +159,10 @@ def model(work: KernelWork, spec: GpuModelSpec) -> Modeled:
     terms = {"issue": issue, "conversions": conversions, "mma": mma, "bandwidth": bandwidth,
              "latency": max(latency - fill, 0.0)}
     bound = max(terms, key=lambda k: terms[k])
-    time = fill + terms[bound]
+    tail = work.tail_round_trips * spec.l2_latency_s
+    time = fill + terms[bound] + tail
     if terms[bound] < fill:
         bound = "latency"  # one memory round trip is most of the time
+    useful = work.compulsory_bytes / spec.hbm_bytes_per_s
     return Modeled(occ, busiest, resident, active, inflight, issue, conversions, mma, bandwidth, latency, fill,
-                   time, bound, bandwidth / time)
+                   tail, time, bound, useful / time)

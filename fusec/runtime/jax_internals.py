@@ -207,6 +207,36 @@ def without_vma_checks() -> Any:
     return flag(False) if flag is not None else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def relaxed_float_atomics() -> Iterator[None]:
+    """A context in which Pallas's Triton lowering emits float atomic adds with relaxed ordering
+    (``red``, no fence per add) instead of acq_rel; integer atomics keep acq_rel. fusec's only
+    float atomics are split-K partial sums, ordered by the kernel's end or, in a fixup, by the
+    barrier and the integer arrival count's release (Pallas exposes no ``sem`` of its own: with
+    acq_rel, ptxas fences every add, one L2 round trip each at the kernel's end)."""
+    try:
+        from jax._src.lib.triton import dialect as tt
+        from jax._src.pallas.triton import lowering
+    except ImportError:  # no Pallas Triton lowering: nothing to change
+        yield
+        return
+    original = getattr(lowering, "_atomic_rmw", None)
+    if original is None:
+        yield
+        return
+
+    def rmw(op: Any, ptr: Any, val: Any, mask: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if op == tt.RMWOp.FADD and not args and "semantic" not in kwargs:
+            kwargs["semantic"] = tt.MemSemantic.RELAXED
+        return original(op, ptr, val, mask, *args, **kwargs)
+
+    lowering._atomic_rmw = rmw
+    try:
+        yield
+    finally:
+        lowering._atomic_rmw = original
+
+
 def abstract_struct(x: Any) -> Any:
     """A ``jax.ShapeDtypeStruct`` of ``x`` that keeps its weak type and, inside ``shard_map``, the
     manual axes it varies over (so a program traced from it inserts the same ``pvary``s)."""

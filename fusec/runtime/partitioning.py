@@ -59,7 +59,10 @@ def rule_of(spec: KernelSpec) -> PartitionRule | None:
                                    sizes=rule.sizes | {b: size})
     if spec.op is None or spec.module is None:
         return None
-    return partition_rule(spec.op, spec.module.function(str(spec.op.attr("callee"))))
+    callee = spec.module.function(str(spec.op.attr("callee")))
+    if spec.op.attr("kind") == "attention_bwd" or len(spec.op.results) != len(callee.returns):
+        return None  # an attention's backward kernels and log-sum-exp forward: not the callee's rule
+    return partition_rule(spec.op, callee)
 
 
 @functools.lru_cache(maxsize=1024)

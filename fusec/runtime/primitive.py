@@ -4,7 +4,9 @@ Abstract evaluation comes from the kernel's signature; lowering is the generated
 ``cuda`` always GPU-tiled Triton kernels, even when a CPU machine traced the program; on ``cpu``
 the interpreter); batching binds the primitive again with the kernel under ``vmap`` (Pallas adds
 a grid axis), so a batched kernel still lowers per platform; the JVP differentiates the kernel's
-reference (its ops run by XLA), so ``jax.jvp``/``jax.grad`` of a bare kernel work too.
+reference (its ops run by XLA), so ``jax.jvp``/``jax.grad`` of a bare kernel work too; an
+attention kernel's JVP is linear in a primitive whose transpose runs fused backward kernels
+(:mod:`fusec.runtime.attention_vjp`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from jax.interpreters import ad, batching, mlir
 from fusec.codegen.kernel_spec import KernelSpec
 from fusec.codegen.xla import numpy_dtype
 from fusec.errors import FusecError
-from fusec.runtime.jax_internals import gpu_lowering_target, kernel_result_aval, without_manual_axes, without_vma_checks
+from fusec.runtime.attention_vjp import attention_jvp, register_kernel_call
+from fusec.runtime.jax_internals import (
+    gpu_lowering_target,
+    kernel_result_aval,
+    relaxed_float_atomics,
+    without_manual_axes,
+    without_vma_checks,
+)
 
 fusec_kernel_p = jcore.Primitive("fusec_kernel")
 fusec_kernel_p.multiple_results = True
@@ -74,7 +83,7 @@ def _pallas_if_no_jax_triton(gpu: KernelSpec) -> KernelSpec | None:
 
 
 def _lowering(ctx: Any, *args: Any, spec: KernelSpec, platform: str) -> Any:
-    with warnings.catch_warnings(), without_vma_checks(), gpu_lowering_target(platform):
+    with warnings.catch_warnings(), without_vma_checks(), gpu_lowering_target(platform), relaxed_float_atomics():
         # JAX 0.11 deprecates Pallas's Triton lowering on every use; fusec chose it deliberately
         # (see the README), and a warning per kernel per compile would tell users nothing.
         warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
@@ -98,7 +107,8 @@ def _batched(spec: KernelSpec, in_axes: tuple[int | None, ...], size: int) -> Ke
 
     return dataclasses.replace(
         spec, run=run, reference=reference, out_types=tuple(t.with_shape((size, *t.shape)) for t in spec.out_types),
-        gpu_builder=gpu_builder if spec.interpret else None, _gpu=[], batched=(spec, in_axes, size))
+        gpu_builder=gpu_builder if spec.interpret else None, _gpu=[], batched=(spec, in_axes, size),
+        grad_builder=None, _grad=[])
 
 
 def _batch(args: list[Any], dims: list[Any], *, spec: KernelSpec) -> tuple[list[Any], list[int]]:
@@ -109,6 +119,10 @@ def _batch(args: list[Any], dims: list[Any], *, spec: KernelSpec) -> tuple[list[
 
 
 def _jvp(primals: list[Any], tangents: list[Any], *, spec: KernelSpec) -> tuple[list[Any], list[Any]]:
+    if spec.grad_builder is not None:  # an attention kernel: fused backward kernels under grad
+        fused = attention_jvp(spec, primals, tangents)
+        if fused is not None:
+            return fused
     outs = fusec_kernel_p.bind(*primals, spec=spec)
     tangents = [ad.instantiate_zeros(t) for t in tangents]
     _, tangents_out = jax.jvp(lambda *a: tuple(spec.reference(*a)), tuple(primals), tuple(tangents))
@@ -121,3 +135,4 @@ mlir.register_lowering(fusec_kernel_p, functools.partial(_lowering, platform="cp
 mlir.register_lowering(fusec_kernel_p, functools.partial(_lowering, platform="cuda"), platform="cuda")
 batching.primitive_batchers[fusec_kernel_p] = _batch
 ad.primitive_jvps[fusec_kernel_p] = _jvp
+register_kernel_call(call_kernel)

@@ -2,26 +2,33 @@
 
 Derivatives: the program runs fusec's code forward; its JVP (and so, by JAX's transposition, its
 VJP) comes from JAX differentiating the original jaxpr. Custom-derivative rules in the user's code
-are therefore honoured exactly as ``jax.jit`` honours them, though fusec inlines their bodies.
+are therefore honoured exactly as ``jax.jit`` honours them, though fusec inlines their bodies. A
+program with attention kernels is differentiated through its kernels instead, where that is the
+same derivative (:mod:`fusec.runtime.ad_route`), so ``jax.grad`` runs the fused attention backward.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.extend.core as jcore
+from jax.custom_derivatives import SymbolicZero
 
 from fusec.codegen import compile_module
 from fusec.frontend import ParamSource, jaxpr_to_module
 from fusec.ir import Module, print_module
 from fusec.passes import Pass, PassManager
 from fusec.pipeline import log_pass
+from fusec.runtime.ad_route import NO_ATTENTION, kernel_ad_problem
 from fusec.runtime.jax_internals import make_weak
 from fusec.runtime.primitive import call_kernel
+
+_WARNED: set[int] = set()
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,9 @@ class Program:
     run_flat: Callable[..., list[Any]]
     kernels: dict[str, Any]  # kernel name -> KernelSpec (generated source included)
     num_eqns: int = 0  # the jaxpr's equations (nested jit bodies once per call site)
+    # None: JAX differentiates the program through its kernels; else why it differentiates the
+    # original jaxpr (see fusec.runtime.ad_route).
+    ad_problem: str | None = NO_ATTENTION
 
     @property
     def distinct_kernels(self) -> list[Any]:
@@ -128,20 +138,41 @@ def _differentiable(program: Program, xs: Sequence[Any]) -> Callable[..., tuple[
             out[i] = d
         return out
 
-    @jax.custom_jvp
-    def run(*ds: Any) -> tuple[Any, ...]:
+    def fused(*ds: Any) -> tuple[Any, ...]:
         args = full(ds)
         return tuple(program.run_flat(*_params(program, args[:n_consts], args[n_consts:])))
+
+    run = jax.custom_jvp(fused)
 
     def original(*ds: Any) -> Any:
         args = full(ds)
         closed = jcore.ClosedJaxpr(program.jaxpr.jaxpr, list(args[:n_consts]))
         return tuple(jcore.jaxpr_as_fun(closed)(*args[n_consts:]))
 
-    @run.defjvp
     def run_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
-        _, tangents_out = jax.jvp(original, primals, tangents)
+        # Inputs with a symbolic zero tangent are closed over, so a kernel sees which of its
+        # inputs are differentiated (an attention's bias that is not keeps the fused backward).
+        live = [i for i, t in enumerate(tangents) if not isinstance(t, SymbolicZero)]
+
+        def of_live(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def f(*d: Any) -> Any:
+                ps = list(primals)
+                for i, x in zip(live, d):
+                    ps[i] = x
+                return fn(*ps)
+            return f
+
+        args = tuple(primals[i] for i in live), tuple(tangents[i] for i in live)
+        if program.ad_problem is None:
+            return jax.jvp(of_live(fused), *args)
+        if program.ad_problem != NO_ATTENTION and id(program) not in _WARNED:
+            _WARNED.add(id(program))
+            warnings.warn(f"fusec: the derivative of {program.module.entry.name} is the original jaxpr's (XLA runs "
+                          f"its attention backward, [Tq, Tk] matrices and all): {program.ad_problem}", stacklevel=2)
+        _, tangents_out = jax.jvp(of_live(original), *args)
         return run(*primals), tangents_out
+
+    run.defjvp(run_jvp, symbolic_zeros=True)
 
     return lambda: run(*(xs[i] for i in diff))
 
@@ -170,5 +201,6 @@ def build_program(closed: Any, name: str, passes: list[Pass], backend: str, veri
     compiled = compile_module(manager.stages[-1][1], backend, interpret, call_kernel, make_weak)
     timings.append(("codegen", time.perf_counter() - t0))
     log_pass(name, "codegen", manager.stages[-1][1], timings[-1][1])
-    return Program(closed, tuple(manager.stages), tuple(timings), front.param_sources, backend, compiled.run,
-                   compiled.kernels, front.num_eqns)
+    stages = tuple(manager.stages)
+    return Program(closed, stages, tuple(timings), front.param_sources, backend, compiled.run,
+                   compiled.kernels, front.num_eqns, kernel_ad_problem(closed, stages))

@@ -217,3 +217,34 @@ def mma_flops(opcode: str) -> int:
         if m:
             return 2 * int(m.group(1)) * int(m.group(2)) * int(m.group(3))
     return 0
+
+
+
+def _returns_value(ins: Instruction) -> bool:
+    """Whether an ``ATOM``/``ATOMG`` writes its old value to a register (``ATOMG... PT, R3, [..]``)
+    rather than discarding it (``PT, RZ``)."""
+    ops = [o.strip() for o in ins.operands.split(",")]
+    dest = ops[1] if len(ops) > 1 and ops[0].startswith(("P", "!P")) else ops[0]
+    return dest != "RZ"
+
+
+def tail_round_trips(instructions: tuple[Instruction, ...] | list[Instruction]) -> int:
+    """Serial memory round trips in a stretch of SASS after a kernel's stream (its hot loop): each
+    GPU-scope ``MEMBAR`` that follows an outstanding global write or atomic waits for it to be
+    performed; each atomic that returns its old value waits for it; and a global load after such
+    an atomic (a reload the atomic guards) waits once more."""
+    trips, outstanding, guarded = 0, False, False
+    for ins in instructions:
+        atomic = ins.base in ("ATOM", "ATOMG")
+        if ins.base in ("STG", "RED", "REDG") or (atomic and not _returns_value(ins)):
+            outstanding = True
+        elif atomic:
+            trips += 1
+            guarded, outstanding = True, False
+        elif ins.base == "MEMBAR" and set(ins.opcode.split(".")[1:]) & {"GPU", "SYS"}:
+            trips += int(outstanding)
+            outstanding = False
+        elif ins.base in ("LDG", "LD") and guarded:
+            trips += 1
+            guarded = False
+    return trips

@@ -321,6 +321,8 @@ def _pick_lanes(w: BodyWriter, op: Op, a: list[str]) -> str:
     # j = lane by a sum whose other terms are -0.0 (exact: x + -0.0 is x, signed zeros and NaN too).
     (m, cols), lanes, lane = op.operands[0].type.shape, int(op.attr("lanes")), int(op.attr("lane"))
     x = f"{a[0]}.to(tl.float32)" if is_narrow(op.operands[0].type) else a[0]
+    if op.attr("adjacent"):  # column lanes r + 2 j + h: swap (j, h) to (h, j) first
+        x = f"tl.permute(tl.reshape({x}, ({m}, {cols // lanes}, {lanes // 2}, 2)), (0, 1, 3, 2))"
     split = f"tl.reshape({x}, ({m}, {2 * cols // lanes}, {lanes // 2}))"
     picks = []
     for t in range(int(op.attr("count", 1))):

@@ -35,15 +35,16 @@ def register_gpu_call(call: Callable[..., list[Any]]) -> None:
 
 def _runner(kernel: TritonKernel) -> Callable[..., list[Any]]:
     def run(*arrays: Any, interpret: bool = True) -> list[Any]:
+        results = len(kernel.outputs) - kernel.hidden_outputs
         if interpret:
             from fusec.codegen.triton.interpret import interpret_call
-            return interpret_call(kernel, *arrays)
+            return interpret_call(kernel, *arrays)[:results]
         if not _GPU_CALL:
             raise Unsupported("the Triton backend has no GPU call registered (fusec.runtime registers jax-triton's)")
         # A low-bit weight's scales may be stored in another dtype than the f32 they are declared.
         actual = tuple(ArraySig(tuple(a.shape), np.dtype(a.dtype).name) for a in arrays)
         launched = kernel if actual == kernel.inputs else dataclasses.replace(kernel, inputs=actual)
-        return list(_GPU_CALL[0](launched, *arrays))
+        return list(_GPU_CALL[0](launched, *arrays))[:results]
     return run
 
 
@@ -69,7 +70,7 @@ def build_kernel(op: Op, module: Module, interpret: bool, programs: list[Functio
         note = f"# fusec: the Triton backend cannot express this kernel ({e}); it runs as a Pallas kernel.\n"
         return KernelSpec(spec.name, "pallas", note + spec.source, spec.tile_program, spec.in_types, spec.out_types,
                           spec.run, spec.reference, spec.interpret, spec.masked_refs, spec.gpu_builder,
-                          op=op, module=module)
+                          op=op, module=module, grad_builder=spec.grad_builder)
     # The tile program heads the source as a comment: what the kernel was generated from.
     source = commented_program(text) + kernel.source
 
@@ -77,7 +78,7 @@ def build_kernel(op: Op, module: Module, interpret: bool, programs: list[Functio
     return KernelSpec(name, "triton", source, text, tuple(v.type for v in op.operands),
                       tuple(r.type for r in op.results), _runner(kernel), kernel_reference(op, module), interpret,
                       masked_arrays(programs), gpu_builder if interpret else None, op=op, module=module,
-                      backend_kernel=kernel)
+                      backend_kernel=kernel, grad_builder=pallas.grad_builder_for(build_kernel, op, module, interpret))
 
 
 KernelCaller = pallas.KernelCaller

@@ -90,6 +90,8 @@ def run_interpreted(kernel: TritonKernel, *arrays: Any, check_bounds: bool = Fal
     ins = []
     for i, (a, sig) in enumerate(zip(arrays, kernel.inputs)):
         a = np.ascontiguousarray(np.asarray(a))
+        if sig.shape == () and a.shape == (1,):  # a scalar argument may reach the callback as [1]
+            a = a.reshape(())
         if tuple(a.shape) != sig.shape:
             raise ValueError(f"kernel {kernel.name}: input {i} has shape {a.shape}, expected {sig.shape}")
         ins.append(a)

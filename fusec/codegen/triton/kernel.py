@@ -25,7 +25,8 @@ class TritonKernel:
     pointer per output (``outputs`` order) -- the order ``jax_triton.triton_call`` passes them --
     then the ``constexprs`` by keyword. Arrays are dense row-major; strides are baked into the
     source. ``zeroed_outputs`` lists outputs the kernel accumulates into (atomics), which the caller
-    must zero first."""
+    must zero first; the last ``hidden_outputs`` outputs are the kernel's own workspace (a split-K
+    fixup's), not results."""
 
     name: str  # the @triton.jit function's name in ``source``
     source: str  # a whole module: imports, helpers, the kernel
@@ -36,3 +37,4 @@ class TritonKernel:
     num_warps: int = 4
     num_stages: int = 2
     zeroed_outputs: tuple[int, ...] = ()
+    hidden_outputs: int = 0  # the last outputs are the kernel's own workspace, dropped after the call

@@ -16,7 +16,7 @@ from fusec.codegen.triton.kernel import INTERPRETED_FLAG, ArraySig, TritonKernel
 from fusec.codegen.triton.text import constant_value, pow2, shape_text
 from fusec.errors import Unsupported
 from fusec.ir import Function, KernelTiling, Module, Op, print_function
-from fusec.ir.tile_ops import ACCESS_OPS
+from fusec.ir.tile_ops import ACCESS_OPS, access_indices, access_predicate, loop_bounds, scratch_params
 
 _PRELUDE = f"""import triton
 import triton.language as tl
@@ -46,7 +46,7 @@ def _access(w: BodyWriter, op: Op, ref: str, n_values: int) -> tuple[str, str]:
     block = list(op.attr("block"))
     squeeze = set(op.attr("squeeze", ()))
     masked = set(op.attr("masked", ()))
-    indices = [w.index(v) for v in op.operands[n_values:]]
+    indices = [w.index(v) for v in access_indices(op)]
     kept = [d for d in range(array.rank) if d not in squeeze]
     rank = len(kept)
     tag = w.name(op.results[0]) if op.results else ref
@@ -64,7 +64,10 @@ def _access(w: BodyWriter, op: Op, ref: str, n_values: int) -> tuple[str, str]:
         terms.append(f"{along} * {stride}" if stride != 1 else along)
         if d in masked:
             masks.append(f"({along} < {size})")
-    return f"{ref} + {' + '.join(terms)}", " & ".join(masks)
+    when = access_predicate(op)
+    if when is not None:  # a [1, ..., 1] tile: the interpreter masks with tiles, not scalars
+        masks.append(f"(tl.full({(1,) * rank}, 0, tl.int32) + {w.name(when)}.to(tl.int32) != 0)")
+    return (f"{ref} + {' + '.join(terms)}" if terms else ref), " & ".join(masks)  # a 0-d array: its pointer
 
 
 def _write_access(w: BodyWriter, op: Op, ref: str) -> None:
@@ -82,7 +85,10 @@ def _write_access(w: BodyWriter, op: Op, ref: str) -> None:
         return
     ptr, mask = _access(w, op, ref, 2)
     fn = "tl.store" if op.opcode == "store" else "tl.atomic_add"
-    w.line(f"{fn}({ptr}, {w.name(op.operands[1])}{f', mask={mask}' if mask else ''})")
+    # Partial sums a fixup reads back after the barrier and the arrival's release need no ordering
+    # of their own (no fence per add: "red" instructions).
+    sem = ", sem='relaxed'" if op.opcode == "atomic_add" and op.attr("relaxed") else ""
+    w.line(f"{fn}({ptr}, {w.name(op.operands[1])}{f', mask={mask}' if mask else ''}{sem})")
 
 
 def _write(w: BodyWriter, programs: Module, func: Function, refs: dict[str, str]) -> None:
@@ -90,6 +96,11 @@ def _write(w: BodyWriter, programs: Module, func: Function, refs: dict[str, str]
     for op in func.ops:
         if op.opcode in ACCESS_OPS:
             _write_access(w, op, refs[op.operands[0].name])
+        elif op.opcode == "barrier":
+            w.line("tl.debug_barrier()")
+        elif op.opcode == "arrive":  # one thread's atomic; Triton broadcasts the old count
+            w.line(f"{w.name(op.result)} = tl.atomic_add({refs[op.operands[0].name]} + {w.index(op.operands[1])}, 1, "
+                   f"sem='acq_rel')  # {op.result.name}: the count before this program's arrival")
         elif op.opcode == "loop":
             _write_loop(w, programs, op, refs)
         else:
@@ -100,6 +111,8 @@ def _write_loop(w: BodyWriter, programs: Module, op: Op, refs: dict[str, str]) -
     body = programs.function(str(op.attr("body")))
     carried = int(op.attr("carried"))
     outer = w.names
+    # Names are per function: the body's scalar constants are its own, and the captured ones.
+    outer_consts, inner_consts = w.consts, dict[str, int]()
     inner: dict[str, str] = {}
     inner_refs: dict[str, str] = {}
     carry = []
@@ -111,13 +124,15 @@ def _write_loop(w: BodyWriter, programs: Module, op: Op, refs: dict[str, str]) -
         inner[p.name] = w.name(v)  # captured values are the enclosing function's variables
         if v.name in refs:
             inner_refs[p.name] = refs[v.name]
-        if v.name in w.consts:
-            w.consts[p.name] = w.consts[v.name]
+        if v.name in outer_consts:
+            inner_consts[p.name] = outer_consts[v.name]
     for p, ident in zip(body.params[1:1 + carried], carry):
         inner[p.name] = ident
-    w.names = inner
+    bounds = loop_bounds(op)  # the enclosing function's values
+    span = f"{w.index(bounds[0])}, {w.index(bounds[1])}" if bounds else str(int(op.attr("trips")))
+    w.names, w.consts = inner, inner_consts
     index = w.name(body.params[0])
-    w.line(f"for {index} in range({int(op.attr('trips'))}):")
+    w.line(f"for {index} in range({span}):")
     w.indent += "    "
     _write(w, programs, body, inner_refs)
     returns = [w.name(r) for r in body.returns]
@@ -126,7 +141,7 @@ def _write_loop(w: BodyWriter, programs: Module, op: Op, refs: dict[str, str]) -
     else:
         w.line("pass")
     w.indent = w.indent[:-4]
-    w.names = outer
+    w.names, w.consts = outer, outer_consts
     for r, ident in zip(op.results, carry):
         w.line(f"{w.name(r)} = {ident}")
 
@@ -146,8 +161,10 @@ def generate_kernel(op: Op, programs: list[Function], ident: str) -> TritonKerne
     refs = {p.name: "p_" + identifier(p.name) for p in params}
     w.used.update(refs.values())
     _write(w, module, program, refs)
-    atomic = {o.operands[0].name for f in programs for o in f.ops if o.opcode == "atomic_add"}
-    outputs = params[len(params) - n_out:]
+    atomic = {o.operands[0].name for f in programs for o in f.ops if o.opcode in ("atomic_add", "arrive")}
+    # The kernel's own workspace (split-K fixup) are outputs too, zeroed first and dropped after.
+    n_scratch = len(scratch_params(op, program))
+    outputs = params[len(params) - n_out - n_scratch:]
     launch = grid if len(grid) <= 3 else (_product(grid),)
     header = [f"# kernel {op.attr('callee')}: {op.attr('kind')} over {list(op.attr('space'))}, "
               f"block {list(op.attr('block'))}, grid {list(grid)}",
@@ -157,10 +174,10 @@ def generate_kernel(op: Op, programs: list[Function], ident: str) -> TritonKerne
     helpers = "".join("\n\n" + _HELPERS[h] for h in sorted(w.helpers))
     source = _PRELUDE + helpers + "\n\n" + "\n".join(header + w.lines) + "\n"
     sig = lambda p: ArraySig(tuple(p.type.shape), p.type.elem.numpy_name)  # type: ignore[union-attr]  # noqa: E731
-    return TritonKernel(ident, source, tuple(launch), tuple(sig(p) for p in params[:len(params) - n_out]),
+    return TritonKernel(ident, source, tuple(launch), tuple(sig(p) for p in params[:len(params) - len(outputs)]),
                         tuple(sig(p) for p in outputs), (), int(op.attr("num_warps") or 4),
                         int(op.attr("num_stages") or 2),
-                        tuple(j for j, p in enumerate(outputs) if p.name in atomic))
+                        tuple(j for j, p in enumerate(outputs) if p.name in atomic), n_scratch)
 
 
 def _product(xs: tuple[int, ...]) -> int:

@@ -9,6 +9,7 @@ selects over a NormalFloat or lookup table) and multiplied by the tile's scale r
 
 from __future__ import annotations
 
+from fusec.codegen.lut_asm import CONSTRAINTS, lut4_pair_asm, table_bits16
 from fusec.codegen.pallas_unpack import lane_expr
 from fusec.codegen.triton.text import TL_DTYPES
 from fusec.ir import DType, LowBitType, Op, parse_elem_type
@@ -17,6 +18,7 @@ from fusec.ir.tile_ops import (
     PAIR3_LOW_MASK,
     PAIR3_TOP_MASK,
     pair_decode_constants,
+    pair_is_table,
     pair_merge_shifts,
 )
 from fusec.ir.types import WORD_BITS
@@ -90,12 +92,16 @@ def unpack_pair_lines(op: Op, words: str, prefix: str, planes: tuple[str, ...] =
     count = int(op.attr("count", 1))
     if not planes:
         tiles = []
+        table = pair_is_table(parse_elem_type(str(op.attr("format"))))  # count = 1 (tile_ops)
         for t in range(count):
-            shift, both, flip = pair_decode_constants(op.attr_dict | {"lane": int(op.attr("lane")) + t})
-            shifted = f"({words} >> {shift})" if shift else words
             q = f"{prefix}{t}"
-            lines += [f"{q}p = ({shifted} & {both:#x}) ^ {flip:#x}",
-                      f"{q}v = tl.reshape(tl.permute(tl.join({half(f'{q}p & 0xFFFF')}, {half(f'{q}p >> 16')}), "
+            if table:
+                lines += _table_pair_lines(op, words, f"{q}p")
+            else:
+                shift, both, flip = pair_decode_constants(op.attr_dict | {"lane": int(op.attr("lane")) + t})
+                shifted = f"({words} >> {shift})" if shift else words
+                lines.append(f"{q}p = ({shifted} & {both:#x}) ^ {flip:#x}")
+            lines += [f"{q}v = tl.reshape(tl.permute(tl.join({half(f'{q}p & 0xFFFF')}, {half(f'{q}p >> 16')}), "
                       f"(0, 2, 1)), ({2 * rows}, {cols}))"]
             tiles.append(f"{q}v")
         return lines + [_lanes_along_k(tiles, rows, cols)]
@@ -126,3 +132,21 @@ def _lanes_along_k(tiles: list[str], rows: int, cols: int) -> str:
     if len(tiles) == 1:
         return tiles[0]
     return f"tl.reshape(tl.permute(tl.join({tiles[0]}, {tiles[1]}), (2, 0, 1)), ({4 * rows}, {cols}))"
+
+
+def _table_pair_lines(op: Op, words: str, p: str) -> list[str]:
+    """Statements writing ``p``, the pair word (code 2 lane low, 2 lane + 1 high, as 16-bit float
+    patterns) of each word of a 4-bit table format: byte permutes (fusec/codegen/lut_asm.py) on a
+    GPU, selects in the interpreter, which runs no PTX."""
+    fmt = parse_elem_type(str(op.attr("format")))
+    assert isinstance(fmt, LowBitType)
+    bits = table_bits16(format_of(fmt, op.attr("lut")).table, str(op.attr("dtype")))
+    lane = int(op.attr("lane"))
+    lines = ["if FUSEC_INTERPRETED:"]
+    for h in range(2):
+        c, b = f"{p}c{h}", f"{p}b{h}"
+        lines += [f"    {c} = ({words} >> {8 * lane + 4 * h}) & 15", f"    {b} = {c} * 0 + {bits[0]}"]
+        lines += [f"    {b} = tl.where({c} == {k}, {v}, {b})" for k, v in enumerate(bits) if k]
+    return [*lines, f"    {p} = {p}b0 | ({p}b1 << 16)", "else:",
+            f"    {p} = tl.inline_asm_elementwise({lut4_pair_asm(bits, lane)!r}, {CONSTRAINTS!r}, [{words}], "
+            "dtype=tl.uint32, is_pure=True, pack=1)"]
