@@ -1,10 +1,12 @@
 """The static sm_90 report of fusec's low-bit GEMV/GEMM kernels, on a CPU machine (no GPU needed).
 
     python -m bench.sass_report [--json out.json] [--markdown] [--backend pallas|triton] [--format int4|nf4|lut4]
+        [--bits 2..8]
 
 For int4 weights with group-128 scales (``QuantSpec(4, 128)``, from a bfloat16 weight, so scales
-and output are bfloat16 as in ``bench.gpu``; ``--format nf4``: NormalFloat, ``lut4``: a table
-learned from the weight, fusec.lowprec.codebook), K x N = 4096 x 14336 and 4096 x 4096, M = 1 and 16:
+and output are bfloat16 as in ``bench.gpu``; ``--bits``: intB, quantize's default packing;
+``--format nf4``: NormalFloat, ``lut4``: a table learned from the weight, fusec.lowprec.codebook),
+K x N = 4096 x 14336 and 4096 x 4096, M = 1 and 16:
 compiles ``x @ w`` under ``fusec.jit(backend=...)`` for sm_90, reads its SASS and models it
 (``Lowered.gpu_profile``, docs/gpu-model.md) on H100 and H200. Every number printed is computed
 here; none is typed in. The issue, conversion and latency terms do not depend on the GPU's HBM
@@ -59,14 +61,14 @@ def weight_struct(k: int, n: int, bits: int = 4, group: int = 128, fmt: str = "i
                    shape=(k, n))
 
 
-def rows(backend: str = "pallas", fmt: str = "int4") -> list[dict[str, Any]]:
+def rows(backend: str = "pallas", fmt: str = "int4", bits: int = 4) -> list[dict[str, Any]]:
     import fusec
     from fusec.report import gpu_config_of
 
     matmul = fusec.jit(lambda q, x: x @ q, backend=backend, interpret=False)
     out = []
     for k, n in SHAPES:
-        q = weight_struct(k, n, fmt=fmt)
+        q = weight_struct(k, n, bits, fmt=fmt)
         for m in MS:
             lowered = matmul.lower(q, jax.ShapeDtypeStruct((m, k), jnp.bfloat16))
             h100, h200 = (lowered.gpu_profile(90, gpu) for gpu in ("h100", "h200"))
@@ -112,9 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument("--backend", default="pallas", choices=("pallas", "triton"), help="fusec's GPU code generator")
     parser.add_argument("--format", default="int4", choices=FORMATS, help="the weight's low-bit format")
+    parser.add_argument("--bits", type=int, default=4, help="integer weight bits with --format int4 (quantize's "
+                        "default packing)")
     ns = parser.parse_args(argv)
-    measured = rows(ns.backend, ns.format)
-    head = (f"# fusec static sm_90 report, {ns.format} g128 GEMV/GEMM, backend {ns.backend}: {datetime.date.today()}, "
+    if ns.bits != 4 and ns.format != "int4":
+        parser.error(f"--bits {ns.bits} is for integer weights; --format {ns.format} is 4-bit")
+    measured = rows(ns.backend, ns.format, ns.bits)
+    name = f"int{ns.bits}" if ns.format == "int4" else ns.format
+    head = (f"# fusec static sm_90 report, {name} g128 GEMV/GEMM, backend {ns.backend}: {datetime.date.today()}, "
             f"commit {_commit()}, jax {jax.__version__}")
     print(head)
     if ns.markdown:

@@ -26,10 +26,11 @@ def _is_int(v: Value) -> bool:
 shapes = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
 low_bit_types = st.one_of(
     st.tuples(st.sampled_from(["int", "uint", "nf", "lut"]), st.integers(1, 8), st.sampled_from([None, 0, 32, 128]),
-              st.booleans())
+              st.booleans(), st.booleans())
     # An unscaled int2/int4/int8 is the standard dtype, not a low-bit format.
     .filter(lambda a: not (a[0] in ("int", "uint") and a[2] is None and not a[3] and a[1] in (2, 4, 8)))
-    .map(lambda a: LowBitType(a[0], a[1], group=a[2], zero_point=a[3])),
+    .map(lambda a: LowBitType(a[0], a[1], group=a[2], zero_point=a[3],
+                              packing="pairs" if a[4] and a[1] == 3 else "planes")),
     st.builds(lambda em, g: LowBitType("float", 1 + em[0] + em[1], exp_bits=em[0], group=g),
               st.sampled_from([(2, 1), (3, 2), (2, 3), (4, 3), (5, 2)]), st.sampled_from([None, 32])),
 )

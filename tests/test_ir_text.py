@@ -30,13 +30,13 @@ def test_low_bit_type_names_round_trip(t) -> None:
     assert parse_elem_type(str(t)) == t
 
 
-@pytest.mark.parametrize("name", ["f32", "bf16", "i4", "u8", "bool", "f8e4m3fn", "i3g128", "u4g64z", "e2m1g32",
-                                  "nf4gc", "lut3", "e5m2", 'opaque<"key<fry>">'])
+@pytest.mark.parametrize("name", ["f32", "bf16", "i4", "u8", "bool", "f8e4m3fn", "i3g128", "i3g128p", "u4g64z",
+                                  "e2m1g32", "nf4gc", "lut3", "e5m2", 'opaque<"key<fry>">'])
 def test_elem_type_names(name: str) -> None:
     assert str(parse_elem_type(name)) == name
 
 
-@pytest.mark.parametrize("name", ["f33", "i9", "e3m3", "nf0", "i3g", "i3g0", "lut9g32"])
+@pytest.mark.parametrize("name", ["f33", "i9", "e3m3", "nf0", "i3g", "i3g0", "lut9g32", "i4g128p", "i3g128pz"])
 def test_bad_elem_type_names(name: str) -> None:
     with pytest.raises(ValueError):
         parse_elem_type(name)

@@ -73,6 +73,44 @@ def test_pack_unpack_round_trips(bits: int, k: int, n: int, seed: int) -> None:
     np.testing.assert_array_equal(unpack(packed), codes)
 
 
+def test_pairs_packing_puts_each_2_bit_words_top_bits_beside_its_codes() -> None:
+    """The 3-bit "pairs" order: the 2-bit plane as before; 1-bit word s holds the top bits of rows
+    32 s + 16 c + j at bit 16 (j // 8) + 4 ((j % 8) // 2) + 2 (1 - c) + j % 2, so that 2-bit word
+    2 s + c masked by 0x33333333, ORed with (1-bit word << 2 c) masked by 0x44444444, holds the
+    3-bit codes of its even lanes at 4-bit strides (what the paired kernels decode), and the old
+    order packs and unpacks as before."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 8, (96, 5))
+    paired, plain = pack(codes, 3, "pairs"), pack(codes, 3)
+    np.testing.assert_array_equal(paired.planes[0], plain.planes[0])
+    assert not np.array_equal(paired.planes[1], plain.planes[1])
+    for packed in (paired, plain):
+        np.testing.assert_array_equal(unpack(packed), codes)
+    for c in (0, 1):
+        merged = (paired.planes[0][c::2] & 0x33333333) | ((paired.planes[1] << np.uint32(2 * c)) & 0x44444444)
+        for lane in range(0, 16, 2):
+            got = (merged >> np.uint32(2 * lane)) & 7
+            np.testing.assert_array_equal(got, codes[16 * c + lane::32][:3])
+    with pytest.raises(ValueError, match="defined for 3-bit codes"):
+        pack(codes, 4, "pairs")
+    with pytest.raises(ValueError, match="packing must be one of"):
+        pack(codes, 3, "nibbles")
+
+
+def test_old_and_new_packings_dequantize_alike() -> None:
+    """A weight quantized before the pairs order (``packing="planes"``) still decodes, to the same
+    values, through the reference decoder and a fused kernel."""
+    w = jnp.asarray(np.random.default_rng(2).standard_normal((256, 40)), jnp.float32)
+    new = lowprec.quantize({"w": w}, lowprec.QuantSpec(3, 64))["w"]
+    old = lowprec.quantize({"w": w}, lowprec.QuantSpec(3, 64, packing="planes"))["w"]
+    assert (new.packing, old.packing) == ("pairs", "planes")
+    np.testing.assert_array_equal(np.asarray(new.dequantize()), np.asarray(old.dequantize()))
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((3, 256)), jnp.float32)
+    fused = fusec.jit(lambda x, q: x @ q, backend="pallas", interpret=True)
+    np.testing.assert_allclose(np.asarray(fused(x, old)), np.asarray(fused(x, new)), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fused(x, new)), np.asarray(x @ new.dequantize()), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_packed_storage_is_honest(bits: int) -> None:
     for k, n in ((4096, 8), (352, 3)):
@@ -175,7 +213,9 @@ def test_ir_names_the_low_bit_format_and_round_trips() -> None:
     rng = np.random.default_rng(1)
     params = {"w": jnp.asarray(rng.standard_normal((128, 64)), jnp.float32)}
     x = jnp.ones((2, 128))
-    for spec, name in ((lowprec.QuantSpec(3, 32), "i3g32"), (lowprec.QuantSpec(4, None, "nf"), "nf4gc"),
+    # 3 bits are packed in pairs order by default ("p"); the old order stays available and named.
+    for spec, name in ((lowprec.QuantSpec(3, 32), "i3g32p"), (lowprec.QuantSpec(3, 32, packing="planes"), "i3g32"),
+                       (lowprec.QuantSpec(4, None, "nf"), "nf4gc"), (lowprec.QuantSpec(3, 64, "uint"), "u3g64zp"),
                        (lowprec.QuantSpec(7, 64, "uint"), "u7g64z"), (lowprec.QuantSpec(6, 32, "fp"), "e2m3g32")):
         lowered = fusec.jit(lambda p, x: x @ p["w"], backend="pallas", interpret=True).lower(
             lowprec.quantize(params, spec), x)

@@ -384,7 +384,7 @@ def test_cli_prints_triton_source(capsys) -> None:
     assert "@triton.jit" in out and "mask=" in out and "tl.load" in out
 
 
-@pytest.mark.parametrize("bits,group,m", [(4, 128, 1), (2, 128, 5), (4, 64, 16)])
+@pytest.mark.parametrize("bits,group,m", [(4, 128, 1), (2, 128, 5), (4, 64, 16), (3, 128, 3)])
 def test_paired_gemv_on_gpu_tiles(bits: int, group: int, m: int) -> None:
     """The paired GEMV (unpack_pair, pick_lanes: two bfloat16 weights per 32-bit decode) written as
     Triton, run on its GPU tiles in the interpreter: within one bfloat16 ulp of the exact product,

@@ -154,10 +154,11 @@ def _unpack(w: BodyWriter, op: Op, a: list[str]) -> str:
 
 def _unpack_pair(w: BodyWriter, op: Op, a: list[str]) -> str:
     fn = f"_unpack_{w.name(op.result)}"
-    w.line(f"def {fn}(words):")
-    for line in unpack_pair_source(op, "words"):
+    planes = tuple(f"plane{i}" for i in range(1, len(a)))
+    w.line(f"def {fn}({', '.join(('words', *planes))}):")
+    for line in unpack_pair_source(op, "words", planes):
         w.line("    " + line)
-    return f"{fn}({a[0]})"
+    return f"{fn}({', '.join(a)})"
 
 
 def _pick_lanes(w: BodyWriter, op: Op, a: list[str]) -> str:
@@ -167,7 +168,15 @@ def _pick_lanes(w: BodyWriter, op: Op, a: list[str]) -> str:
         split = f"jnp.split({a[0]}.reshape({m}, {cols // lanes}, {lanes // 2}, 2), {lanes // 2}, axis=2)"
     else:
         split = f"jnp.split({a[0]}.reshape({m}, {cols // lanes}, 2, {lanes // 2}), {lanes // 2}, axis=-1)"
-    return f"{split}[{lane}].reshape({op.result.type.shape})"
+    one = (m, 2 * cols // lanes)
+    if op.attr("parity"):  # (m, 2r + h) with r = 2s + c to (m, c B/lanes + 2s + h)
+        picks = [f"{split}[{lane + t}].reshape({m}, {cols // lanes // 2}, 2, 2).transpose(0, 2, 1, 3).reshape({one})"
+                 for t in range(int(op.attr("count", 1)))]
+    else:
+        picks = [f"{split}[{lane + t}].reshape({one})" for t in range(int(op.attr("count", 1)))]
+    if len(picks) == 1:
+        return picks[0]
+    return f"jnp.stack([{', '.join(picks)}], axis=-1).transpose(0, 2, 1).reshape({op.result.type.shape})"
 
 
 EMITTERS.update({"broadcast": _broadcast, "reduce": _reduce, "constant": _constant, "iota": _iota,

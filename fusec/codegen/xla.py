@@ -163,7 +163,8 @@ def _dequantize(op: Op, args: list[Any], ev: Evaluator) -> Sequence[Any]:
     leaves = args[0] if len(args) == 1 else args  # one low-bit value is its tuple of leaves
     return [dequantize_impl(*leaves, family=fmt.family, bits=fmt.bits, layout=fmt.layout, lut=fmt.lut,
                             group=group_size(t, op.attr("shape")[0]), shape=tuple(op.attr("shape")),
-                            dtype=numpy_dtype(op.result.type.elem).name, has_zeros=t.zero_point)]
+                            dtype=numpy_dtype(op.result.type.elem).name, has_zeros=t.zero_point,
+                            packing=t.packing)]
 
 
 @emits("input_transform")

@@ -343,7 +343,7 @@ def _dequantize(ctx: Lowerer, eqn: Any, ins: list[Value]) -> Sequence[Value]:
     k = p["shape"][0]
     exp_bits = int(p["layout"][1]) if p["family"] == "fp" else None
     fmt = LowBitType(_LOW_BIT_FAMILY[p["family"]], p["bits"], exp_bits,
-                     PER_CHANNEL if p["group"] == k else p["group"], bool(p["has_zeros"]))
+                     PER_CHANNEL if p["group"] == k else p["group"], bool(p["has_zeros"]), p.get("packing", "planes"))
     attrs: dict[str, Any] = {"format": str(fmt), "shape": tuple(p["shape"]), "dtype": type_name(p["dtype"])}
     if p["lut"] is not None:
         attrs["lut"] = tuple(float(v) for v in p["lut"])

@@ -36,17 +36,29 @@ keep their graph-level meaning on tiles; the ops here add what only a kernel has
 The paired GEMV (``strategy = "gemv-pairs"``, see passes/to_tile.py) decodes two codes per 32-bit
 operation and leaves the scale for after the group's sum, with two more ops:
 
-- ``unpack_pair %words {format, lane, dtype}``: from a [R, N] tile of words holding ``L = 32 / b``
+- ``unpack_pair %words... {format, lane, dtype}``: from a [R, N] tile of words holding ``L = 32 / b``
   b-bit codes each, the [2R, N] tile whose element (2r + h, n) is code ``lane + h L/2`` of word
   (r, n) plus :func:`pair_bias` (``(w >> b lane) & mask`` holds both codes, one per 16-bit half,
-  each ORed into a 16-bit float's mantissa: one shift and one LOP3 for two weights, no conversion);
+  each ORed into a 16-bit float's mantissa: one shift and one LOP3 for two weights, no conversion).
+  A 3-bit format packed "pairs" (fusec/lowprec/packing.py) gives its 2-bit plane's [R, N] words
+  (``L = 16``) and its 1-bit plane's [R/2, N]: per 2-bit word and lane parity, a few shifts and
+  LOP3s merge the top bits in (:func:`pair_merge_shifts`), then one shift and one LOP3 per pair;
 - ``pick_lanes %x {lanes, lane}``: from a [M, B] tile, the [M, 2B/lanes] tile whose element
   (m, 2r + h) is x[m, lanes r + lane + h lanes/2]: the activations those codes multiply.
+
+Both take ``count`` (1 or 2, default 1): lanes ``lane .. lane + count - 1``, each one's tile in
+turn along K (one dot of twice the K: a kernel compiler chains its tensor-core steps instead of
+adding separate dots' results). A 3-bit ``unpack_pair`` (and the ``pick_lanes`` beside it) has
+``parity = true``: rows ordered by the parity c of the word first, element (c R + 2s + h) for word
+r = 2s + c of the R (and column c B/lanes + 2s + h). Words 2s and 2s + 1 share a 1-bit word, so a
+kernel splits the 2-bit words by parity and each thread still holds the K pairs a tensor-core
+operand wants (no register shuffles).
 
 A 4-bit NormalFloat or lookup-table format (``nf4``, ``lut4`` with its ``lut``) decodes in pairs
 too, by byte permutes of the table (fusec/codegen/lut_asm.py), with an *adjacent* pairing: element
 (2r + h, n) of ``unpack_pair``'s tile is code ``2 lane + h`` of word (r, n), the table value
 rounded to the 16-bit float (no bias), and ``pick_lanes {adjacent}`` picks x[m, lanes r + 2 lane + h].
+A table's ``unpack_pair`` decodes one lane (``count = 1``), in no parity order.
 """
 
 from __future__ import annotations
@@ -55,7 +67,7 @@ from typing import Any
 
 from fusec.ir.function import Function, Op, Value
 from fusec.ir.opdefs import OPDEFS, Attrs, OpDef, Rule, TypeRuleError, _axes_attr, _elem, _shape_attr
-from fusec.ir.types import BOOL, F32, I32, DType, LowBitType, TensorType
+from fusec.ir.types import BOOL, F32, I32, WORD_BITS, DType, LowBitType, TensorType
 
 SCALAR_INDEX = TensorType(I32, ())
 ACCESS_OPS = ("load", "store", "atomic_add")
@@ -252,14 +264,22 @@ def _unpack(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
 
 def pair_format_ok(fmt: object, dtype: str) -> bool:
     """Whether ``unpack_pair`` decodes ``fmt`` to ``dtype``: a grouped symmetric integer format of
-    one power-of-two plane whose biased codes fit the float's mantissa, or a grouped 4-bit table."""
+    one power-of-two plane, or of a 2-bit and a 1-bit plane packed "pairs", whose biased codes fit
+    the float's mantissa; or a grouped 4-bit table."""
     if not isinstance(fmt, LowBitType) or fmt.group is None or fmt.zero_point or dtype not in PAIR_MAGIC:
         return False
     if pair_is_table(fmt):
         return True
-    if fmt.family != "int" or len(fmt.plane_widths) != 1 or fmt.plane_widths[0] not in (2, 4, 8):
+    widths = fmt.plane_widths
+    if fmt.family != "int" or not (len(widths) == 1 and widths[0] in (2, 4, 8) or
+                                   widths == (2, 1) and fmt.packing == "pairs"):
         return False
     return 2 ** fmt.bits <= PAIR_MAGIC[dtype][1]
+
+
+def pair_lanes(fmt: LowBitType) -> int:
+    """Codes per word of the plane ``unpack_pair`` pairs lanes of (the widest)."""
+    return WORD_BITS // fmt.plane_widths[0]
 
 
 def pair_is_table(fmt: object) -> bool:
@@ -279,22 +299,69 @@ def pair_decode_constants(op_attrs: Attrs) -> tuple[int, int, int]:
     fmt = _elem(op_attrs, "format")
     assert isinstance(fmt, LowBitType)
     bits, dtype = fmt.bits, str(_elem(op_attrs, "dtype"))
-    return bits * int(op_attrs["lane"]), (2**bits - 1) * 0x10001, (PAIR_MAGIC[dtype][0] | 2 ** (bits - 1)) * 0x10001
+    flip = (PAIR_MAGIC[dtype][0] | 2 ** (bits - 1)) * 0x10001
+    lane = int(op_attrs["lane"])
+    if fmt.plane_widths == (2, 1):  # the merged word (pair_merge_shifts) holds the codes at 4-bit strides
+        return 4 * (lane // 2), 0x70007, flip
+    return bits * lane, (2**bits - 1) * 0x10001, flip
+
+
+# A 3-bit "pairs" weight (fusec/lowprec/packing.py): row 2 s + c of its 1-bit words repeated to one
+# per 2-bit word is word s shifted left by PAIR3_COPY_SHIFTS[c]; masked, it holds each code's top bit.
+PAIR3_COPY_SHIFTS = (0, 2)
+PAIR3_LOW_MASK, PAIR3_TOP_MASK = 0x33333333, 0x44444444
+
+
+def pair_merge_shifts(op_attrs: Attrs) -> tuple[int, int]:
+    """For an ``unpack_pair`` of a 3-bit "pairs" weight: the right shifts of its 2-bit words and of
+    its repeated 1-bit words that, masked by PAIR3_LOW_MASK and PAIR3_TOP_MASK and ORed, give the
+    word holding lane ``lane``'s pair (and every lane of its parity) as whole 3-bit codes at 4-bit
+    strides: (2, 1) for odd lanes, (0, 0) for even ones. Computed once per word and parity."""
+    odd = int(op_attrs["lane"]) % 2
+    return 2 * odd, odd
 
 
 def _unpack_pair(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     fmt, dtype = _elem(attrs, "format"), _elem(attrs, "dtype")
     if not pair_format_ok(fmt, str(dtype)):
         raise TypeRuleError(f"format={attrs['format']!r} does not decode in pairs to {dtype}")
-    (words,) = types
-    lanes = 32 // fmt.bits  # type: ignore[union-attr]
-    lane = _int_attr(attrs, "lane", 0)
-    if words.elem != DType("u32") or words.rank != 2 or lane >= lanes // 2:
-        raise TypeRuleError(f"takes a 2-d u32 tile of words and a lane below {lanes // 2}, got {words}, "
-                            f"lane={lane}", 0)
-    if fmt.family == "lut" and len(attrs.get("lut", ())) != 2**fmt.bits:  # type: ignore[union-attr]
-        raise TypeRuleError(f"a {fmt.bits}-bit lookup table needs {2**fmt.bits} values in attribute lut")  # type: ignore[union-attr]
-    return [TensorType(dtype, (2 * words.shape[0], words.shape[1]))]  # type: ignore[arg-type]
+    assert isinstance(fmt, LowBitType)
+    widths = fmt.plane_widths
+    if len(types) != len(widths):
+        raise TypeRuleError(f"{fmt} decodes in pairs from {len(widths)} plane tile(s), got {len(types)} operands")
+    words = types[0]
+    lanes = pair_lanes(fmt)
+    lane, count = _int_attr(attrs, "lane", 0), _count(attrs)
+    if words.elem != DType("u32") or words.rank != 2 or lane + count > lanes // 2:
+        raise TypeRuleError(f"takes a 2-d u32 tile of words and lanes below {lanes // 2}, got {words}, "
+                            f"lane={lane}, count={count}", 0)
+    if _parity(attrs) != (len(widths) > 1):
+        raise TypeRuleError(f"{fmt} decodes in pairs with parity={len(widths) > 1} (rows ordered by word parity "
+                            "where 1-bit words are shared by two 2-bit words)")
+    for i, p in enumerate(widths[1:], 1):
+        want = TensorType(DType("u32"), (words.shape[0] * p // widths[0], words.shape[1]))
+        if words.shape[0] * p % widths[0] or types[i] != want:
+            raise TypeRuleError(f"has type {types[i]}; the {p}-bit plane of {words} is {want}", i)
+    if pair_is_table(fmt):
+        if count != 1:
+            raise TypeRuleError(f"count={count}: a table format decodes one lane per unpack_pair (count = 1)")
+        if fmt.family == "lut" and len(attrs.get("lut", ())) != 2**fmt.bits:
+            raise TypeRuleError(f"a {fmt.bits}-bit lookup table needs {2**fmt.bits} values in attribute lut")
+    return [TensorType(dtype, (2 * count * words.shape[0], words.shape[1]))]  # type: ignore[arg-type]
+
+
+def _count(attrs: Attrs) -> int:
+    value = attrs.get("count", 1)
+    if value not in (1, 2) or isinstance(value, bool):
+        raise TypeRuleError(f"attribute count={value!r} must be 1 or 2")
+    return int(value)
+
+
+def _parity(attrs: Attrs) -> bool:
+    value = attrs.get("parity", False)
+    if not isinstance(value, bool):
+        raise TypeRuleError(f"attribute parity={value!r} must be a bool")
+    return value
 
 
 def _pick_lanes(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
@@ -302,10 +369,16 @@ def _pick_lanes(types: list[TensorType], attrs: Attrs) -> list[TensorType]:
     lanes, lane = _int_attr(attrs, "lanes", 2), _int_attr(attrs, "lane", 0)
     if not isinstance(attrs.get("adjacent", False), bool):
         raise TypeRuleError(f"attribute adjacent={attrs['adjacent']!r} must be a bool")
-    if x.rank != 2 or lanes % 2 or x.shape[1] % lanes or lane >= lanes // 2:
-        raise TypeRuleError(f"takes a 2-d tile whose columns divide into {lanes} lanes (an even number) and a "
-                            f"lane below {lanes // 2}, got {x}, lane={lane}", 0)
-    return [x.with_shape((x.shape[0], 2 * x.shape[1] // lanes))]
+    if _parity(attrs) and x.rank == 2 and x.shape[1] % (2 * lanes):
+        raise TypeRuleError(f"parity order takes a tile whose columns divide into twice {lanes} lanes, got {x}", 0)
+    count = _count(attrs)
+    if attrs.get("adjacent") and (count != 1 or _parity(attrs)):
+        raise TypeRuleError(f"adjacent pairing (table formats) takes one lane (count = 1) and no parity order, got "
+                            f"count={count}, parity={_parity(attrs)}")
+    if x.rank != 2 or lanes % 2 or x.shape[1] % lanes or lane + count > lanes // 2:
+        raise TypeRuleError(f"takes a 2-d tile whose columns divide into {lanes} lanes (an even number) and "
+                            f"lanes below {lanes // 2}, got {x}, lane={lane}, count={count}", 0)
+    return [x.with_shape((x.shape[0], 2 * count * x.shape[1] // lanes))]
 
 
 _TILE_DEFS: list[tuple[str, int, int | None, tuple[str, ...], Rule]] = [
@@ -319,7 +392,7 @@ _TILE_DEFS: list[tuple[str, int, int | None, tuple[str, ...], Rule]] = [
     ("loop", 0, None, ("body", "trips", "carried"), _loop),
     ("dot_acc", 3, 3, ("lhs_t", "rhs_t"), _dot_acc),
     ("unpack", 2, None, ("format", "shape", "dtype"), _unpack),
-    ("unpack_pair", 1, 1, ("format", "lane", "dtype"), _unpack_pair),
+    ("unpack_pair", 1, None, ("format", "lane", "dtype"), _unpack_pair),
     ("pick_lanes", 1, 1, ("lanes", "lane"), _pick_lanes),
 ]
 for _opcode, _lo, _hi, _attrs, _rule in _TILE_DEFS:

@@ -5,7 +5,8 @@ Text forms (also what the parser reads):
 - low-bit formats: ``i3`` / ``u5`` (integers), ``e2m1`` (small floats, 1 + E + M bits), ``nf4``
   (NormalFloat), ``lut4`` (a lookup table of 2^b values), each with an optional group suffix
   ``g128`` (one scale per 128 values along the reduction axis) or ``gc`` (one scale per channel) and
-  an optional ``z`` for zero-points: ``i3g128``, ``u4g64z``, ``e2m1g32``, ``nf4gc``;
+  an optional ``z`` for zero-points and an optional ``p`` for the paired packing order
+  (``PACKINGS``): ``i3g128``, ``u4g64z``, ``e2m1g32``, ``nf4gc``, ``i3g128p``;
 - a dtype fusec has no name for (PRNG keys, float0) as ``opaque<"key<fry>">``;
 - tensors as ``f32[8,1024]``; a scalar is ``f32[]``.
 
@@ -34,6 +35,11 @@ LOW_BIT_FLOATS: frozenset[tuple[int, int]] = frozenset({(2, 1), (3, 2), (2, 3), 
 LOW_BIT_FAMILIES = ("int", "uint", "float", "nf", "lut")
 PER_CHANNEL = 0  # the group value that means one scale per output channel
 WORD_BITS = 32  # packed low-bit codes live in uint32 words
+# How a format's bit planes order their codes (fusec/lowprec/packing.py): "planes", code j of a word
+# at lane j; "pairs" (3-bit formats: a 2-bit and a 1-bit plane), the 1-bit plane reordered so that
+# a kernel merges it into the 2-bit words once per word and then decodes two 3-bit codes (a pair
+# 16 bits apart) per shift and LOP3, as for one plane.
+PACKINGS = ("planes", "pairs")
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,7 @@ class LowBitType:
 
     ``exp_bits`` is the exponent width of a float format (mantissa = bits - 1 - exp_bits);
     ``group`` is None (no scales), ``PER_CHANNEL`` or a group size; ``zero_point`` marks
-    asymmetric formats.
+    asymmetric formats; ``packing`` is the order codes are stored in (``PACKINGS``).
     """
 
     family: str
@@ -96,6 +102,7 @@ class LowBitType:
     exp_bits: int | None = None
     group: int | None = None
     zero_point: bool = False
+    packing: str = "planes"
 
     def __post_init__(self) -> None:
         if self.family not in LOW_BIT_FAMILIES:
@@ -112,6 +119,11 @@ class LowBitType:
             raise ValueError(f"an unscaled {self.base_name} is the standard dtype DType({self.base_name!r})")
         if self.group is not None and self.group < 0:
             raise ValueError(f"group size must be positive (or PER_CHANNEL), got {self.group}")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {PACKINGS}, got {self.packing!r}")
+        if self.packing == "pairs" and self.plane_widths != (2, 1):
+            raise ValueError(f"the pairs packing is defined for 3-bit codes (a 2-bit and a 1-bit plane), not "
+                             f"{self.bits}-bit ones")
 
     @property
     def base_name(self) -> str:
@@ -128,6 +140,19 @@ class LowBitType:
     def plane_widths(self) -> tuple[int, ...]:
         """Widths of the bit planes a code is stored in, widest (lowest bits) first: 7 -> (4, 2, 1)."""
         return (8,) if self.bits == 8 else tuple(p for p in (4, 2, 1) if self.bits & p)
+
+    def lane_order(self, plane: int) -> tuple[int, ...]:
+        """For the plane at index ``plane`` (of ``plane_widths``): the lane (bit offset / width) of
+        each row of its words, row ``t`` at lane ``order[t]``. "planes": ``t``. "pairs", 1-bit
+        plane: row t = 16 c + 8 h + 2 i + e (2-bit word c of the 32 rows, pair half h, lane 2 i + e
+        of that word) at lane 16 h + 4 i + 2 (1 - c) + e, so that (word c, ORed with the 1-bit
+        word shifted left by 2 c) masked by 0x44444444 puts the top bit of each even lane's code
+        just above its two low bits (and shifted right by 1, each odd lane's above the 2-bit word
+        shifted right by 2): the 3-bit codes of lanes 2 i + e and 2 i + e + 8 at bits 4 i and 4 i + 16."""
+        lanes = WORD_BITS // self.plane_widths[plane]
+        if self.packing == "planes" or plane == 0:
+            return tuple(range(lanes))
+        return tuple((0 if t & 16 else 2) | t & 1 | (t & 14) << 1 for t in range(lanes))
 
     def rows_per_scale(self, k: int) -> int:
         """Rows of a [K, ...] weight sharing one scale: the group, or K when per channel."""
@@ -146,7 +171,7 @@ class LowBitType:
         text = self.base_name
         if self.group is not None:
             text += "gc" if self.group == PER_CHANNEL else f"g{self.group}"
-        return text + ("z" if self.zero_point else "")
+        return text + ("z" if self.zero_point else "") + ("p" if self.packing == "pairs" else "")
 
 
 @dataclass(frozen=True)
@@ -197,7 +222,7 @@ class TensorType:
 
 _LOW_BIT_RE = re.compile(
     r"^(?:(?P<int>[iu])(?P<ib>[1-8])|e(?P<e>[1-5])m(?P<m>[0-3])|(?P<fam>nf|lut)(?P<fb>[1-8]))"
-    r"(?:g(?P<g>c|[1-9][0-9]*))?(?P<z>z)?$"
+    r"(?:g(?P<g>c|[1-9][0-9]*))?(?P<z>z)?(?P<p>p)?$"
 )
 
 
@@ -211,14 +236,14 @@ def parse_elem_type(text: str) -> ElemType:
     if m is None:
         raise ValueError(f"unknown element type {text!r}")
     group = None if m["g"] is None else (PER_CHANNEL if m["g"] == "c" else int(m["g"]))
-    zero = m["z"] is not None
+    zero, packing = m["z"] is not None, "pairs" if m["p"] else "planes"
     if m["int"]:
         family = "int" if m["int"] == "i" else "uint"
-        return LowBitType(family, int(m["ib"]), group=group, zero_point=zero)
+        return LowBitType(family, int(m["ib"]), group=group, zero_point=zero, packing=packing)
     if m["e"]:
         e, mant = int(m["e"]), int(m["m"])
-        return LowBitType("float", 1 + e + mant, exp_bits=e, group=group, zero_point=zero)
-    return LowBitType(m["fam"], int(m["fb"]), group=group, zero_point=zero)
+        return LowBitType("float", 1 + e + mant, exp_bits=e, group=group, zero_point=zero, packing=packing)
+    return LowBitType(m["fam"], int(m["fb"]), group=group, zero_point=zero, packing=packing)
 
 
 def dtype(name: str) -> DType:

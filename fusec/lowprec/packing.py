@@ -7,6 +7,13 @@ words: word (r, n) holds the codes of rows 32/p*r .. 32/p*(r+1)-1 in column n, r
 bits p*j .. p*j+p-1. No code crosses a word, every word is full, and a kernel unpacks a tile with
 one shift and mask per plane: (word >> (p * j)) & (2^p - 1), then ORs the planes together.
 K is padded with zero codes to a multiple of 32 (the only storage beyond b bits per code).
+
+Packing "pairs" (``fusec.ir.types.PACKINGS``; the default for 3 bits, see :func:`default_packing`)
+keeps the widest plane as is and reorders the rows of each narrower plane's word
+(``LowBitType.lane_order``): a paired kernel decodes rows t and t + L/2 of a widest-plane word (L =
+32 / its width) from one shifted word, 16 bits apart, and needs their bits of every other plane 16
+bits apart too. For 3 bits (2 + 1), the 1-bit word holds rows 0..7, 16..23, 8..15, 24..31 (bits 3
+and 4 of the row swapped), so rows j and j + 8 of each 2-bit word sit at bits i and i + 16.
 """
 
 from __future__ import annotations
@@ -25,21 +32,36 @@ def plane_widths(bits: int) -> tuple[int, ...]:
     return LowBitType("lut", bits).plane_widths
 
 
+def default_packing(bits: int) -> str:
+    """The packing ``quantize`` stores ``bits``-bit codes in: "pairs" for 3 bits (the paired GEMV
+    decodes it two codes per operation), "planes" otherwise (one plane, or no paired kernel yet)."""
+    return "pairs" if bits == 3 else "planes"
+
+
+def lane_orders(bits: int, packing: str = "planes") -> list[tuple[int, ...]]:
+    """Per plane, the lane of each row of its words (``LowBitType.lane_order``)."""
+    plane_widths(bits)
+    t = LowBitType("lut", bits, packing=packing)
+    return [t.lane_order(i) for i in range(len(t.plane_widths))]
+
+
 @dataclass(frozen=True)
 class Packed:
-    """Packed codes: one uint32 array per plane, and the unpadded shape [K, N, ...]."""
+    """Packed codes: one uint32 array per plane, the unpadded shape [K, N, ...], the packing."""
 
     planes: tuple[np.ndarray, ...]
     bits: int
     shape: tuple[int, ...]
+    packing: str = "planes"
 
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.planes)
 
 
-def pack(codes: np.ndarray, bits: int) -> Packed:
-    """Packs integer codes in [0, 2^bits) along axis 0."""
+def pack(codes: np.ndarray, bits: int, packing: str = "planes") -> Packed:
+    """Packs integer codes in [0, 2^bits) along axis 0, in the order ``packing`` names."""
+    orders = lane_orders(bits, packing)
     codes = np.asarray(codes)
     if codes.ndim < 1:
         raise ValueError("codes need at least one axis to pack along")
@@ -51,16 +73,16 @@ def pack(codes: np.ndarray, bits: int) -> Packed:
     c[:k] = codes
     planes = []
     shift = 0
-    for p in plane_widths(bits):
+    for p, order in zip(plane_widths(bits), orders):
         per_word = WORD_BITS // p
         part = (c >> np.uint32(shift)) & np.uint32(2**p - 1)
         grouped = part.reshape(padded // per_word, per_word, *codes.shape[1:])
         word = np.zeros((padded // per_word, *codes.shape[1:]), np.uint32)
-        for j in range(per_word):
-            word |= grouped[:, j] << np.uint32(p * j)
+        for t in range(per_word):
+            word |= grouped[:, t] << np.uint32(p * order[t])
         planes.append(word)
         shift += p
-    return Packed(tuple(planes), bits, codes.shape)
+    return Packed(tuple(planes), bits, codes.shape, packing)
 
 
 def unpack(packed: Packed) -> np.ndarray:
@@ -68,9 +90,10 @@ def unpack(packed: Packed) -> np.ndarray:
     k = packed.shape[0]
     out = None
     shift = 0
-    for p, word in zip(plane_widths(packed.bits), packed.planes):
+    orders = lane_orders(packed.bits, packed.packing)
+    for p, word, order in zip(plane_widths(packed.bits), packed.planes, orders):
         per_word = WORD_BITS // p
-        parts = [(word >> np.uint32(p * j)) & np.uint32(2**p - 1) for j in range(per_word)]
+        parts = [(word >> np.uint32(p * order[t])) & np.uint32(2**p - 1) for t in range(per_word)]
         plane = np.stack(parts, axis=1).reshape(word.shape[0] * per_word, *word.shape[1:])
         out = plane << np.uint32(shift) if out is None else out | (plane << np.uint32(shift))
         shift += p

@@ -20,7 +20,7 @@ import numpy as np
 from jax.interpreters import ad, batching, mlir
 
 from fusec.lowprec.formats import FLOAT_LAYOUTS, Format
-from fusec.lowprec.packing import WORD_BITS, pack, plane_widths
+from fusec.lowprec.packing import WORD_BITS, default_packing, lane_orders, pack, plane_widths
 from fusec.lowprec.quantize import SCALE_DTYPES, QuantizedCodes, quantize_codes
 from fusec.lowprec.rotate import InputTransform, check_block
 from fusec.lowprec.transform import bind_transform
@@ -34,7 +34,9 @@ class QuantSpec:
     ``scale_dtype`` f32 | bf16 | f16; ``axis`` the axis matmuls contract (0 for ``x @ w`` with
     ``w`` [in, out], as Flax and Haiku store it; 1 for ``x @ w.T`` and ``W @ x`` with ``W``
     [out, in], as Equinox stores it and tied embeddings are used): groups run along it, so the
-    fused kernel unpacks the weight in its K loop."""
+    fused kernel unpacks the weight in its K loop; ``packing`` the order codes are stored in
+    ("planes" or "pairs", fusec/lowprec/packing.py; None: ``default_packing(bits)``, "pairs" for
+    3 bits, which the paired GEMV decodes)."""
 
     bits: int
     group: int | None = 128
@@ -43,6 +45,7 @@ class QuantSpec:
     lut: tuple[float, ...] | None = None
     scale_dtype: str = "bf16"
     axis: int = 0
+    packing: str | None = None
 
     def format(self) -> Format:
         layout = self.layout
@@ -57,7 +60,8 @@ class QuantizedArray:
     """A weight stored as packed b-bit codes (uint32 planes), scales and zero-points, grouped along
     the axes its matmuls contract (``contract``: axis 1 of a matrix, or leading axes). ``shape`` is
     the weight's own; the codes are laid out [K, N] with K the contracted axes (a matrix transposed
-    when ``contract`` is (1,); a 3-D or 4-D weight reshaped).
+    when ``contract`` is (1,); a 3-D or 4-D weight reshaped); ``packing`` the order of the codes
+    in the planes (fusec/lowprec/packing.py).
 
     A matrix may carry an exact input transform W = T . deq(Q) (:mod:`rotate`), T = diag(``in_scale``)
     . B(``rotate_block``) [K, K] with B block-Hadamard (0: none) and ``in_scale`` a [K] vector or
@@ -71,6 +75,7 @@ class QuantizedArray:
     shape: tuple[int, int]
     dtype: Any  # the dtype dequantization produces
     contract: tuple[int, ...] = (0,)
+    packing: str = "planes"
     in_scale: Any | None = None
     rotate_block: int = 0
 
@@ -80,15 +85,17 @@ class QuantizedArray:
     def tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         children = self._code_leaves() + ((self.in_scale,) if self.in_scale is not None else ())
         return children, (len(self.planes), self.zeros is not None, self.fmt, self.group, self.shape,
-                          np.dtype(self.dtype).name, self.contract, self.in_scale is not None, self.rotate_block)
+                          np.dtype(self.dtype).name, self.contract, self.packing, self.in_scale is not None,
+                          self.rotate_block)
 
     @classmethod
     def tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> QuantizedArray:
-        n_planes, has_zeros, fmt, group, shape, dtype, contract, has_scale, block = aux
+        n_planes, has_zeros, fmt, group, shape, dtype, contract, packing, has_scale, block = aux
         planes = tuple(children[:n_planes])
         zeros = children[n_planes + 1] if has_zeros else None
         scale = children[n_planes + 1 + int(has_zeros)] if has_scale else None
-        return cls(planes, children[n_planes], zeros, fmt, group, shape, jnp.dtype(dtype), contract, scale, block)
+        return cls(planes, children[n_planes], zeros, fmt, group, shape, jnp.dtype(dtype), contract, packing,
+                   scale, block)
 
     @property
     def transformed(self) -> bool:
@@ -102,7 +109,7 @@ class QuantizedArray:
             t.append(f"hadamard{self.rotate_block}")
         if self.in_scale is not None:
             t.append("in_scale")
-        name = f"{self.fmt.family}{self.fmt.bits}g{self.group}"
+        name = f"{self.fmt.family}{self.fmt.bits}g{self.group}" + ("p" if self.packing == "pairs" else "")
         return (f"QuantizedArray({name}, shape={list(self.shape)}, contract={list(self.contract)}"
                 + (f", transform={'+'.join(t)}" if t else "") + ")")
 
@@ -143,20 +150,20 @@ def packed_shape(shape: tuple[int, ...], contract: tuple[int, ...]) -> tuple[int
 def _params(q: QuantizedArray) -> dict[str, Any]:
     return {"family": q.fmt.family, "bits": q.fmt.bits, "layout": q.fmt.layout, "lut": q.fmt.lut,
             "group": q.group, "shape": q.packed_shape, "dtype": np.dtype(q.dtype).name,
-            "has_zeros": q.zeros is not None}
+            "has_zeros": q.zeros is not None, "packing": q.packing}
 
 
 # -- the primitive ------------------------------------------------------------------------------
 dequantize_p = jcore.Primitive("fusec_dequantize")
 
 
-def unpack_codes(planes: list[Any], bits: int, k: int) -> jax.Array:
-    """Codes [K, N] (int32) from uint32 planes, with shifts and masks only."""
+def unpack_codes(planes: list[Any], bits: int, k: int, packing: str = "planes") -> jax.Array:
+    """Codes [K, N] (int32) from uint32 planes packed in order ``packing``, with shifts and masks only."""
     out = None
     shift = 0
-    for p, word in zip(plane_widths(bits), planes):
+    for p, word, order in zip(plane_widths(bits), planes, lane_orders(bits, packing)):
         per_word = WORD_BITS // p
-        lanes = jnp.arange(per_word, dtype=jnp.uint32) * jnp.uint32(p)
+        lanes = jnp.asarray(order, jnp.uint32) * jnp.uint32(p)
         parts = (word[:, None, :] >> lanes[None, :, None]) & jnp.uint32(2**p - 1)
         plane = parts.reshape(word.shape[0] * per_word, word.shape[1]) << jnp.uint32(shift)
         out = plane if out is None else out | plane
@@ -166,11 +173,14 @@ def unpack_codes(planes: list[Any], bits: int, k: int) -> jax.Array:
 
 
 def dequantize_impl(*leaves: Any, family: str, bits: int, layout: str | None, lut: tuple[float, ...] | None,
-                    group: int, shape: tuple[int, int], dtype: str, has_zeros: bool) -> jax.Array:
+                    group: int, shape: tuple[int, int], dtype: str, has_zeros: bool,
+                    packing: str = "planes") -> jax.Array:
+    """The reference decoder: ``layout`` is the small-float layout of an fp format (its number
+    format), ``packing`` the order of the codes in the planes (their storage)."""
     n_planes = len(plane_widths(bits))
     planes, scales = list(leaves[:n_planes]), leaves[n_planes]
     k, n = shape
-    codes = unpack_codes(planes, bits, k).reshape(k // group, group, n)
+    codes = unpack_codes(planes, bits, k, packing).reshape(k // group, group, n)
     s = scales.astype(jnp.float32)[:, None, :]
     if has_zeros:
         values = (codes.astype(jnp.float32) - leaves[n_planes + 1].astype(jnp.float32)[:, None, :]) * s
@@ -209,6 +219,8 @@ def _path_name(path: tuple[Any, ...]) -> str:
 def _quantize_leaf(path: str, w: Any, spec: QuantSpec, contract: tuple[int, ...]) -> QuantizedArray:
     try:
         fmt = spec.format()
+        if spec.packing is not None:
+            lane_orders(spec.bits, spec.packing)  # a packing the bit width has
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     arr = np.asarray(w)
@@ -225,14 +237,17 @@ def _quantize_leaf(path: str, w: Any, spec: QuantSpec, contract: tuple[int, ...]
         q = quantize_codes(matrix.astype(np.float32), fmt, spec.group, spec.scale_dtype)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    return from_codes(q, arr.shape, arr.dtype, contract)
+    return from_codes(q, arr.shape, arr.dtype, contract, packing=spec.packing)
 
 
 def from_codes(q: QuantizedCodes, shape: tuple[int, ...], dtype: Any, contract: tuple[int, ...],
-               transform: InputTransform | None = None, path: str = "the weight") -> QuantizedArray:
-    """The ``QuantizedArray`` holding codes [K, N] (packed layout) of a weight of ``shape``; with
-    ``transform`` (a matrix only) it stands for T . deq(codes). Raises ValueError naming ``path``."""
-    packed = pack(q.codes, q.fmt.bits)
+               transform: InputTransform | None = None, path: str = "the weight",
+               packing: str | None = None) -> QuantizedArray:
+    """The ``QuantizedArray`` holding codes [K, N] of a weight of ``shape``, packed in order
+    ``packing`` (None: ``default_packing``); with ``transform`` (a matrix only) it stands for
+    T . deq(codes). Raises ValueError naming ``path``."""
+    packing = default_packing(q.fmt.bits) if packing is None else packing
+    packed = pack(q.codes, q.fmt.bits, packing)
     scale, block = None, 0
     if transform is not None and not transform.is_identity:
         k = packed_shape(tuple(shape), contract)[0]
@@ -246,7 +261,7 @@ def from_codes(q: QuantizedCodes, shape: tuple[int, ...], dtype: Any, contract: 
                 raise ValueError(f"{path}: in_scale has shape {list(scale.shape)}, expected [{k}]")
     return QuantizedArray(tuple(jnp.asarray(p) for p in packed.planes), jnp.asarray(q.scales),
                           None if q.zeros is None else jnp.asarray(q.zeros), q.fmt, q.group, tuple(shape),
-                          jnp.dtype(dtype), contract, scale, block)
+                          jnp.dtype(dtype), contract, packing, scale, block)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-from fusec.ir import Function, KernelTiling, LowBitType, Module, Op, parse_elem_type
+from fusec.ir import Function, KernelTiling, LowBitType, Module, Op, parse_elem_type, tile_ops
 from fusec.ir.tile_ops import pair_format_ok
 from fusec.ir.tiling import TILING_ATTRS, cdiv
 from fusec.lowprec.formats import format_of
@@ -189,7 +189,7 @@ def kernel_facts(op: Op, functions: dict[str, Function]) -> TilingFacts:
         plain = not dots[0].attr("lhs_t") and not dots[0].attr("rhs_t") and dots[0].operands[1].name == dq.result.name
         if plain and str(dots[0].operands[0].type.elem) == dtype and pair_format_ok(formats[0], dtype) and \
                 _table_fits(formats[0], dq.attr("lut"), dtype):
-            pair_lanes = 32 // formats[0].bits  # type: ignore[union-attr]
+            pair_lanes = tile_ops.pair_lanes(formats[0])  # type: ignore[arg-type]
     return TilingFacts(kind, space, k, bool(formats), table_bits, reduce_axes, splittable, group, fma_ok, pair_lanes)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from fusec.errors import FusecError
 from fusec.ir import Function, KernelTiling, LowBitType, Module, Op, TensorType, Value
-from fusec.ir.tile_ops import pair_bias, pair_is_table
+from fusec.ir.tile_ops import pair_bias, pair_is_table, pair_lanes
 from fusec.ir.types import BOOL, F32, I32, DType
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.split_epilogue import cast_epilogue
@@ -312,8 +312,8 @@ class _KernelLowering:
         fmt = dq.operands[0].type.elem
         assert isinstance(fmt, LowBitType)
         dtype = str(dq.result.type.elem)
-        words, scale = self.packed_tiles(dq, b, kk, bk, bn, pids)
-        lanes = 32 // fmt.bits
+        *words, scale = self.packed_tiles(dq, b, kk, bk, bn, pids)  # per plane, then the scale row
+        lanes = pair_lanes(fmt)
         bm = a.type.shape[0]
         table = pair_is_table(fmt)  # table values themselves (no bias), adjacent codes paired
         if table:
@@ -323,12 +323,17 @@ class _KernelLowering:
                            TensorType(F32, (bm,)), "xsum", axes=(1,), kind="sum")
             bias = b.value("mul", [sums, b.const(float(-pair_bias(fmt, dtype)), sums.type)], sums.type, "bias")
             g = b.value("broadcast", [bias], acc.type, "g", dims=(0,), shape=acc.type.shape)
+        # Two lanes per dot where one lane's would be only 16 deep (a 32-deep dot's tensor-core steps
+        # chain; separate dots' results are added); 3 bits: rows by word parity; tables: adjacent
+        # codes, one lane per dot (tile_ops).
+        count = 2 if 2 * bk // lanes == 16 and lanes >= 4 and not table else 1
+        order = ({"parity": True} if len(words) > 1 else {}) | ({"count": count} if count > 1 else {})
         extra = {"lut": dq.attr("lut")} if dq.attr("lut") is not None else {}
-        for j in range(lanes // 2):
-            x = b.value("pick_lanes", [a], a.type.with_shape((bm, 2 * bk // lanes)), "x", lanes=lanes, lane=j,
-                        **({"adjacent": True} if table else {}))
-            w = b.value("unpack_pair", [words], TensorType(dq.result.type.elem, (2 * bk // lanes, bn)), "w",
-                        format=str(fmt), lane=j, dtype=dtype, **extra)
+        for j in range(0, lanes // 2, count):
+            x = b.value("pick_lanes", [a], a.type.with_shape((bm, 2 * count * bk // lanes)), "x", lanes=lanes,
+                        lane=j, **order, **({"adjacent": True} if table else {}))
+            w = b.value("unpack_pair", words, TensorType(dq.result.type.elem, (2 * count * bk // lanes, bn)), "w",
+                        format=str(fmt), lane=j, dtype=dtype, **order, **extra)
             g = b.value("dot_acc", [g, x, w], acc.type, "g", lhs_t=False, rhs_t=False)
         scales = b.value("broadcast", [scale], acc.type, "scale", dims=(0, 1), shape=acc.type.shape)
         step = b.value("mul", [g, scales], acc.type, "step")

@@ -310,7 +310,7 @@ def _unpack(w: BodyWriter, op: Op, a: list[str]) -> str:
 
 
 def _unpack_pair(w: BodyWriter, op: Op, a: list[str]) -> str:
-    lines = unpack_pair_lines(op, a[0], f"{w.name(op.result)}_")
+    lines = unpack_pair_lines(op, a[0], f"{w.name(op.result)}_", tuple(a[1:]))
     for line in lines[:-1]:
         w.line(line)
     return lines[-1]
@@ -324,9 +324,17 @@ def _pick_lanes(w: BodyWriter, op: Op, a: list[str]) -> str:
     if op.attr("adjacent"):  # column lanes r + 2 j + h: swap (j, h) to (h, j) first
         x = f"tl.permute(tl.reshape({x}, ({m}, {cols // lanes}, {lanes // 2}, 2)), (0, 1, 3, 2))"
     split = f"tl.reshape({x}, ({m}, {2 * cols // lanes}, {lanes // 2}))"
-    keep = f"(tl.arange(0, {lanes // 2}) == {lane})[None, None, :]"
-    picked = f"tl.reduce(tl.where({keep}, {split}, -0.0), 2, {_REDUCE['sum']})"
-    return f"({picked}).to({tl_dtype(op.result.type)})"
+    picks = []
+    for t in range(int(op.attr("count", 1))):
+        keep = f"(tl.arange(0, {lanes // 2}) == {lane + t})[None, None, :]"
+        picked = f"tl.reduce(tl.where({keep}, {split}, -0.0), 2, {_REDUCE['sum']})"
+        if op.attr("parity"):  # (m, 2r + h) with r = 2s + c to (m, c B/lanes + 2s + h)
+            picked = f"tl.reshape(tl.permute(tl.reshape({picked}, ({m}, {cols // lanes // 2}, 2, 2)), " \
+                     f"(0, 2, 1, 3)), ({m}, {2 * cols // lanes}))"
+        picks.append(picked)
+    if len(picks) == 2:  # lane, then lane + 1, along K
+        picks = [f"tl.reshape(tl.permute(tl.join({picks[0]}, {picks[1]}), (0, 2, 1)), {op.result.type.shape})"]
+    return f"({picks[0]}).to({tl_dtype(op.result.type)})"
 
 
 EMITTERS.update({"select": _select, "convert": _convert, "broadcast": _broadcast, "reduce": _reduce,

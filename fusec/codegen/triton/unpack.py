@@ -10,9 +10,17 @@ selects over a NormalFloat or lookup table) and multiplied by the tile's scale r
 from __future__ import annotations
 
 from fusec.codegen.lut_asm import CONSTRAINTS, lut4_pair_asm, table_bits16
+from fusec.codegen.pallas_unpack import lane_expr
 from fusec.codegen.triton.text import TL_DTYPES
 from fusec.ir import DType, LowBitType, Op, parse_elem_type
-from fusec.ir.tile_ops import pair_decode_constants, pair_is_table
+from fusec.ir.tile_ops import (
+    PAIR3_COPY_SHIFTS,
+    PAIR3_LOW_MASK,
+    PAIR3_TOP_MASK,
+    pair_decode_constants,
+    pair_is_table,
+    pair_merge_shifts,
+)
 from fusec.ir.types import WORD_BITS
 from fusec.lowprec.formats import format_of
 
@@ -31,7 +39,7 @@ def unpack_lines(op: Op, args: list[str], prefix: str) -> list[str]:
         per_word = WORD_BITS // p
         rows = bk // per_word
         words = f"tl.reshape(tl.broadcast_to({args[i]}[:, None, :], ({rows}, {per_word}, {bn})), ({bk}, {bn}))"
-        lanes = f"((tl.arange(0, {bk})[:, None] % {per_word}).to(tl.uint32) * {p})"
+        lanes = f"(({lane_expr(fmt, i, f'tl.arange(0, {bk})[:, None] % {per_word}')}).to(tl.uint32) * {p})"
         bits = f"(({words} >> {lanes}) & {2**p - 1})"
         if shift:
             lines.append(f"{p_}codes = {p_}codes | ({bits} << {shift})")
@@ -70,25 +78,60 @@ def unpack_lines(op: Op, args: list[str], prefix: str) -> list[str]:
     return lines
 
 
-def unpack_pair_lines(op: Op, words: str, prefix: str) -> list[str]:
+def unpack_pair_lines(op: Op, words: str, prefix: str, planes: tuple[str, ...] = ()) -> list[str]:
     """Statements decoding an ``unpack_pair`` op (fusec/ir/tile_ops.py), as the Pallas writer does:
     lanes ``j`` and ``j + L/2`` of every word sit 16 bits apart, so one shift and one mask give both
     codes, and XOR flips their sign bits and sets the 16-bit float exponent whose mantissa they
-    become; the two halves interleave along K. The last item is the decoded tile's expression."""
+    become; the two halves interleave along K. A 3-bit weight's 1-bit words (``planes``) are
+    repeated to one per 2-bit word and merged into it first. The last item is the decoded tile's
+    expression."""
     out = str(op.attr("dtype"))
     rows, cols = op.operands[0].type.shape
     half = lambda x: f"({x}).to(tl.uint16).to({TL_DTYPES[out]}, bitcast=True)"  # noqa: E731
-    if pair_is_table(parse_elem_type(str(op.attr("format")))):
-        first = _table_pair_lines(op, words, f"{prefix}p")
-    else:
-        shift, both, flip = pair_decode_constants(op.attr_dict)
-        shifted = f"({words} >> {shift})" if shift else words
-        first = [f"{prefix}p = ({shifted} & {both:#x}) ^ {flip:#x}"]
-    return [*first,
-            f"{prefix}lo = {half(f'{prefix}p & 0xFFFF')}",
-            f"{prefix}hi = {half(f'{prefix}p >> 16')}",
-            f"tl.reshape(tl.permute(tl.join({prefix}lo, {prefix}hi), (0, 2, 1)), ({2 * rows}, {cols}))"]
+    lines = []
+    count = int(op.attr("count", 1))
+    if not planes:
+        tiles = []
+        table = pair_is_table(parse_elem_type(str(op.attr("format"))))  # count = 1 (tile_ops)
+        for t in range(count):
+            q = f"{prefix}{t}"
+            if table:
+                lines += _table_pair_lines(op, words, f"{q}p")
+            else:
+                shift, both, flip = pair_decode_constants(op.attr_dict | {"lane": int(op.attr("lane")) + t})
+                shifted = f"({words} >> {shift})" if shift else words
+                lines.append(f"{q}p = ({shifted} & {both:#x}) ^ {flip:#x}")
+            lines += [f"{q}v = tl.reshape(tl.permute(tl.join({half(f'{q}p & 0xFFFF')}, {half(f'{q}p >> 16')}), "
+                      f"(0, 2, 1)), ({2 * rows}, {cols}))"]
+            tiles.append(f"{q}v")
+        return lines + [_lanes_along_k(tiles, rows, cols)]
+    # 3 bits (parity order): 2-bit words 2s + c split by c, each merged with 1-bit word s.
+    (top,) = planes
+    lines.append(f"{prefix}w0, {prefix}w1 = tl.split(tl.permute(tl.reshape({words}, ({rows // 2}, 2, {cols})), "
+                 f"(0, 2, 1)))")
+    tiles = []
+    for t in range(int(op.attr("count", 1))):
+        attrs = op.attr_dict | {"lane": int(op.attr("lane")) + t}
+        (shift, both, flip), (word_shift, top_shift) = pair_decode_constants(attrs), pair_merge_shifts(attrs)
+        q = f"{prefix}{t}"
+        for c, copy in enumerate(PAIR3_COPY_SHIFTS):
+            low = f"({prefix}w{c} >> {word_shift})" if word_shift else f"{prefix}w{c}"
+            high = f"({top} << {copy})" if copy else top
+            high = f"({high} >> {top_shift})" if top_shift else high
+            lines += [f"{q}m{c} = (({low} & {PAIR3_LOW_MASK:#x}) | ({high} & {PAIR3_TOP_MASK:#x}))",
+                      f"{q}p{c} = ({f'({q}m{c} >> {shift})' if shift else f'{q}m{c}'} & {both:#x}) ^ {flip:#x}",
+                      f"{q}h{c} = tl.join({half(f'{q}p{c} & 0xFFFF')}, {half(f'{q}p{c} >> 16')})"]
+        # (s, n, h, c) -> rows c R + 2 s + h
+        lines.append(f"{q}v = tl.reshape(tl.permute(tl.join({q}h0, {q}h1), (3, 0, 2, 1)), ({2 * rows}, {cols}))")
+        tiles.append(f"{q}v")
+    return lines + [_lanes_along_k(tiles, rows, cols)]
 
+
+def _lanes_along_k(tiles: list[str], rows: int, cols: int) -> str:
+    """The lanes' [2 rows, cols] tiles (one or two), one after another along K."""
+    if len(tiles) == 1:
+        return tiles[0]
+    return f"tl.reshape(tl.permute(tl.join({tiles[0]}, {tiles[1]}), (2, 0, 1)), ({4 * rows}, {cols}))"
 
 
 def _table_pair_lines(op: Op, words: str, p: str) -> list[str]:
