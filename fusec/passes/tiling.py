@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from fusec.ir import Function, KernelTiling, LowBitType, Module, Op, parse_elem_type, tile_ops
 from fusec.ir.tile_ops import pair_format_ok
 from fusec.ir.tiling import TILING_ATTRS, cdiv
-from fusec.lowprec.formats import format_of
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.split_epilogue import cast_epilogue
 from fusec.passes.target import PALLAS_TRITON
@@ -200,10 +199,11 @@ _MAX_16 = {"bf16": 3.3895313892515355e38, "f16": 65504.0}
 def _table_fits(fmt: object, lut: object, dtype: str) -> bool:
     """Whether a table format's values stay finite in ``dtype`` (a lookup table may hold values
     beyond float16's range that only the scale brings back): other formats always do."""
-    if not isinstance(fmt, LowBitType) or fmt.family not in ("nf", "lut"):
+    # NormalFloat levels lie in [-1, 1]; only a lookup table carries values of its own.
+    if not isinstance(fmt, LowBitType) or fmt.family != "lut":
         return True
-    table = format_of(fmt, None if lut is None else tuple(lut)).table  # type: ignore[arg-type]
-    return bool(abs(table).max() <= _MAX_16.get(dtype, 0.0))
+    values = [abs(float(v)) for v in (lut or ())]  # type: ignore[union-attr]
+    return bool(values) and max(values) <= _MAX_16.get(dtype, 0.0)
 
 
 def default_tiling(f: TilingFacts, target: str) -> KernelTiling:

@@ -19,6 +19,7 @@ from fusec.ir.types import BOOL, F32, I32, DType
 from fusec.passes.base import Pass, register_pass
 from fusec.passes.split_epilogue import cast_epilogue
 from fusec.passes.tile_builder import SCALAR, ArrayMapping, IndexExpr, TileBuilder, reduction_identity
+from fusec.passes.to_tile_fixup import split_k_fixup
 from fusec.passes.views import View, value_block_dims, value_space_dims
 
 
@@ -105,30 +106,9 @@ class _KernelLowering:
         return [b.function([]), *self.extra]
 
     def fixup(self, dot: Op, mapping: ArrayMapping) -> Value:
-        """The end of a split-K program whose output needs its whole sum (a cast follows): add
-        the partial sum into an f32 workspace, wait for the program's threads (a barrier), count
-        this program's arrival at its output tile (an atomic that returns the old count), and
-        reload the finished sum where the count says this program is the last. Returns that
-        "last" predicate; the workspace and counters are the program's last two arrays (zeroed
-        by the caller, see fusec/codegen)."""
-        b, t = self.b, self.tiling
-        shape = dot.result.type.shape
-        ws = b.param("ws", TensorType(F32, shape))
-        tiles = 1
-        for g in t.grid:
-            tiles *= g
-        counters = b.param("arrivals", TensorType(I32, (tiles,)))
-        indices = [b.index(e) for e in mapping.index]
-        b.access("atomic_add", ws, indices, mapping.blocks, ws.type, self.tiles[dot.result.name], relaxed=True)
-        b.emit("barrier", [], None, "sync", scope="cta")
-        tile = b.program_id(0)
-        for axis, g in enumerate(t.grid[1:], 1):  # the output tile's index, row-major over the grid
-            tile = b.value("add", [b.value("mul", [tile, b.const(g)], SCALAR, "i"), b.program_id(axis)], SCALAR,
-                           "tile")
-        arrived = b.value("arrive", [counters, tile], SCALAR, "arrived")
-        last = b.value("eq", [arrived, b.const(t.split - 1)], TensorType(BOOL, ()), "last")
-        total = b.access("load", ws, indices, mapping.blocks, ws.type, hint="total", when=last)
-        assert total is not None
+        """A split-K program's serial fixup (:func:`split_k_fixup`): its dot's tile becomes the
+        finished sum; returns the "last program" predicate."""
+        total, last = split_k_fixup(self.b, self.tiling, dot.result.type.shape, mapping, self.tiles[dot.result.name])
         self.tiles[dot.result.name] = total
         return last
 
