@@ -88,6 +88,16 @@ class TileBuilder:
         self.params.append(v)
         return v
 
+    def capture(self, outer: TileBuilder, values: list[Value]) -> dict[str, Value]:
+        """Parameters of this (loop body) builder for ``values`` of ``outer``, by outer name; a
+        scalar keeps the interval ``outer`` knows for it, so bounds proofs see through the loop."""
+        inner: dict[str, Value] = {}
+        for v in values:
+            inner[v.name] = self.param(v.name, v.type)
+            if outer.scalars.of(v) is not None:
+                self.scalars.intervals[inner[v.name].name] = outer.scalars.of(v)  # type: ignore[assignment]
+        return inner
+
     def emit(self, opcode: str, operands: list[Value], result: TensorType | None, hint: str = "t",
              **attrs: Any) -> Value | None:
         results = [Value(self.fresh(hint), result)] if result is not None else []

@@ -221,11 +221,7 @@ class _KernelLowering:
         body.k_steps = steps
         body.scalars.intervals[kk.name] = (0, trips - 1)
         accs = [body.param(f"acc{n}", acc_type) for n in range(len(dots))]
-        inner: dict[str, Value] = {}
-        for v in captured:
-            inner[v.name] = body.param(v.name, v.type)
-            if outer.scalars.of(v) is not None:
-                body.scalars.intervals[inner[v.name].name] = outer.scalars.of(v)  # type: ignore[assignment]
+        inner = body.capture(outer, captured)
         pids = {a: inner[outer.program_id(a).name] for a in pid_axes}
         saved_refs = self.refs
         self.refs = {name: [inner[r.name] for r in rs] for name, rs in self.refs.items()}

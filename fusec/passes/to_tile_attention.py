@@ -92,11 +92,7 @@ class _AttentionLowering:
         trips = -(-m.tk // bk)
         body.scalars.intervals[kk.name] = (0, max(0, trips - 1))
         carried = [body.param(hint, v.type) for hint, v in zip(("m", "l", "acc"), inits)]
-        inner = {}
-        for v in captured:
-            inner[v.name] = body.param(v.name, v.type)
-            if b.scalars.of(v) is not None:
-                body.scalars.intervals[inner[v.name].name] = b.scalars.of(v)  # type: ignore[assignment]
+        inner = body.capture(b, captured)
         self.body_refs = {name: inner[r.name] for name, r in refs.items()}
         self.g = (inner[g0.name], inner[g1.name], kk)
         returns = self.step(body, inner[q_tile.name], *carried, rows_first)

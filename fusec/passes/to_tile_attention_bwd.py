@@ -153,11 +153,7 @@ class _BackwardLowering(_AttentionLowering):
         index = body.param("i", SCALAR)
         body.scalars.intervals[index.name] = (0, max(0, trips - 1))
         carried = [body.param("acc", v.type) for v in inits]
-        inner = {}
-        for v in captured:
-            inner[v.name] = body.param(v.name, v.type)
-            if b.scalars.of(v) is not None:
-                body.scalars.intervals[inner[v.name].name] = b.scalars.of(v)  # type: ignore[assignment]
+        inner = body.capture(b, captured)
         returns = step(body, inner, index, carried)
         results = [Value(b.fresh("acc.out"), v.type) for v in inits]
         b.ops.append(Op.make("loop", [*inits, *captured, *bounds], results, body=body.name, trips=trips,

@@ -117,11 +117,7 @@ class _DecodeLowering(_AttentionLowering):
         kk = body.param("kk", SCALAR)
         body.scalars.intervals[kk.name] = (0, self.per - 1)
         carried = [body.param(hint, v.type) for hint, v in zip(("m", "l", "acc"), inits)]
-        inner = {}
-        for v in captured:
-            inner[v.name] = body.param(v.name, v.type)
-            if b.scalars.of(v) is not None:
-                body.scalars.intervals[inner[v.name].name] = b.scalars.of(v)  # type: ignore[assignment]
+        inner = body.capture(b, captured)
         self.body_refs = {name: inner[r.name] for name, r in refs.items()}
         self.body_parts = {name: [inner[r.name] for r in rs] for name, rs in parts.items()}
         # Constants are named "c", "c.1", ... in each function and the code writer shares them by
